@@ -1,0 +1,87 @@
+// A confirmable-request CoAP client on the agent's sd-event loop. Only coap/ includes libcoap.
+//
+// libcoap's epoll fd is an sd-event io source and its next deadline an sd-event timer; nothing
+// polls or sleeps. Responses are matched by token, so all of ThingsBoard's framings work:
+// piggybacked, empty ACK then separate, and a separate CON response that arrives before any ACK
+// (thingsboard-coap-api.md §8). Payloads over the block size go out with Block1 (RFC 7959).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <systemd/sd-event.h>
+
+#include "util/clock.hpp"
+
+namespace tb::coap {
+
+using namespace std::chrono_literals;
+
+struct Endpoint {
+  std::string host;
+  std::uint16_t port = 5683;
+};
+
+struct ClientOptions {
+  Millis request_timeout = 30s;   // whole exchange, including every Block1 round trip
+  std::size_t block_size = 1024;  // Block1 SZX 6; ThingsBoard's MAX_MESSAGE_SIZE is 1024
+};
+
+// CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
+struct Response {
+  int code = 0;
+  std::string payload;
+  int content_format = -1;  // -1 = absent
+};
+
+enum class Failure {
+  None,
+  Timeout,   // no (final) response within request_timeout
+  Network,   // could not send / ICMP unreachable / session failed
+  Canceled,  // cancel() or client destroyed
+};
+
+struct Outcome {
+  std::optional<Response> response;
+  Failure failure = Failure::None;
+  std::string error;  // human readable when !response
+  bool answered() const { return response.has_value(); }
+};
+
+using Callback = std::function<void(const Outcome&)>;
+using RequestId = std::uint64_t;
+
+enum class Method { Get, Post };
+
+class Client {
+ public:
+  // Resolves host once; the session is re-created after network failures.
+  static std::unique_ptr<Client> create(sd_event* loop, const Endpoint& endpoint,
+                                        const ClientOptions& options, std::string* error);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Sends a CON request to the path segments (each one Uri-Path option). The callback runs exactly
+  // once, from the loop, never from inside request().
+  RequestId request(Method method, const std::vector<std::string>& path, std::string payload,
+                    Callback callback);
+  void cancel(RequestId id);
+  void cancel_all();
+  std::size_t in_flight() const;
+  const Endpoint& endpoint() const;
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// "2.01"
+std::string code_string(int code);
+
+}  // namespace tb::coap

@@ -1,0 +1,125 @@
+// The configuration as the rest of the agent sees it: plain, immutable structs. Only config/
+// knows YAML exists. Every problem in a file is reported at once with its position (Kea style),
+// and a config with any problem is never half-applied.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "util/clock.hpp"
+
+namespace tb::config {
+
+using namespace std::chrono_literals;
+
+struct Position {
+  int line = 0;    // 1-based; 0 = unknown
+  int column = 0;  // 1-based
+};
+
+struct ServerConfig {
+  std::string host;               // required
+  std::uint16_t port = 5683;      // RFC 7252 §6.1 default coap port
+  Millis request_timeout = 30s;   // thingsboard-coap-api.md recommends 15–30 s
+};
+
+struct DeviceConfig {
+  std::string name;  // default: the machine's hostname
+};
+
+struct ProvisioningConfig {
+  bool present = false;
+  std::string key;
+  std::string secret;        // from `secret` or read from `secret_file` (e.g. LoadCredential=)
+  std::string secret_file;   // where the secret came from, if a file
+};
+
+struct CredentialsConfig {
+  std::string access_token;  // empty = none configured
+};
+
+enum class SourceType { File, Exec };
+
+struct SourceConfig {
+  std::string name;
+  SourceType type = SourceType::File;
+  Millis interval = 30s;
+  Position position;  // of the list item, for runtime messages that point back into the file
+
+  // type: file
+  std::string path;
+  std::string key;
+  double scale = 1.0;
+  double offset = 0.0;
+
+  // type: exec
+  std::vector<std::string> command;  // argv; no shell
+  Millis timeout = 5s;
+};
+
+enum class DrainOrder { OldestFirst, NewestFirst };
+
+struct QueueConfig {
+  std::uint64_t max_size = 64ull << 20;  // bytes on disk
+  Millis max_age = Millis(7ll * 24 * 3600 * 1000);
+  DrainOrder order = DrainOrder::OldestFirst;
+  double drain_rate = 0;  // readings per second while draining a backlog; 0 = unlimited
+};
+
+struct DeliveryConfig {
+  // Payload bytes per request. 1024 keeps every request in one datagram (ThingsBoard's
+  // MAX_MESSAGE_SIZE, thingsboard-coap-api.md §1); larger values send batches with Block1.
+  std::uint64_t max_batch_size = 1024;
+  Millis flush_interval = 1s;       // how long readings may wait to be batched
+  Millis backoff_initial = 1s;      // first retry ceiling
+  Millis backoff_max = 5min;        // retry ceiling cap
+  Millis shutdown_timeout = 5s;     // last flush on SIGTERM
+};
+
+enum class BusKind { System, Session, None };
+
+struct DbusConfig {
+  BusKind bus = BusKind::System;
+};
+
+struct LoggingConfig {
+  std::string level = "info";  // trace, debug, info, warning, error
+};
+
+struct Config {
+  std::filesystem::path file;  // where it was read from
+  ServerConfig server;
+  DeviceConfig device;
+  ProvisioningConfig provisioning;
+  CredentialsConfig credentials;
+  std::filesystem::path state_dir = "/var/lib/tb-agent";
+  std::vector<SourceConfig> sources;
+  QueueConfig queue;
+  DeliveryConfig delivery;
+  DbusConfig dbus;
+  LoggingConfig logging;
+};
+
+struct Diagnostic {
+  std::string file;
+  Position position;
+  std::string message;
+  // "PATH:LINE:COL: message" (interface.md, --check-config)
+  std::string to_string() const;
+};
+
+struct LoadResult {
+  std::optional<Config> config;       // set only when diagnostics is empty
+  std::vector<Diagnostic> diagnostics;
+  bool ok() const { return config.has_value(); }
+};
+
+LoadResult load_file(const std::filesystem::path& path);
+// `name` is what diagnostics call the file.
+LoadResult load_string(const std::string& text, const std::string& name);
+
+}  // namespace tb::config

@@ -1,0 +1,63 @@
+// The durable telemetry queue (SQLite in WAL mode). A record enters before anything else happens
+// to it and leaves only when the server acknowledged (2.01) the batch that carried it, or when the
+// limits (queue.max_size, queue.max_age) force the oldest out — which is counted.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config/config.hpp"
+#include "telemetry/record.hpp"
+
+namespace tb::telemetry {
+
+struct QueuedRecord {
+  std::int64_t id = 0;
+  std::int64_t ts_ms = 0;
+  std::string values_json;  // the encoded "values" object
+  std::uint32_t readings = 0;
+};
+
+// A batch ready to POST: the payload and what it carries.
+struct Batch {
+  std::string payload;             // [{"ts":…,"values":{…}},…]
+  std::vector<std::int64_t> ids;   // queue ids to ack or drop
+  std::uint64_t readings = 0;
+  bool empty() const { return ids.empty(); }
+};
+
+class Queue {
+ public:
+  virtual ~Queue() = default;
+
+  // Opens (creating if needed) the queue in `state_dir`. A corrupt or incompatible file is moved
+  // aside and a fresh one started; that is reported through *warning, not as a failure.
+  static std::unique_ptr<Queue> open(const std::filesystem::path& state_dir,
+                                     const config::QueueConfig& limits, std::string* warning,
+                                     std::string* error);
+
+  // Durable when it returns true. On false (disk full, read-only) nothing was stored.
+  virtual bool push(const Record& record, std::string* error) = 0;
+  // The next batch whose payload is at most max_bytes (always at least one record if any is
+  // queued, even when that one alone is larger), in the configured drain order. Records already
+  // handed out in an unacknowledged batch are not handed out again until released.
+  virtual Batch next_batch(std::uint64_t max_bytes) = 0;
+  // The server acknowledged the batch: remove its records.
+  virtual bool ack(const Batch& batch, std::string* error) = 0;
+  // The batch could not be delivered now: make its records available again.
+  virtual void release(const Batch& batch) = 0;
+  // The server rejected the payload for good (4.00): remove and count as dropped.
+  virtual bool drop(const Batch& batch, std::string* error) = 0;
+  // Apply queue.max_size / queue.max_age now; returns readings dropped by this call.
+  virtual std::uint64_t enforce_limits(std::int64_t now_ms) = 0;
+  virtual void set_limits(const config::QueueConfig& limits) = 0;
+
+  virtual std::uint64_t queued_readings() const = 0;
+  virtual std::uint64_t queued_records() const = 0;
+  virtual std::uint64_t dropped_readings() const = 0;  // since open
+};
+
+}  // namespace tb::telemetry
