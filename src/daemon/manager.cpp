@@ -1,0 +1,540 @@
+#include "daemon/manager.hpp"
+
+#include <signal.h>
+#include <sys/signalfd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+#include <exception>
+#include <map>
+
+#include "util/clock.hpp"
+#include "util/fs.hpp"
+#include "util/log.hpp"
+#include "util/units.hpp"
+
+namespace tb::daemon {
+
+namespace {
+
+// sd-event priorities (architecture.md, "One loop"): signals > bus > CoAP I/O > delivery >
+// collection. Lower runs first.
+constexpr int kPrioritySignal = -100;
+
+std::string server_string(const config::ServerConfig& s) {
+  return s.host + ":" + std::to_string(s.port);
+}
+
+bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
+  return a.name == b.name && a.type == b.type && a.interval == b.interval && a.path == b.path &&
+         a.key == b.key && a.scale == b.scale && a.offset == b.offset && a.command == b.command &&
+         a.timeout == b.timeout;
+}
+
+std::string join_diagnostics(const std::vector<config::Diagnostic>& diags) {
+  std::string out;
+  for (const auto& d : diags) {
+    if (!out.empty()) out += "\n";
+    out += d.to_string();
+  }
+  return out;
+}
+
+}  // namespace
+
+void apply_overrides(config::Config& cfg, const Overrides& overrides) {
+  if (overrides.state_dir) cfg.state_dir = *overrides.state_dir;
+  if (overrides.log_level) cfg.logging.level = *overrides.log_level;
+}
+
+Manager::Manager(config::Config cfg, Overrides overrides)
+    : cfg_(std::move(cfg)), overrides_(std::move(overrides)) {}
+
+Manager::~Manager() {
+  // Reverse of start-up. The uploader releases its in-flight batch; the queue is durable anyway.
+  if (uploader_) uploader_->pause();
+  provisioner_.reset();
+  uploader_.reset();
+  sources_.clear();
+  bus_.reset();
+  shutdown_timer_.reset();
+  status_timer_.reset();
+  limits_timer_.reset();
+  client_.reset();
+  queue_.reset();
+  for (auto* s : signal_sources_) sd_event_source_disable_unref(s);
+  if (loop_) sd_event_unref(loop_);
+}
+
+int Manager::run() {
+  int code = init();
+  if (code != kExitOk) return code;
+  notifier_.ready();
+  spdlog::info("tb-agent running: device '{}', server {}, {} source(s)", cfg_.device.name,
+               server_string(cfg_.server), sources_.size());
+  if (creds_)
+    start_delivery(*creds_);
+  else
+    start_provisioning();
+  update_status(true);
+
+  const int r = sd_event_loop(loop_);
+  if (r < 0) {
+    spdlog::critical("event loop failed: {}", std::strerror(-r));
+    return kExitFailure;
+  }
+  spdlog::info("tb-agent stopped; {} reading(s) stay queued for the next start",
+               queue_ ? queue_->queued_readings() : 0);
+  return r == 0 ? kExitOk : r;
+}
+
+int Manager::init() {
+  int r = sd_event_default(&loop_);
+  if (r < 0) {
+    spdlog::critical("cannot create the event loop: {}", std::strerror(-r));
+    return kExitFailure;
+  }
+  // Signals arrive through signalfd on the loop; exec sources need SIGCHLD for sd_event_add_child.
+  sigset_t mask;
+  sigemptyset(&mask);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGCHLD}) sigaddset(&mask, sig);
+  sigprocmask(SIG_BLOCK, &mask, nullptr);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) {
+    sd_event_source* s = nullptr;
+    if (sd_event_add_signal(loop_, &s, sig, &Manager::on_signal, this) < 0) {
+      spdlog::critical("cannot watch signal {}", sig);
+      return kExitFailure;
+    }
+    sd_event_source_set_priority(s, kPrioritySignal);
+    signal_sources_.push_back(s);
+  }
+  // WATCHDOG=1 from the loop itself, only while it turns (sd_event_set_watchdog(3)).
+  sd_event_set_watchdog(loop_, true);
+
+  std::string err;
+  if (!ensure_directory(cfg_.state_dir, 0700, &err)) {
+    spdlog::critical("{}", err);
+    return kExitFailure;
+  }
+
+  // Credentials: configured token first, then the stored file, else provisioning.
+  if (!cfg_.credentials.access_token.empty()) {
+    creds_ = credentials::Credentials{"ACCESS_TOKEN", cfg_.credentials.access_token,
+                                      cfg_.device.name};
+  } else {
+    creds_ = credentials::load(cfg_.state_dir, &err);
+    if (!creds_ && !err.empty()) {
+      // Never provision again over an unreadable file: the device exists on the server.
+      spdlog::critical("{}; fix or remove it (removing it provisions the device again)", err);
+      return kExitFailure;
+    }
+    if (!creds_ && !cfg_.provisioning.present) {
+      spdlog::critical(
+          "{}: no credentials stored in {} and neither `provisioning` nor "
+          "`credentials.access_token` is configured",
+          cfg_.file.string(), cfg_.state_dir.string());
+      return kExitConfig;
+    }
+  }
+  if (creds_ && !creds_->device_name.empty() && creds_->device_name != cfg_.device.name)
+    spdlog::info("using stored credentials of device '{}'", creds_->device_name);
+
+  std::string warning;
+  queue_ = telemetry::Queue::open(cfg_.state_dir, cfg_.queue, &warning, &err);
+  if (!warning.empty()) spdlog::warn("{}", warning);
+  if (!queue_) {
+    spdlog::critical("cannot open the telemetry queue: {}", err);
+    return kExitFailure;
+  }
+  if (queue_->queued_readings() > 0)
+    spdlog::info("{} reading(s) queued from before", queue_->queued_readings());
+
+  client_ = coap::Client::create(loop_, {cfg_.server.host, cfg_.server.port},
+                                 {cfg_.server.request_timeout, 1024}, &err);
+  if (!client_) {
+    spdlog::critical("cannot set up CoAP to {}: {}", server_string(cfg_.server), err);
+    return kExitFailure;
+  }
+
+  Uploader::Callbacks cb;
+  cb.state_changed = [this](const DeliveryEvent& ev) { on_delivery_event(ev); };
+  cb.delivered = [this](std::uint64_t n) {
+    sent_readings_ += n;
+    last_success_us_ = wall_us();
+    if (!failed_) last_error_.clear();
+    update_status();
+    maybe_finish_shutdown();
+  };
+  cb.dropped = [this](std::uint64_t) { update_status(); };
+  uploader_ = std::make_unique<Uploader>(loop_, *queue_, cfg_.delivery, cfg_.queue.drain_rate,
+                                         std::move(cb));
+
+  if (!build_sources(cfg_, &sources_, &err)) {
+    spdlog::critical("{}", err);
+    return kExitConfig;
+  }
+  for (auto& s : sources_) {
+    if (!s->start([this](telemetry::Record rec) { on_record(std::move(rec)); }, &err)) {
+      spdlog::critical("cannot start source '{}': {}", s->config().name, err);
+      return kExitFailure;
+    }
+  }
+
+  limits_timer_ = std::make_unique<Timer>(loop_, [this] {
+    if (const auto n = queue_->enforce_limits(wall_ms())) {
+      spdlog::warn("queue limits reached: dropped the {} oldest reading(s)", n);
+      update_status();
+    }
+    limits_timer_->arm_in(Millis(60000));
+  }, Millis(5000));
+  limits_timer_->arm_in(Millis(60000));
+  status_timer_ = std::make_unique<Timer>(loop_, [this] { publish_status(); }, Millis(100));
+  shutdown_timer_ = std::make_unique<Timer>(loop_, [this] {
+    spdlog::warn("shutdown: last flush did not finish within {}; {} reading(s) stay queued",
+                 format_duration(cfg_.delivery.shutdown_timeout), queue_->queued_readings());
+    sd_event_exit(loop_, 0);
+  }, Millis(10), CLOCK_MONOTONIC);
+
+  if (cfg_.dbus.bus != config::BusKind::None) {
+    dbus::Handlers h;
+    h.flush = [this] {
+      spdlog::info("flush requested over D-Bus");
+      if (provisioner_) provisioner_->retry_now();
+      if (uploader_) uploader_->flush_now();
+    };
+    h.reload = [this] { return reload(); };
+    bus_ = dbus::StatusService::create(loop_, cfg_.dbus.bus, [this] { return snapshot(); },
+                                       std::move(h), &err);
+    if (!bus_)
+      spdlog::warn("D-Bus status is unavailable ({}); running without it", err);
+  }
+  return kExitOk;
+}
+
+bool Manager::build_sources(const config::Config& next, std::vector<sources::SourcePtr>* out,
+                            std::string* error) {
+  for (const auto& sc : next.sources) {
+    std::string err;
+    auto s = sources::make_source(loop_, sc, &err);
+    if (!s) {
+      *error = next.file.string() + ":" + std::to_string(sc.position.line) + ":" +
+               std::to_string(sc.position.column) + ": source '" + sc.name + "': " + err;
+      return false;
+    }
+    out->push_back(std::move(s));
+  }
+  return true;
+}
+
+void Manager::start_provisioning() {
+  provisioning_ = true;
+  provisioning::Options opt;
+  opt.key = cfg_.provisioning.key;
+  opt.secret = cfg_.provisioning.secret;
+  opt.device_name = cfg_.device.name;
+  opt.state_dir = cfg_.state_dir;
+  opt.backoff_initial = cfg_.delivery.backoff_initial;
+  opt.backoff_max = cfg_.delivery.backoff_max;
+  provisioner_ = std::make_unique<provisioning::Provisioner>(
+      loop_, *client_, opt,
+      [this](const provisioning::Result& r) {
+        provisioning_ = false;
+        if (r.ok) {
+          creds_ = r.credentials;
+          failed_ = false;
+          last_error_.clear();
+          start_delivery(*creds_);
+        } else {
+          failed_ = true;
+          set_error(r.error);
+        }
+        update_status(true);
+        // The provisioner may not be destroyed from inside its own callback.
+        sd_event_source* s = nullptr;
+        sd_event_add_defer(loop_, &s, [](sd_event_source* src, void* ud) -> int {
+          static_cast<Manager*>(ud)->provisioner_.reset();
+          sd_event_source_disable_unref(src);
+          return 0;
+        }, this);
+        sd_event_source_set_floating(s, 1);
+        sd_event_source_unref(s);
+      },
+      [this](const std::string& msg) {
+        progress_ = msg;
+        update_status(true);
+      });
+  update_status(true);
+  provisioner_->start();
+}
+
+void Manager::start_delivery(const credentials::Credentials& creds) {
+  if (stopping_) return;
+  uploader_->start(client_.get(), creds.value);
+}
+
+void Manager::on_record(telemetry::Record record) {
+  std::string err;
+  const std::uint64_t n = record.readings.size();
+  if (!queue_->push(record, &err)) {
+    push_dropped_readings_ += n;
+    if (!push_failing_) spdlog::error("cannot queue readings of '{}': {}", record.source, err);
+    push_failing_ = true;
+    set_error("cannot queue readings: " + err);
+    update_status();
+    return;
+  }
+  if (push_failing_) {
+    spdlog::info("queueing readings works again");
+    push_failing_ = false;
+  }
+  if (uploader_) uploader_->kick();
+  update_status();
+}
+
+void Manager::on_delivery_event(const DeliveryEvent& ev) {
+  delivery_ = ev;
+  if (!ev.error.empty()) set_error(ev.error);
+  update_status(true);
+  maybe_finish_shutdown();
+}
+
+int Manager::on_signal(sd_event_source*, const struct signalfd_siginfo* si, void* userdata) {
+  auto* self = static_cast<Manager*>(userdata);
+  try {
+    if (si->ssi_signo == SIGHUP) {
+      spdlog::info("SIGHUP: reloading {}", self->cfg_.file.string());
+      self->reload();
+    } else if (self->stopping_) {
+      spdlog::warn("second stop signal: exiting without waiting for the last flush");
+      sd_event_exit(self->loop_, 0);
+    } else {
+      spdlog::info("{}: stopping", si->ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
+      self->begin_shutdown();
+    }
+  } catch (const std::exception& e) {
+    spdlog::error("internal error handling a signal: {}", e.what());
+  } catch (...) {
+    spdlog::error("internal error handling a signal");
+  }
+  return 0;
+}
+
+void Manager::begin_shutdown() {
+  stopping_ = true;
+  notifier_.stopping();
+  for (auto& s : sources_) s->stop();
+  provisioner_.reset();
+  provisioning_ = false;
+  update_status(true);
+  shutdown_timer_->arm_in(cfg_.delivery.shutdown_timeout);
+  if (uploader_->started() && queue_->queued_readings() > 0 &&
+      uploader_->state() == DeliveryState::Idle) {
+    spdlog::info("shutdown: last flush of {} reading(s) (at most {})", queue_->queued_readings(),
+                 format_duration(cfg_.delivery.shutdown_timeout));
+    uploader_->flush_now();
+  }
+  maybe_finish_shutdown();
+}
+
+void Manager::maybe_finish_shutdown() {
+  if (!stopping_) return;
+  const bool drained = queue_->queued_readings() == 0;
+  const bool cannot_send = !uploader_->started() || uploader_->state() != DeliveryState::Idle;
+  if ((drained || cannot_send) && !uploader_->busy()) sd_event_exit(loop_, 0);
+}
+
+std::string Manager::reload() {
+  notifier_.reloading();
+  auto result = config::load_file(cfg_.file);
+  std::string problems;
+  if (!result.ok()) {
+    problems = join_diagnostics(result.diagnostics);
+  } else {
+    apply_overrides(*result.config, overrides_);
+    problems = apply(*result.config);
+  }
+  if (!problems.empty()) {
+    spdlog::error("reload refused, still running on the previous configuration:\n{}", problems);
+    set_error("reload refused, still running on the previous configuration: " + problems);
+  } else {
+    spdlog::info("configuration reloaded");
+  }
+  update_status(true);
+  notifier_.ready();
+  return problems;
+}
+
+std::string Manager::apply(const config::Config& next) {
+  if (next.state_dir != cfg_.state_dir)
+    return next.file.string() + ": state_dir cannot change while running; restart the service";
+
+  // Stage everything that can fail before changing anything (Kea's staged apply with rollback).
+  std::map<std::string, const config::SourceConfig*> old_by_name;
+  for (const auto& s : cfg_.sources) old_by_name[s.name] = &s;
+  std::vector<sources::SourcePtr> fresh;
+  config::Config changed_only = next;
+  changed_only.sources.clear();
+  for (const auto& sc : next.sources) {
+    auto it = old_by_name.find(sc.name);
+    if (it == old_by_name.end() || !same_source(*it->second, sc)) changed_only.sources.push_back(sc);
+  }
+  std::string err;
+  if (!build_sources(changed_only, &fresh, &err)) return err;
+
+  std::unique_ptr<coap::Client> new_client;
+  const bool server_changed = next.server.host != cfg_.server.host ||
+                              next.server.port != cfg_.server.port ||
+                              next.server.request_timeout != cfg_.server.request_timeout;
+  if (server_changed) {
+    new_client = coap::Client::create(loop_, {next.server.host, next.server.port},
+                                      {next.server.request_timeout, 1024}, &err);
+    if (!new_client) return "cannot set up CoAP to " + server_string(next.server) + ": " + err;
+  }
+
+  // Commit.
+  log::set_level(next.logging.level);
+  queue_->set_limits(next.queue);
+  uploader_->reconfigure(next.delivery, next.queue.drain_rate);
+  if (next.dbus.bus != cfg_.dbus.bus)
+    spdlog::warn("dbus.bus changed: takes effect when the service restarts");
+
+  // Sources: keep the unchanged ones running, replace the changed, drop the removed.
+  std::map<std::string, sources::SourcePtr> running;
+  for (auto& s : sources_) running[s->config().name] = std::move(s);
+  sources_.clear();
+  auto fresh_it = fresh.begin();
+  for (const auto& sc : next.sources) {
+    auto it = running.find(sc.name);
+    if (it != running.end() && same_source(it->second->config(), sc)) {
+      sources_.push_back(std::move(it->second));
+      running.erase(it);
+    } else {
+      sources_.push_back(std::move(*fresh_it++));
+      if (!sources_.back()->start([this](telemetry::Record rec) { on_record(std::move(rec)); },
+                                  &err))
+        spdlog::error("cannot start source '{}': {}", sc.name, err);
+      else
+        spdlog::info("source '{}' (re)started", sc.name);
+    }
+  }
+  for (auto& [name, s] : running) {
+    s->stop();
+    spdlog::info("source '{}' removed", name);
+  }
+  running.clear();
+
+  if (server_changed) {
+    spdlog::info("server changed to {}", server_string(next.server));
+    uploader_->pause();
+    const bool was_provisioning = provisioner_ != nullptr;
+    provisioner_.reset();
+    client_ = std::move(new_client);
+    if (creds_) uploader_->set_client(client_.get());
+    cfg_.server = next.server;
+    if (was_provisioning) {
+      cfg_ = next;
+      start_provisioning();
+    }
+  }
+
+  const bool token_changed = !next.credentials.access_token.empty() &&
+                             next.credentials.access_token != cfg_.credentials.access_token;
+  const bool retry_provisioning = failed_ && !creds_ && next.provisioning.present;
+  cfg_ = next;
+  if (token_changed) {
+    creds_ = credentials::Credentials{"ACCESS_TOKEN", next.credentials.access_token,
+                                      next.device.name};
+    provisioner_.reset();
+    provisioning_ = false;
+    failed_ = false;
+    uploader_->start(client_.get(), creds_->value);
+  } else if (retry_provisioning) {
+    failed_ = false;
+    last_error_.clear();
+    start_provisioning();
+  } else if (creds_ && uploader_->state() != DeliveryState::Idle) {
+    // A reload is an operator's nudge: try the server again now.
+    uploader_->flush_now();
+  }
+  return "";
+}
+
+void Manager::set_error(const std::string& error) { last_error_ = error; }
+
+std::uint64_t Manager::dropped_readings() const {
+  return (queue_ ? queue_->dropped_readings() : 0) + push_dropped_readings_;
+}
+
+std::string Manager::state_name() const {
+  if (stopping_) return "stopping";
+  if (failed_) return "failed";
+  if (provisioning_) return "provisioning";
+  if (!creds_) return "starting";
+  switch (delivery_.state) {
+    case DeliveryState::Unauthorized:
+      return "unauthorized";
+    case DeliveryState::Retrying:
+      return "retrying";
+    case DeliveryState::Idle:
+      break;
+  }
+  return "running";
+}
+
+dbus::Status Manager::snapshot() const {
+  dbus::Status s;
+  s.state = state_name();
+  s.device_name = creds_ && !creds_->device_name.empty() ? creds_->device_name : cfg_.device.name;
+  s.provisioned = creds_.has_value();
+  s.server = server_string(cfg_.server);
+  s.queued_readings = queue_ ? queue_->queued_readings() : 0;
+  s.sent_readings = sent_readings_;
+  s.dropped_readings = dropped_readings();
+  s.last_success_time = last_success_us_;
+  s.last_error = last_error_;
+  for (const auto& src : sources_) {
+    const auto& st = src->status();
+    s.sources.push_back({st.name, st.type, static_cast<std::uint64_t>(st.interval.count()) * 1000,
+                         st.readings, st.errors, st.last_error});
+  }
+  return s;
+}
+
+void Manager::update_status(bool immediate) {
+  if (immediate) {
+    status_timer_->disarm();
+    publish_status();
+  } else if (!status_timer_->armed()) {
+    // Counters change with every reading; the service manager and the bus hear at most once
+    // a second (interface.md allows counters to be rate-limited).
+    status_timer_->arm_in(Millis(1000));
+  }
+}
+
+void Manager::publish_status() {
+  const std::string state = state_name();
+  const std::uint64_t queued = queue_ ? queue_->queued_readings() : 0;
+  std::string text;
+  if (state == "stopping") {
+    text = "stopping: last flush of " + std::to_string(queued) + " queued reading(s)";
+  } else if (state == "failed") {
+    text = "failed: " + last_error_;
+  } else if (state == "provisioning") {
+    text = progress_.empty() ? "provisioning" : progress_;
+  } else if (state == "unauthorized") {
+    text = "unauthorized: the server rejects the access token; " + std::to_string(queued) +
+           " reading(s) kept";
+  } else if (state == "retrying") {
+    text = "retrying in " + format_duration(delivery_.retry_in) + ": " + delivery_.error + "; " +
+           std::to_string(queued) + " reading(s) queued";
+  } else if (queued > 0) {
+    text = "delivering " + std::to_string(queued) + " queued reading(s)";
+  } else {
+    text = "running: " + std::to_string(sent_readings_) + " reading(s) delivered";
+  }
+  notifier_.status(text);
+  if (bus_) bus_->changed();
+}
+
+}  // namespace tb::daemon

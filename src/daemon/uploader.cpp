@@ -1,0 +1,201 @@
+#include "daemon/uploader.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "util/units.hpp"
+
+namespace tb::daemon {
+
+namespace {
+
+// After this many single records in a row are refused with 4.00, the server is refusing
+// everything (e.g. an Efento profile answers 4.00 to every /api/v1 request, §0) and dropping on
+// would throw the whole queue away: keep the data and retry instead.
+constexpr unsigned kMaxConsecutiveDrops = 3;
+
+std::string describe(const coap::Outcome& o) {
+  if (o.answered()) return "server answered " + coap::code_string(o.response->code);
+  switch (o.failure) {
+    case coap::Failure::Timeout:
+      return "no answer from the server";
+    case coap::Failure::Network:
+      return "network error" + (o.error.empty() ? std::string() : ": " + o.error);
+    default:
+      return o.error.empty() ? "request failed" : o.error;
+  }
+}
+
+}  // namespace
+
+const char* delivery_state_name(DeliveryState s) {
+  switch (s) {
+    case DeliveryState::Idle:
+      return "idle";
+    case DeliveryState::Retrying:
+      return "retrying";
+    case DeliveryState::Unauthorized:
+      return "unauthorized";
+  }
+  return "?";
+}
+
+Uploader::Uploader(sd_event* loop, telemetry::Queue& queue, config::DeliveryConfig delivery,
+                   double drain_rate, Callbacks callbacks)
+    : loop_(loop),
+      queue_(queue),
+      delivery_(delivery),
+      drain_rate_(drain_rate),
+      callbacks_(std::move(callbacks)),
+      backoff_(delivery.backoff_initial, delivery.backoff_max),
+      send_timer_(loop, [this] { send_next(); }, Millis(1), CLOCK_MONOTONIC) {}
+
+Uploader::~Uploader() { pause(); }
+
+void Uploader::start(coap::Client* client, std::string token) {
+  client_ = client;
+  token_ = std::move(token);
+  backoff_.reset();
+  set_state(DeliveryState::Idle, "");
+  send_timer_.arm_in(Millis(0));
+}
+
+void Uploader::kick() {
+  if (!client_ || in_flight_ || send_timer_.armed() || state_ != DeliveryState::Idle) return;
+  send_timer_.arm_in(delivery_.flush_interval);
+}
+
+void Uploader::flush_now() {
+  if (!client_ || in_flight_) return;
+  send_timer_.disarm();
+  send_next();
+}
+
+void Uploader::pause() {
+  send_timer_.disarm();
+  ++generation_;
+  if (in_flight_) {
+    const auto id = in_flight_;
+    in_flight_ = 0;
+    queue_.release(batch_);
+    batch_ = {};
+    if (client_) client_->cancel(id);
+  }
+}
+
+void Uploader::set_client(coap::Client* client) {
+  pause();
+  client_ = client;
+  if (client_) send_timer_.arm_in(Millis(0));
+}
+
+void Uploader::reconfigure(const config::DeliveryConfig& delivery, double drain_rate) {
+  delivery_ = delivery;
+  drain_rate_ = drain_rate;
+  backoff_.configure(delivery.backoff_initial, delivery.backoff_max);
+}
+
+Millis Uploader::rate_delay(std::uint64_t readings) const {
+  if (drain_rate_ <= 0) return Millis(0);
+  return Millis(static_cast<std::int64_t>(1000.0 * static_cast<double>(readings) / drain_rate_));
+}
+
+void Uploader::send_next() {
+  if (!client_ || in_flight_) return;
+  // In single-record mode next_batch(1) still hands out exactly one record.
+  batch_ = queue_.next_batch(single_record_mode_ ? 1 : delivery_.max_batch_size);
+  if (batch_.empty()) {
+    if (state_ == DeliveryState::Retrying) set_state(DeliveryState::Idle, "");
+    return;
+  }
+  // A generation number tells a late callback of a paused request from the current one.
+  const std::uint64_t generation = ++generation_;
+  in_flight_ = client_->request(coap::Method::Post, {"api", "v1", token_, "telemetry"},
+                                batch_.payload, [this, generation](const coap::Outcome& o) {
+                                  if (generation == generation_) on_outcome(o);
+                                });
+}
+
+void Uploader::on_outcome(const coap::Outcome& outcome) {
+  if (!in_flight_) return;  // paused meanwhile: the batch was already released
+  in_flight_ = 0;
+  telemetry::Batch batch = std::move(batch_);
+  batch_ = {};
+  std::string err;
+
+  if (outcome.answered() && outcome.response->code / 100 == 2) {
+    if (!queue_.ack(batch, &err))
+      spdlog::error("delivered, but cannot remove the batch from the queue ({}); it will be sent "
+                    "again with the same timestamps",
+                    err);
+    consecutive_drops_ = 0;
+    settle_suspect();
+    backoff_.reset();
+    if (callbacks_.delivered) callbacks_.delivered(batch.readings);
+    set_state(DeliveryState::Idle, "");
+    send_timer_.arm_in(rate_delay(batch.readings));
+    return;
+  }
+
+  if (outcome.answered() && outcome.response->code == 400) {
+    if (batch.ids.size() > 1) {
+      // Which record does the server refuse? Send them one at a time to find out.
+      spdlog::warn("server refused a batch of {} records (4.00); sending them one by one",
+                   batch.ids.size());
+      queue_.release(batch);
+      single_record_mode_ = true;
+      suspects_left_ = batch.ids.size();
+      send_timer_.arm_in(Millis(0));
+      return;
+    }
+    if (consecutive_drops_ >= kMaxConsecutiveDrops) {
+      queue_.release(batch);
+      retry("server refuses every payload (4.00); keeping the data — check the device profile "
+            "(it must use the DEFAULT or COAP transport with JSON payloads)");
+      return;
+    }
+    ++consecutive_drops_;
+    if (!queue_.drop(batch, &err)) spdlog::error("cannot drop a refused record: {}", err);
+    spdlog::error("server refused a record (4.00): dropped {} reading(s): {}", batch.readings,
+                  batch.payload.size() > 200 ? batch.payload.substr(0, 200) + "…" : batch.payload);
+    if (callbacks_.dropped) callbacks_.dropped(batch.readings);
+    settle_suspect();
+    send_timer_.arm_in(Millis(0));
+    return;
+  }
+
+  queue_.release(batch);
+  if (outcome.answered() && outcome.response->code == 401) {
+    const std::string msg =
+        "server rejected the access token (4.01): sending stopped, readings are kept; fix the "
+        "device's credentials, then reload or call Flush()";
+    spdlog::error("{}", msg);
+    set_state(DeliveryState::Unauthorized, msg, delivery_.backoff_max);
+    // Probe rarely: the token may be restored on the server side.
+    send_timer_.arm_in(delivery_.backoff_max);
+    return;
+  }
+  retry(describe(outcome));
+}
+
+void Uploader::settle_suspect() {
+  if (single_record_mode_ && (suspects_left_ == 0 || --suspects_left_ == 0))
+    single_record_mode_ = false;
+}
+
+void Uploader::retry(const std::string& why) {
+  const Millis delay = backoff_.next();
+  set_state(DeliveryState::Retrying, why, delay);
+  send_timer_.arm_in(delay);
+}
+
+void Uploader::set_state(DeliveryState s, const std::string& error, Millis retry_in) {
+  const bool changed = s != state_ || error != last_error_;
+  state_ = s;
+  last_error_ = error;
+  if (s == DeliveryState::Retrying)
+    spdlog::warn("delivery failed ({}); retrying in {}", error, format_duration(retry_in));
+  if ((changed || s == DeliveryState::Retrying) && callbacks_.state_changed)
+    callbacks_.state_changed({s, error, retry_in});
+}
+
+}  // namespace tb::daemon

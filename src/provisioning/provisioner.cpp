@@ -1,0 +1,205 @@
+#include "provisioning/provisioner.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "provisioning/codec.hpp"
+#include "util/clock.hpp"
+#include "util/units.hpp"
+
+namespace tb::provisioning {
+
+namespace {
+
+std::string describe_failure(const coap::Outcome& o) {
+  if (o.answered()) return "server answered " + coap::code_string(o.response->code);
+  switch (o.failure) {
+    case coap::Failure::Timeout:
+      return "no answer from the server";
+    case coap::Failure::Network:
+      return "network error: " + o.error;
+    default:
+      return o.error.empty() ? "request failed" : o.error;
+  }
+}
+
+}  // namespace
+
+Provisioner::Provisioner(sd_event* loop, coap::Client& client, Options options,
+                         std::function<void(const Result&)> done,
+                         std::function<void(const std::string&)> progress)
+    : loop_(loop),
+      client_(client),
+      options_(std::move(options)),
+      done_(std::move(done)),
+      progress_(std::move(progress)),
+      backoff_(options_.backoff_initial, options_.backoff_max),
+      retry_timer_(loop, [this] { verifying_ ? verify_token() : send_request(); }) {}
+
+Provisioner::~Provisioner() {
+  if (in_flight_) client_.cancel(in_flight_);
+}
+
+void Provisioner::start() {
+  std::string err;
+  auto pending = credentials::load_pending(options_.state_dir, &err);
+  if (pending && pending->device_name == options_.device_name) {
+    pending_ = *pending;
+    spdlog::info(
+        "resuming provisioning of device '{}' ({} request(s) sent before; the proposed token "
+        "is kept so a lost answer can be recovered)",
+        pending_.device_name, pending_.attempts);
+  } else {
+    if (!err.empty()) spdlog::warn("ignoring unreadable provisioning record: {}", err);
+    if (pending)
+      spdlog::info("device name changed from '{}' to '{}': starting provisioning afresh",
+                   pending->device_name, options_.device_name);
+    pending_ = {};
+    pending_.device_name = options_.device_name;
+    pending_.token = credentials::generate_token();
+    pending_.first_attempt_ms = wall_ms();
+  }
+  send_request();
+}
+
+void Provisioner::retry_now() {
+  if (retry_timer_.armed()) {
+    retry_timer_.disarm();
+    verifying_ ? verify_token() : send_request();
+  }
+}
+
+void Provisioner::send_request() {
+  // Count the attempt on disk before sending: after a crash we must know a request may have
+  // reached the server, or a FAILURE would look final when our token is in fact registered.
+  ++pending_.attempts;
+  std::string err;
+  if (!credentials::save_pending(options_.state_dir, pending_, &err)) {
+    fail("cannot store the provisioning state: " + err);
+    return;
+  }
+  progress_("provisioning device '" + pending_.device_name + "'");
+  spdlog::info("provisioning device '{}' (attempt {})", pending_.device_name, pending_.attempts);
+  const std::string body = encode_request(
+      {options_.key, options_.secret, pending_.device_name, pending_.token});
+  in_flight_ = client_.request(coap::Method::Post, {"api", "v1", "provision"}, body,
+                               [this](const coap::Outcome& o) {
+                                 in_flight_ = 0;
+                                 on_answer(o);
+                               });
+}
+
+void Provisioner::on_answer(const coap::Outcome& outcome) {
+  if (!outcome.answered()) {
+    retry_later(describe_failure(outcome), false);
+    return;
+  }
+  const Answer a = decode_answer(outcome.response->code, outcome.response->payload);
+  switch (a.verdict) {
+    case Verdict::Success:
+      succeed(a.credentials_value);
+      return;
+    case Verdict::Retryable:
+      retry_later(describe_failure(outcome), false);
+      return;
+    case Verdict::NotFound:
+      fail("provisioning refused (NOT_FOUND: " + a.error_message +
+           "): the provision key or secret is wrong, or provisioning is disabled in the device "
+           "profile");
+      return;
+    case Verdict::Failure:
+      if (pending_.attempts > 1) {
+        // An earlier request may have succeeded with its answer lost (§4.3): check our token.
+        spdlog::warn(
+            "provisioning answered FAILURE after {} attempts; checking whether an earlier "
+            "attempt registered our proposed token",
+            pending_.attempts);
+        backoff_.reset();
+        verify_token();
+        return;
+      }
+      fail("provisioning refused (FAILURE: " + a.error_message + "): a device named '" +
+           pending_.device_name +
+           "' already exists or was already provisioned; choose another device.name or ask "
+           "the ThingsBoard administrator");
+      return;
+    case Verdict::BadRequest:
+    case Verdict::Unexpected:
+      fail("provisioning failed: " + describe_failure(outcome) + " (" + a.error_message +
+           "); is server.host a ThingsBoard CoAP endpoint?");
+      return;
+  }
+}
+
+void Provisioner::verify_token() {
+  verifying_ = true;
+  progress_("checking the proposed access token");
+  in_flight_ = client_.request(coap::Method::Get, {"api", "v1", pending_.token, "attributes"}, "",
+                               [this](const coap::Outcome& o) {
+                                 in_flight_ = 0;
+                                 on_verify(o);
+                               });
+}
+
+void Provisioner::on_verify(const coap::Outcome& outcome) {
+  if (!outcome.answered()) {
+    retry_later(describe_failure(outcome), true);
+    return;
+  }
+  const int code = outcome.response->code;
+  // 2.05: attributes returned; 4.04: the token is valid but no attributes exist (§2.2).
+  if (code == 205 || code == 404) {
+    spdlog::info("the proposed token is registered: an earlier provisioning answer was lost");
+    succeed(pending_.token);
+  } else if (code == 401) {
+    fail("provisioning refused (FAILURE) and the proposed token is not registered: device '" +
+         pending_.device_name +
+         "' exists already or was provisioned with other credentials; ask the ThingsBoard "
+         "administrator to delete it or reset its provisionState, or set credentials.access_token");
+  } else if (code / 100 == 5) {
+    retry_later(describe_failure(outcome), true);
+  } else {
+    fail("cannot check the proposed token: " + describe_failure(outcome));
+  }
+}
+
+void Provisioner::retry_later(const std::string& why, bool verifying) {
+  verifying_ = verifying;
+  const Millis delay = backoff_.next();
+  const std::string msg = "provisioning: retrying in " + format_duration(delay) + ": " + why;
+  spdlog::warn("{}", msg);
+  progress_(msg);
+  retry_timer_.arm_in(delay);
+}
+
+void Provisioner::succeed(const std::string& token) {
+  Result r;
+  r.credentials.type = "ACCESS_TOKEN";
+  r.credentials.value = token;
+  r.credentials.device_name = pending_.device_name;
+  std::string err;
+  if (!credentials::save(options_.state_dir, r.credentials, &err)) {
+    // The server has registered the device; losing this token would need an operator. Keep the
+    // pending record (it holds our token) and keep trying to store.
+    spdlog::error("provisioned, but cannot store the credentials: {}", err);
+    if (r.credentials.value == pending_.token) {
+      retry_later("cannot store the credentials: " + err, true);
+      return;
+    }
+    fail("provisioned, but cannot store the credentials: " + err);
+    return;
+  }
+  credentials::remove_pending(options_.state_dir);
+  spdlog::info("device '{}' provisioned; credentials stored in {}", pending_.device_name,
+               (options_.state_dir / credentials::kCredentialsFile).string());
+  r.ok = true;
+  done_(r);
+}
+
+void Provisioner::fail(const std::string& error) {
+  spdlog::error("{}", error);
+  Result r;
+  r.error = error;
+  done_(r);
+}
+
+}  // namespace tb::provisioning

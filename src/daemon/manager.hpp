@@ -1,0 +1,103 @@
+// The manager owns the one sd-event loop and every module on it (systemd-timesyncd's shape: a thin
+// main, a manager that owns the loop). Start-up order: config → state dir and credentials → queue →
+// CoAP → sources → D-Bus → READY=1 → provisioning (if needed) → delivery. Shutdown: STOPPING=1,
+// stop the sources, one bounded last flush, tear down in reverse.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <systemd/sd-event.h>
+
+#include "coap/client.hpp"
+#include "config/config.hpp"
+#include "credentials/credentials.hpp"
+#include "daemon/notifier.hpp"
+#include "daemon/uploader.hpp"
+#include "dbus/status_service.hpp"
+#include "provisioning/provisioner.hpp"
+#include "sources/source.hpp"
+#include "telemetry/queue.hpp"
+#include "util/timer.hpp"
+
+namespace tb::daemon {
+
+// Exit codes (interface.md): 0 clean stop, 78 EX_CONFIG, 1 any other fatal error.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;
+inline constexpr int kExitConfig = 78;
+
+struct Overrides {
+  std::optional<std::filesystem::path> state_dir;
+  std::optional<std::string> log_level;
+};
+
+// Applies command-line overrides to a loaded config.
+void apply_overrides(config::Config& cfg, const Overrides& overrides);
+
+class Manager {
+ public:
+  Manager(config::Config cfg, Overrides overrides);
+  ~Manager();
+  Manager(const Manager&) = delete;
+  Manager& operator=(const Manager&) = delete;
+
+  // Runs until SIGTERM/SIGINT (returns 0) or a fatal error (1, or 78 for a config problem).
+  int run();
+
+ private:
+  int init();
+  void start_provisioning();
+  void start_delivery(const credentials::Credentials& creds);
+  void on_record(telemetry::Record record);
+  void on_delivery_event(const DeliveryEvent& ev);
+  void begin_shutdown();
+  void maybe_finish_shutdown();
+  // Re-reads the config file; returns every problem, or "" when the new config is applied.
+  std::string reload();
+  std::string apply(const config::Config& next);
+  bool build_sources(const config::Config& next, std::vector<sources::SourcePtr>* out,
+                     std::string* error);
+  void update_status(bool immediate = false);
+  void publish_status();
+  void set_error(const std::string& error);
+  std::string state_name() const;
+  dbus::Status snapshot() const;
+  std::uint64_t dropped_readings() const;
+
+  static int on_signal(sd_event_source* s, const struct signalfd_siginfo* si, void* userdata);
+
+  config::Config cfg_;
+  Overrides overrides_;
+  sd_event* loop_ = nullptr;
+  std::vector<sd_event_source*> signal_sources_;
+  Notifier notifier_;
+
+  std::unique_ptr<telemetry::Queue> queue_;
+  std::unique_ptr<coap::Client> client_;
+  std::unique_ptr<Uploader> uploader_;
+  std::unique_ptr<provisioning::Provisioner> provisioner_;
+  std::vector<sources::SourcePtr> sources_;
+  std::unique_ptr<dbus::StatusService> bus_;
+  std::unique_ptr<Timer> limits_timer_;
+  std::unique_ptr<Timer> status_timer_;
+  std::unique_ptr<Timer> shutdown_timer_;
+
+  std::optional<credentials::Credentials> creds_;
+  std::string progress_;     // what provisioning is doing
+  DeliveryEvent delivery_;   // the uploader's last state
+  std::string last_error_;
+  bool provisioning_ = false;
+  bool failed_ = false;
+  bool stopping_ = false;
+  bool push_failing_ = false;
+  std::uint64_t sent_readings_ = 0;
+  std::uint64_t push_dropped_readings_ = 0;
+  std::uint64_t last_success_us_ = 0;
+};
+
+}  // namespace tb::daemon

@@ -1,0 +1,69 @@
+// Provisions the device once over ThingsBoard's CoAP API (thingsboard-coap-api.md §4).
+//
+// ThingsBoard's provisioning is not idempotent: if the success answer is lost, a retry answers
+// FAILURE. So the agent proposes its own random access token and saves it (provisioning.json)
+// before the first request; when a retry answers FAILURE, it asks the server whether that token
+// works (GET attributes: 2.05 or 4.04 = the token is valid, 4.01 = it is not) before giving up.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "coap/client.hpp"
+#include "credentials/credentials.hpp"
+#include "util/backoff.hpp"
+#include "util/timer.hpp"
+
+namespace tb::provisioning {
+
+struct Options {
+  std::string key;
+  std::string secret;
+  std::string device_name;
+  std::filesystem::path state_dir;
+  Millis backoff_initial{1000};
+  Millis backoff_max{300000};
+};
+
+struct Result {
+  bool ok = false;
+  credentials::Credentials credentials;  // when ok (already saved to credentials.json)
+  std::string error;                     // when !ok: what the operator must fix
+};
+
+class Provisioner {
+ public:
+  // progress(message) tells what is happening ("retrying in 4s: server answered 5.00").
+  Provisioner(sd_event* loop, coap::Client& client, Options options,
+              std::function<void(const Result&)> done,
+              std::function<void(const std::string&)> progress);
+  ~Provisioner();
+
+  void start();
+  // Skip a backoff wait (D-Bus Flush).
+  void retry_now();
+
+ private:
+  void send_request();
+  void on_answer(const coap::Outcome& outcome);
+  void verify_token();
+  void on_verify(const coap::Outcome& outcome);
+  void retry_later(const std::string& why, bool verifying);
+  void succeed(const std::string& token);
+  void fail(const std::string& error);
+
+  sd_event* loop_;
+  coap::Client& client_;
+  Options options_;
+  std::function<void(const Result&)> done_;
+  std::function<void(const std::string&)> progress_;
+  credentials::PendingProvision pending_;
+  Backoff backoff_;
+  Timer retry_timer_;
+  bool verifying_ = false;
+  coap::RequestId in_flight_ = 0;
+};
+
+}  // namespace tb::provisioning
