@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what tb-agent needs to build, test and run its demo, from Debian 12 packages only.
+# Installs only what is missing, so it is quick on a machine that has everything.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  build-essential cmake pkg-config g++ clang-format
+  # libraries
+  libcoap3-dev libcoap3-bin nlohmann-json3-dev libyaml-cpp-dev libsystemd-dev libspdlog-dev
+  libfmt-dev libsqlite3-dev libcli11-dev libgtest-dev libgmock-dev
+  # tests: a real dbus-daemon, systemd-analyze, python test driver, process tools
+  dbus dbus-bin dbus-daemon systemd python3 python3-pytest procps util-linux passwd
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
