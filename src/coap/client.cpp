@@ -1,0 +1,635 @@
+// libcoap 4.3.1 bridged into sd-event. See docs/coap.md for the design and its limits.
+#include "coap/client.hpp"
+
+#include <netdb.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+
+#include <coap3/coap.h>
+#include <spdlog/spdlog.h>
+
+namespace tb::coap {
+
+namespace {
+
+// ---- logging ---------------------------------------------------------------------------------
+//
+// libcoap's log handler is process-wide. At debug it dumps every PDU including the Uri-Path
+// options, and one of them is the device access token (thingsboard-coap-api.md §0), so every
+// secret path segment of an in-flight request is registered here and masked in libcoap's text.
+
+std::mutex secrets_mutex;
+std::map<std::string, int, std::less<>>& secrets() {
+  static std::map<std::string, int, std::less<>> s;
+  return s;
+}
+
+void add_secret(const std::string& s) {
+  if (s.empty()) return;
+  std::lock_guard lock(secrets_mutex);
+  ++secrets()[s];
+}
+
+void remove_secret(const std::string& s) {
+  if (s.empty()) return;
+  std::lock_guard lock(secrets_mutex);
+  auto it = secrets().find(s);
+  if (it != secrets().end() && --it->second <= 0) secrets().erase(it);
+}
+
+std::string mask_secrets(std::string text) {
+  std::lock_guard lock(secrets_mutex);
+  for (const auto& [secret, count] : secrets()) {
+    for (auto pos = text.find(secret); pos != std::string::npos;
+         pos = text.find(secret, pos + 10)) {
+      text.replace(pos, secret.size(), "<redacted>");
+    }
+  }
+  return text;
+}
+
+void coap_log_handler(coap_log_t level, const char* message) {
+  try {
+    std::string text = mask_secrets(message ? message : "");
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    // libcoap uses syslog levels (coap_debug.h).
+    if (level <= LOG_ERR) {
+      spdlog::error("libcoap: {}", text);
+    } else if (level == LOG_WARNING) {
+      spdlog::warn("libcoap: {}", text);
+    } else {
+      // libcoap's notice/info can name URIs; keep everything below warning at debug.
+      spdlog::debug("libcoap: {}", text);
+    }
+  } catch (...) {
+    // Never unwind into libcoap.
+  }
+}
+
+void setup_libcoap_once() {
+  static const bool done = [] {
+    coap_startup();
+    coap_set_log_handler(&coap_log_handler);
+    coap_set_show_pdu_output(0);  // PDU dumps go through the handler, not to stdout
+    return true;
+  }();
+  (void)done;
+  // Follow spdlog: libcoap's chatter only when we are debugging, warnings otherwise.
+  coap_set_log_level(spdlog::should_log(spdlog::level::debug) ? LOG_DEBUG : LOG_WARNING);
+}
+
+// The path segment that is a credential: api/v1/{token}/... and fw|sw/{token}
+// (thingsboard-coap-api.md §0).
+std::optional<std::size_t> secret_segment(const std::vector<std::string>& path) {
+  if (path.size() >= 4 && path[0] == "api" && path[1] == "v1") return 2;
+  if (path.size() >= 2 && (path[0] == "fw" || path[0] == "sw")) return 1;
+  return std::nullopt;
+}
+
+std::string path_for_log(const std::vector<std::string>& path) {
+  const auto secret = secret_segment(path);
+  std::string out;
+  for (std::size_t i = 0; i < path.size(); ++i) {
+    out += '/';
+    out += (secret && *secret == i) ? std::string("<token>") : path[i];
+  }
+  return out.empty() ? "/" : out;
+}
+
+// Bytes a Uri-Path option takes on the wire (RFC 7252 §3.1): 1 header byte, plus 1 or 2 extended
+// length bytes. The option delta is 0 after the first one, 11 (< 13) for the first.
+std::size_t option_wire_size(std::size_t len) {
+  return 1 + len + (len >= 269 ? 2 : len >= 13 ? 1 : 0);
+}
+
+std::string token_key(const coap_bin_const_t& t) {
+  return std::string(reinterpret_cast<const char*>(t.s), t.length);
+}
+
+const char* method_name(Method m) { return m == Method::Get ? "GET" : "POST"; }
+
+// libcoap's default UDP MTU (COAP_DEFAULT_MTU) - restored for requests that fit in one datagram.
+constexpr unsigned kDefaultMtu = 1152;
+// Room for Block1 (≤ 3+1), Size1 (≤ 4+1) and Request-Tag (≤ 8+1) that libcoap adds to each block,
+// plus the 43 bytes libcoap 4.3.1 keeps free for a possible Echo option (RFC 9175) when it picks
+// the block size (block.c, coap_add_data_large_internal).
+constexpr std::size_t kBlockOptionRoom = 20 + 43;
+// RFC 7252 §5.3.1: up to 8 bytes; ThingsBoard (Californium) also allows at most 8 (§6.6).
+constexpr std::size_t kTokenLength = 8;
+
+coap_fixed_point_t to_fixed(Millis ms) {
+  const auto v = static_cast<unsigned>(std::max<Millis::rep>(ms.count(), 1));
+  return coap_fixed_point_t{static_cast<uint16_t>(std::min(v / 1000, 65535u)),
+                            static_cast<uint16_t>(v % 1000)};
+}
+
+}  // namespace
+
+// ---- implementation --------------------------------------------------------------------------
+
+struct Client::Impl {
+  struct Pending {
+    RequestId id = 0;
+    std::string token;  // raw bytes; empty until sent
+    Callback callback;
+    sd_event_source* timeout = nullptr;
+    std::string secret;  // registered with the log masker while in flight
+    std::string log_path;
+  };
+  struct Ready {
+    Callback callback;
+    Outcome outcome;
+  };
+
+  sd_event* loop = nullptr;
+  Endpoint endpoint;
+  ClientOptions options;
+  coap_address_t remote{};
+  std::string remote_text;
+  coap_context_t* ctx = nullptr;
+  coap_session_t* session = nullptr;
+  bool session_broken = false;
+  sd_event_source* io = nullptr;
+  sd_event_source* coap_timer = nullptr;
+  sd_event_source* dispatcher = nullptr;
+  std::unordered_map<RequestId, Pending> pending;
+  std::unordered_map<std::string, RequestId> by_token;
+  std::deque<Ready> ready;
+  RequestId next_id = 1;
+  bool destroying = false;
+  // Survives the Impl, so a callback that destroys the Client does not leave us reading freed
+  // memory while we are still inside dispatch().
+  std::shared_ptr<bool> alive = std::make_shared<bool>(true);
+
+  ~Impl() {
+    destroying = true;
+    *alive = false;
+    for (auto& [id, p] : pending) {
+      sd_event_source_disable_unref(p.timeout);
+      remove_secret(p.secret);
+    }
+    pending.clear();
+    by_token.clear();
+    ready.clear();  // documented: no callbacks from the destructor
+    // Releasing the session and context makes libcoap nack what is queued and call the release
+    // functions of Block1 bodies; the handlers see `destroying` and do nothing else.
+    if (session) coap_session_release(session);
+    if (ctx) coap_free_context(ctx);
+    sd_event_source_disable_unref(io);
+    sd_event_source_disable_unref(coap_timer);
+    sd_event_source_disable_unref(dispatcher);
+    sd_event_unref(loop);
+  }
+
+  // -- sd-event glue --
+
+  static int on_io(sd_event_source*, int, uint32_t, void* userdata) noexcept {
+    try {
+      static_cast<Impl*>(userdata)->process();
+    } catch (const std::exception& e) {
+      spdlog::error("coap: io handler: {}", e.what());
+    } catch (...) {
+      spdlog::error("coap: io handler: unknown exception");
+    }
+    return 0;
+  }
+
+  static int on_coap_timer(sd_event_source*, uint64_t, void* userdata) noexcept {
+    return on_io(nullptr, -1, 0, userdata);
+  }
+
+  void process() {
+    coap_io_process(ctx, COAP_IO_NO_WAIT);
+    rearm();
+  }
+
+  // Asks libcoap when it next needs to run (retransmissions, Block1 and Block2 follow-ups, session
+  // timeouts) and points our one timer there. coap_io_prepare_epoll also performs whatever is
+  // already due, which can nack requests; those only queue outcomes.
+  void rearm() {
+    coap_tick_t now;
+    coap_ticks(&now);
+    const unsigned ms = coap_io_prepare_epoll(ctx, now);
+    if (ms == 0) {  // nothing scheduled
+      sd_event_source_set_enabled(coap_timer, SD_EVENT_OFF);
+      return;
+    }
+    uint64_t usec_now = 0;
+    sd_event_now(loop, CLOCK_MONOTONIC, &usec_now);
+    sd_event_source_set_time(coap_timer, usec_now + uint64_t{ms} * 1000);
+    sd_event_source_set_enabled(coap_timer, SD_EVENT_ONESHOT);
+  }
+
+  // Our own deadline for the whole exchange. The source's userdata is the Impl; the request is
+  // found by its timer (few requests are ever in flight).
+  static int on_request_timeout(sd_event_source* src, uint64_t, void* userdata) noexcept {
+    try {
+      auto* self = static_cast<Impl*>(userdata);
+      for (auto& [id, p] : self->pending) {
+        if (p.timeout != src) continue;
+        const auto ms = std::chrono::duration_cast<Millis>(self->options.request_timeout).count();
+        // libcoap may still be retransmitting or sending blocks; a late answer is ignored
+        // because the token is forgotten here.
+        self->complete(
+            id, failure(Failure::Timeout, "no response within " + std::to_string(ms) + " ms"));
+        break;
+      }
+    } catch (...) {
+      spdlog::error("coap: timeout handler failed");
+    }
+    return 0;
+  }
+
+  static int on_dispatch(sd_event_source*, void* userdata) noexcept {
+    auto* self = static_cast<Impl*>(userdata);
+    const std::shared_ptr<bool> alive = self->alive;
+    try {
+      // Drain what is ready now; callbacks may add more (handled on the next iteration) or
+      // destroy the Client (then `alive` turns false and we must not touch self again).
+      std::deque<Ready> batch;
+      batch.swap(self->ready);
+      while (!batch.empty()) {
+        Ready r = std::move(batch.front());
+        batch.pop_front();
+        invoke(r);
+        if (!*alive) return 0;
+      }
+      if (!self->ready.empty()) sd_event_source_set_enabled(self->dispatcher, SD_EVENT_ONESHOT);
+    } catch (...) {
+      spdlog::error("coap: dispatcher failed");
+    }
+    return 0;
+  }
+
+  static void invoke(Ready& r) {
+    try {
+      if (r.callback) r.callback(r.outcome);
+    } catch (const std::exception& e) {
+      spdlog::error("coap: request callback threw: {}", e.what());
+    } catch (...) {
+      spdlog::error("coap: request callback threw");
+    }
+  }
+
+  // -- completion --
+
+  // Forgets the request and queues its callback for the dispatcher. Never calls user code.
+  void complete(RequestId id, Outcome outcome) {
+    auto it = pending.find(id);
+    if (it == pending.end()) return;
+    Pending p = std::move(it->second);
+    pending.erase(it);
+    if (!p.token.empty()) by_token.erase(p.token);
+    sd_event_source_disable_unref(p.timeout);
+    remove_secret(p.secret);
+    if (outcome.response) {
+      spdlog::debug("coap: {} -> {}", p.log_path, code_string(outcome.response->code));
+    } else {
+      spdlog::debug("coap: {} failed: {}", p.log_path, outcome.error);
+    }
+    if (destroying) return;
+    ready.push_back(Ready{std::move(p.callback), std::move(outcome)});
+    sd_event_source_set_enabled(dispatcher, SD_EVENT_ONESHOT);
+  }
+
+  static Outcome failure(Failure f, std::string error) {
+    Outcome o;
+    o.failure = f;
+    o.error = std::move(error);
+    return o;
+  }
+
+  // -- libcoap handlers (all noexcept, all catch) --
+
+  static Impl* from(coap_session_t* s) {
+    return static_cast<Impl*>(coap_get_app_data(coap_session_get_context(s)));
+  }
+
+  static coap_response_t on_response(coap_session_t* s, const coap_pdu_t* /*sent*/,
+                                     const coap_pdu_t* received, const coap_mid_t) noexcept {
+    try {
+      Impl* self = from(s);
+      if (!self || self->destroying) return COAP_RESPONSE_OK;
+      const coap_bin_const_t token = coap_pdu_get_token(received);
+      auto it = self->by_token.find(token_key(token));
+      if (it == self->by_token.end()) {
+        // Late answer to a timed-out or canceled request (or a stray): ACK it so the server stops
+        // retransmitting, and ignore it.
+        spdlog::debug("coap: response with unknown token ignored");
+        return COAP_RESPONSE_OK;
+      }
+      Response r;
+      const coap_pdu_code_t code = coap_pdu_get_code(received);
+      r.code = (code >> 5) * 100 + (code & 0x1f);
+      size_t len = 0, offset = 0, total = 0;
+      const uint8_t* data = nullptr;
+      // With COAP_BLOCK_SINGLE_BODY a Block2 answer arrives here reassembled (offset 0).
+      if (coap_get_data_large(received, &len, &data, &offset, &total) && data) {
+        r.payload.assign(reinterpret_cast<const char*>(data), len);
+      }
+      coap_opt_iterator_t opt_iter;
+      if (coap_opt_t* cf = coap_check_option(received, COAP_OPTION_CONTENT_FORMAT, &opt_iter)) {
+        r.content_format =
+            static_cast<int>(coap_decode_var_bytes(coap_opt_value(cf), coap_opt_length(cf)));
+      }
+      Outcome o;
+      o.response = std::move(r);
+      self->complete(it->second, std::move(o));
+    } catch (...) {
+      spdlog::error("coap: response handler failed");
+    }
+    // OK makes libcoap ACK a CON response, including one that arrives before any ACK of our
+    // request (thingsboard-coap-api.md §8).
+    return COAP_RESPONSE_OK;
+  }
+
+  static void on_nack(coap_session_t* s, const coap_pdu_t* sent, const coap_nack_reason_t reason,
+                      const coap_mid_t) noexcept {
+    try {
+      Impl* self = from(s);
+      if (!self || self->destroying) return;
+      const char* why = "network error";
+      Failure f = Failure::Network;
+      switch (reason) {
+        case COAP_NACK_TOO_MANY_RETRIES:
+          f = Failure::Timeout;
+          why = "no ACK after all retransmissions";
+          break;
+        case COAP_NACK_RST:
+          why = "server reset the request (RST)";
+          break;
+        case COAP_NACK_ICMP_ISSUE:
+          why = "ICMP error (server unreachable)";
+          self->session_broken = true;
+          break;
+        case COAP_NACK_TLS_FAILED:
+          why = "TLS failure";
+          self->session_broken = true;
+          break;
+        case COAP_NACK_NOT_DELIVERABLE:
+        default:
+          why = "could not deliver the request";
+          self->session_broken = true;
+          break;
+      }
+      if (!sent) return;
+      const coap_bin_const_t token = coap_pdu_get_token(sent);
+      auto it = self->by_token.find(token_key(token));
+      if (it == self->by_token.end()) return;
+      self->complete(it->second, failure(f, why));
+    } catch (...) {
+      spdlog::error("coap: nack handler failed");
+    }
+  }
+
+  static void release_body(coap_session_t*, void* app_ptr) noexcept {
+    delete static_cast<std::string*>(app_ptr);
+  }
+
+  // -- session --
+
+  bool ensure_session(std::string* error) {
+    if (session && !session_broken && coap_session_get_state(session) != COAP_SESSION_STATE_NONE) {
+      return true;
+    }
+    if (session) {
+      // A failed UDP session (ICMP port unreachable, ...) stays failed; start a fresh one. Anything
+      // still queued on it is nacked now and fails as Network.
+      spdlog::debug("coap: recreating session to {}", remote_text);
+      coap_session_t* old = session;
+      session = nullptr;
+      coap_session_release(old);
+    }
+    session_broken = false;
+    session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
+    if (!session) {
+      if (error) *error = "cannot create a CoAP session to " + remote_text;
+      return false;
+    }
+    coap_session_set_ack_timeout(session, to_fixed(options.ack_timeout));
+    coap_session_set_max_retransmit(session, static_cast<uint16_t>(options.max_retransmit));
+    return true;
+  }
+
+  // Keeps each datagram near header + block_size: a body up to block_size goes in one datagram,
+  // a larger one is cut by libcoap into Block1 blocks that fit this MTU (RFC 7959 §2.3).
+  void size_mtu(const std::vector<std::string>& path, std::size_t payload) {
+    std::size_t header = 4 + kTokenLength + 1;  // fixed header, token, payload marker
+    for (const auto& seg : path) header += option_wire_size(seg.size());
+    std::size_t mtu = 0;
+    if (payload <= options.block_size) {
+      mtu = std::max<std::size_t>(kDefaultMtu, header + payload + 16);
+    } else {
+      mtu = header + options.block_size + kBlockOptionRoom;
+    }
+    coap_session_set_mtu(session, static_cast<unsigned>(mtu));
+  }
+
+  // Fails a request from the loop, never synchronously.
+  RequestId fail_later(Pending p, Failure f, std::string error) {
+    const RequestId id = p.id;
+    pending.emplace(id, std::move(p));
+    complete(id, failure(f, std::move(error)));
+    return id;
+  }
+};
+
+std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
+                                       const ClientOptions& options, std::string* error) {
+  auto fail = [&](std::string msg) -> std::unique_ptr<Client> {
+    if (error) *error = std::move(msg);
+    return nullptr;
+  };
+  if (!loop) return fail("no event loop");
+  if (options.block_size < 16 || options.block_size > 1024 ||
+      (options.block_size & (options.block_size - 1)) != 0) {
+    // RFC 7959 §2.2: block sizes are 2^(SZX+4), SZX 0..6.
+    return fail("block_size must be a power of two between 16 and 1024");
+  }
+  setup_libcoap_once();
+
+  auto impl = std::make_unique<Impl>();
+  impl->loop = sd_event_ref(loop);
+  impl->endpoint = endpoint;
+  impl->options = options;
+
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_DGRAM;
+  hints.ai_flags = AI_ADDRCONFIG;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(endpoint.port);
+  const int gai = getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &res);
+  if (gai != 0 || !res) {
+    // AI_ADDRCONFIG hides loopback-only hosts on machines without a configured address; retry
+    // without it before giving up.
+    hints.ai_flags = 0;
+    if (res) freeaddrinfo(res);
+    res = nullptr;
+    const int gai2 = getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &res);
+    if (gai2 != 0 || !res) {
+      return fail("cannot resolve " + endpoint.host + ": " + gai_strerror(gai2));
+    }
+  }
+  coap_address_init(&impl->remote);
+  impl->remote.size = res->ai_addrlen;
+  std::memcpy(&impl->remote.addr, res->ai_addr, res->ai_addrlen);
+  freeaddrinfo(res);
+  char buf[INET6_ADDRSTRLEN + 16] = {};
+  coap_print_addr(&impl->remote, reinterpret_cast<unsigned char*>(buf), sizeof(buf) - 1);
+  impl->remote_text = buf;
+
+  impl->ctx = coap_new_context(nullptr);
+  if (!impl->ctx) return fail("cannot create a libcoap context");
+  coap_set_app_data(impl->ctx, impl.get());
+  // libcoap does RFC 7959 both ways: Block1 for our large bodies, and Block2 reassembly of large
+  // answers into one body before our response handler sees it.
+  coap_context_set_block_mode(impl->ctx, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
+  coap_register_response_handler(impl->ctx, &Impl::on_response);
+  coap_register_nack_handler(impl->ctx, &Impl::on_nack);
+
+  const int fd = coap_context_get_coap_fd(impl->ctx);
+  if (fd < 0) {
+    // Debian's libcoap3 4.3.1 is built with epoll; a build without it cannot be driven this way.
+    return fail("libcoap was built without epoll support (coap_context_get_coap_fd failed)");
+  }
+  int r = sd_event_add_io(loop, &impl->io, fd, EPOLLIN, &Impl::on_io, impl.get());
+  if (r < 0) return fail(std::string("sd_event_add_io: ") + std::strerror(-r));
+  r = sd_event_add_time(loop, &impl->coap_timer, CLOCK_MONOTONIC, 0, 1000, &Impl::on_coap_timer,
+                        impl.get());
+  if (r < 0) return fail(std::string("sd_event_add_time: ") + std::strerror(-r));
+  sd_event_source_set_enabled(impl->coap_timer, SD_EVENT_OFF);
+  r = sd_event_add_defer(loop, &impl->dispatcher, &Impl::on_dispatch, impl.get());
+  if (r < 0) return fail(std::string("sd_event_add_defer: ") + std::strerror(-r));
+  sd_event_source_set_enabled(impl->dispatcher, SD_EVENT_OFF);
+  sd_event_source_set_description(impl->io, "coap-io");
+  sd_event_source_set_description(impl->coap_timer, "coap-timer");
+  sd_event_source_set_description(impl->dispatcher, "coap-dispatch");
+
+  std::string session_error;
+  if (!impl->ensure_session(&session_error)) return fail(session_error);
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+RequestId Client::request(Method method, const std::vector<std::string>& path, std::string payload,
+                          Callback callback) {
+  Impl& im = *impl_;
+  Impl::Pending p;
+  p.id = im.next_id++;
+  p.callback = std::move(callback);
+  p.log_path = path_for_log(path);
+  if (const auto s = secret_segment(path)) {
+    p.secret = path[*s];
+    add_secret(p.secret);
+  }
+  spdlog::debug("coap: {} {} ({} bytes)", method_name(method), p.log_path, payload.size());
+
+  // Our own deadline for the whole exchange (every retransmission and every block).
+  uint64_t now = 0;
+  sd_event_now(im.loop, CLOCK_MONOTONIC, &now);
+  const auto timeout_us = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(im.options.request_timeout).count());
+  const RequestId id = p.id;
+  const int r = sd_event_add_time(im.loop, &p.timeout, CLOCK_MONOTONIC, now + timeout_us, 10000,
+                                  &Impl::on_request_timeout, &im);
+  if (r < 0) {
+    p.timeout = nullptr;
+    return im.fail_later(std::move(p), Failure::Network,
+                         std::string("sd_event_add_time: ") + std::strerror(-r));
+  }
+
+  std::string error;
+  if (!im.ensure_session(&error)) return im.fail_later(std::move(p), Failure::Network, error);
+
+  // A fresh random token per request (RFC 7252 §5.3.1), never reused while in flight.
+  std::string token(kTokenLength, '\0');
+  do {
+    coap_prng(token.data(), token.size());
+  } while (im.by_token.count(token));
+
+  const coap_pdu_code_t code =
+      method == Method::Get ? COAP_REQUEST_CODE_GET : COAP_REQUEST_CODE_POST;
+  im.size_mtu(path, payload.size());
+  coap_pdu_t* pdu = coap_new_pdu(COAP_MESSAGE_CON, code, im.session);  // libcoap's next MID
+  if (!pdu) return im.fail_later(std::move(p), Failure::Network, "cannot allocate a PDU");
+  bool ok = coap_add_token(pdu, token.size(), reinterpret_cast<const uint8_t*>(token.data()));
+  for (const auto& seg : path) {
+    ok = ok && coap_add_option(pdu, COAP_OPTION_URI_PATH, seg.size(),
+                               reinterpret_cast<const uint8_t*>(seg.data())) != 0;
+  }
+  if (ok && !payload.empty()) {
+    if (payload.size() <= im.options.block_size) {
+      ok = coap_add_data(pdu, payload.size(), reinterpret_cast<const uint8_t*>(payload.data()));
+    } else {
+      // A Block1 option with our SZX makes libcoap cut exactly block_size blocks (it only lowers
+      // the size if the MTU is too small, see size_mtu) (RFC 7959 §2.2: size = 2^(SZX+4)).
+      const unsigned szx = static_cast<unsigned>(std::countr_zero(im.options.block_size)) - 4;
+      uint8_t buf[4];
+      ok = coap_add_option(pdu, COAP_OPTION_BLOCK1, coap_encode_var_safe(buf, sizeof(buf), szx),
+                           buf) != 0;
+      if (ok) {
+        // libcoap keeps sending blocks after this call returns, so the body must outlive the
+        // Pending entry (a timeout does not stop libcoap); libcoap frees it via release_body, also
+        // when the call fails (libcoap 4.3.1 block.c, label fail).
+        auto* body = new std::string(std::move(payload));
+        ok = coap_add_data_large_request(im.session, pdu, body->size(),
+                                         reinterpret_cast<const uint8_t*>(body->data()),
+                                         &Impl::release_body, body) != 0;
+      }
+    }
+  }
+  if (!ok) {
+    coap_delete_pdu(pdu);
+    return im.fail_later(std::move(p), Failure::Network, "cannot build the request PDU");
+  }
+  p.token = token;
+  im.by_token.emplace(token, id);
+  im.pending.emplace(id, std::move(p));
+  if (coap_send(im.session, pdu) == COAP_INVALID_MID) {  // coap_send owns pdu either way
+    im.session_broken = true;
+    im.complete(id, Impl::failure(Failure::Network, "cannot send to " + im.remote_text));
+  }
+  im.rearm();
+  return id;
+}
+
+void Client::cancel(RequestId id) {
+  impl_->complete(id, Impl::failure(Failure::Canceled, "canceled"));
+}
+
+void Client::cancel_all() {
+  std::vector<RequestId> ids;
+  ids.reserve(impl_->pending.size());
+  for (const auto& [id, p] : impl_->pending) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());  // callbacks in request order
+  for (RequestId id : ids) cancel(id);
+}
+
+std::size_t Client::in_flight() const { return impl_->pending.size(); }
+
+const Endpoint& Client::endpoint() const { return impl_->endpoint; }
+
+std::string code_string(int code) {
+  const int cls = code / 100;
+  const int detail = code % 100;
+  std::string out = std::to_string(cls) + ".";
+  if (detail < 10) out += '0';
+  out += std::to_string(detail);
+  return out;
+}
+
+}  // namespace tb::coap

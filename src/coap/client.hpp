@@ -29,6 +29,10 @@ struct Endpoint {
 struct ClientOptions {
   Millis request_timeout = 30s;   // whole exchange, including every Block1 round trip
   std::size_t block_size = 1024;  // Block1 SZX 6; ThingsBoard's MAX_MESSAGE_SIZE is 1024
+  // CON retransmission (RFC 7252 §4.8 defaults). libcoap gives up after max_retransmit
+  // retransmissions (~45 s with these values); request_timeout usually fires first.
+  Millis ack_timeout = 2s;
+  unsigned max_retransmit = 4;
 };
 
 // CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
@@ -67,11 +71,17 @@ class Client {
   Client& operator=(const Client&) = delete;
 
   // Sends a CON request to the path segments (each one Uri-Path option). The callback runs exactly
-  // once, from the loop, never from inside request().
+  // once, from the loop, never from inside request(). Exception: when the Client is destroyed,
+  // outstanding callbacks are dropped without being called (a destructor must not call back into
+  // an owner that is itself being torn down). The callback may call request(), cancel() and even
+  // destroy the Client.
   RequestId request(Method method, const std::vector<std::string>& path, std::string payload,
                     Callback callback);
+  // The callback gets Failure::Canceled (from the loop, later). Unknown or finished ids are
+  // ignored.
   void cancel(RequestId id);
   void cancel_all();
+  // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
   const Endpoint& endpoint() const;
 
