@@ -59,6 +59,7 @@ Manager::~Manager() {
   sources_.clear();
   bus_.reset();
   shutdown_timer_.reset();
+  reap_timer_.reset();
   status_timer_.reset();
   limits_timer_.reset();
   client_.reset();
@@ -190,6 +191,7 @@ int Manager::init() {
   }, Millis(5000));
   limits_timer_->arm_in(Millis(60000));
   status_timer_ = std::make_unique<Timer>(loop_, [this] { publish_status(); }, Millis(100));
+  reap_timer_ = std::make_unique<Timer>(loop_, [this] { provisioner_.reset(); }, Millis(1));
   shutdown_timer_ = std::make_unique<Timer>(loop_, [this] {
     spdlog::warn("shutdown: last flush did not finish within {}; {} reading(s) stay queued",
                  format_duration(cfg_.delivery.shutdown_timeout), queue_->queued_readings());
@@ -228,6 +230,7 @@ bool Manager::build_sources(const config::Config& next, std::vector<sources::Sou
 }
 
 void Manager::start_provisioning() {
+  reap_timer_->disarm();  // a finished provisioner awaiting reaping is replaced right here
   provisioning_ = true;
   provisioning::Options opt;
   opt.key = cfg_.provisioning.key;
@@ -250,15 +253,8 @@ void Manager::start_provisioning() {
           set_error(r.error);
         }
         update_status(true);
-        // The provisioner may not be destroyed from inside its own callback.
-        sd_event_source* s = nullptr;
-        sd_event_add_defer(loop_, &s, [](sd_event_source* src, void* ud) -> int {
-          static_cast<Manager*>(ud)->provisioner_.reset();
-          sd_event_source_disable_unref(src);
-          return 0;
-        }, this);
-        sd_event_source_set_floating(s, 1);
-        sd_event_source_unref(s);
+        // The provisioner may not be destroyed from inside its own callback: do it next turn.
+        reap_timer_->arm_in(Millis(0));
       },
       [this](const std::string& msg) {
         progress_ = msg;

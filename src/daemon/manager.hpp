@@ -86,6 +86,7 @@ class Manager {
   std::unique_ptr<Timer> limits_timer_;
   std::unique_ptr<Timer> status_timer_;
   std::unique_ptr<Timer> shutdown_timer_;
+  std::unique_ptr<Timer> reap_timer_;
 
   std::optional<credentials::Credentials> creds_;
   std::string progress_;     // what provisioning is doing
