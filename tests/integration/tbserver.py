@@ -1,0 +1,208 @@
+"""Drive tb-test-server (tests/server) from Python tests. Standard library only.
+
+    with TbServer(build_dir, tmp_path, provision_key="pk", provision_secret="ps",
+                  devices={"pump-7": "tok7"}) as srv:
+        ...                       # point the agent at coap://127.0.0.1:{srv.port}
+        srv.command("fail 2 5.00")
+        srv.points("pump-7")      # -> [{"device", "key", "ts", "value"}, ...]
+
+See docs/test-server.md for the control protocol and the record format.
+"""
+
+import json
+import os
+import select
+import subprocess
+import time
+from pathlib import Path
+
+
+class TbServerError(RuntimeError):
+    pass
+
+
+class TbServer:
+    """One tb-test-server process; restart() keeps the port and the --state file."""
+
+    def __init__(self, build_dir=None, tmp_path=None, *, port=0, bind="127.0.0.1",
+                 strategy="allow_create", provision_key=None, provision_secret=None,
+                 devices=None, framing=None, strict_size=False, verbose=False,
+                 quiet=True, extra_args=(), name="tbserver"):
+        build_dir = build_dir or os.environ.get("TB_BUILD_DIR")
+        if not build_dir:
+            raise TbServerError("build_dir not given and TB_BUILD_DIR not set")
+        self.binary = Path(build_dir) / "tests" / "server" / "tb-test-server"
+        if tmp_path is None:
+            import tempfile
+            tmp_path = tempfile.mkdtemp(prefix="tbserver-")
+        self.dir = Path(tmp_path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.dir / f"{name}.state.json"
+        self.record_file = self.dir / f"{name}.record.jsonl"
+        self.stderr_file = self.dir / f"{name}.stderr.log"
+        self.port = port
+        self.bind = bind
+        self.options = dict(strategy=strategy, provision_key=provision_key,
+                            provision_secret=provision_secret, framing=framing)
+        self.device_args = dict(devices or {})
+        self.strict_size = strict_size
+        self.verbose = verbose
+        self.quiet = quiet
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self._buf = b""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _argv(self):
+        argv = [str(self.binary), "--port", str(self.port), "--bind", self.bind,
+                "--state", str(self.state_file), "--record", str(self.record_file),
+                "--strategy", self.options["strategy"]]
+        if self.options["provision_key"] is not None:
+            argv += ["--provision-key", self.options["provision_key"]]
+        if self.options["provision_secret"] is not None:
+            argv += ["--provision-secret", self.options["provision_secret"]]
+        if self.options["framing"]:
+            argv += ["--framing", self.options["framing"]]
+        for name, token in self.device_args.items():
+            argv += ["--device", f"{name}={token}"]
+        if self.strict_size:
+            argv.append("--strict-size")
+        if self.verbose:
+            argv.append("--verbose")
+        elif self.quiet:
+            argv.append("--quiet")
+        return argv + self.extra_args
+
+    def start(self, timeout=10.0):
+        if self.proc is not None:
+            raise TbServerError("already started")
+        if not self.binary.exists():
+            raise TbServerError(f"{self.binary} not built")
+        self._buf = b""
+        with open(self.stderr_file, "ab") as err:
+            self.proc = subprocess.Popen(self._argv(), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err)
+        line = self._readline(timeout)
+        if not line.startswith("listening on "):
+            self.stop()
+            raise TbServerError(f"unexpected first line {line!r}; stderr: {self.stderr()}")
+        self.port = int(line.split()[-1])
+        return self
+
+    def stop(self, timeout=5.0):
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(b"quit\n")
+                proc.stdin.flush()
+                proc.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def restart(self):
+        """Stop and start again on the same port with the same --state file."""
+        self.stop()
+        self.start()
+        return self
+
+    def kill(self):
+        """Hard stop (SIGKILL), like a crash; the state file was written atomically."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- control ------------------------------------------------------------------------------
+    def _readline(self, timeout):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TbServerError("timeout waiting for tb-test-server output")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise TbServerError(f"tb-test-server exited; stderr: {self.stderr()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def command(self, line, timeout=5.0):
+        """Send one control line; return the reply ("ok", "error ...", or JSON for stats)."""
+        if self.proc is None:
+            raise TbServerError("not running")
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self._readline(timeout)
+
+    def check(self, line):
+        reply = self.command(line)
+        if reply != "ok":
+            raise TbServerError(f"{line!r} -> {reply!r}")
+
+    def stats(self):
+        return json.loads(self.command("stats"))
+
+    # -- observations -------------------------------------------------------------------------
+    def records(self):
+        """Every request as recorded, oldest first (one dict per line of --record)."""
+        if not self.record_file.exists():
+            return []
+        with open(self.record_file, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def state(self):
+        if not self.state_file.exists():
+            return {"devices": {}, "points": []}
+        with open(self.state_file, encoding="utf-8") as f:
+            return json.load(f)
+
+    def points(self, device=None):
+        """Stored telemetry points (survive restarts): list of {device, key, ts, value}."""
+        return [dict(device=d, key=k, ts=ts, value=v)
+                for d, k, ts, v in self.state()["points"] if device is None or d == device]
+
+    def devices(self):
+        """Device name -> access token (None once revoked)."""
+        return {name: d["token"] for name, d in self.state()["devices"].items()}
+
+    def attributes(self, device):
+        d = self.state()["devices"][device]
+        return {"client": d["client"], "shared": d["shared"]}
+
+    def stderr(self):
+        try:
+            return self.stderr_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, predicate, timeout=10.0, interval=0.05):
+        """Poll predicate() until truthy; returns its value or raises on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TbServerError("condition not met in time")
+            time.sleep(interval)
