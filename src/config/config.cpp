@@ -1,0 +1,809 @@
+// Loading is table driven: every section is one Table of keys (name, required or not, setter,
+// and for sources the types a key belongs to). Adding a key is one line in its table plus a
+// field in config.hpp. Defaults live in one place only: the member initializers in config.hpp
+// (a key that is absent simply leaves its field alone), except device.name, which defaults to
+// the hostname at load time.
+//
+// The loader never stops at the first problem: every setter reports into a shared Ctx and the
+// walk goes on, so `--check-config` shows everything at once. A Config is returned only when
+// nothing was reported.
+#include "config/config.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <set>
+#include <string_view>
+#include <utility>
+
+#include "util/units.hpp"
+
+namespace tb::config {
+
+std::string Diagnostic::to_string() const {
+  std::string out = file;
+  if (position.line > 0) {
+    out += ':' + std::to_string(position.line);
+    if (position.column > 0) out += ':' + std::to_string(position.column);
+  }
+  out += ": ";
+  out += message;
+  return out;
+}
+
+namespace {
+
+// Anything bigger than this is not a config file or a secret; refusing it keeps a typo like
+// `secret_file: /dev/zero` from eating memory.
+constexpr std::size_t kMaxConfigBytes = 1 << 20;
+constexpr std::size_t kMaxSecretBytes = 64 << 10;
+
+Position to_position(const YAML::Mark& m) {
+  if (m.is_null() || m.line < 0 || m.column < 0) return {};
+  return {m.line + 1, m.column + 1};
+}
+
+// Reads a whole (small) file. On failure returns false and a sentence in *error.
+bool read_file(const std::filesystem::path& path, std::size_t max, std::string* out,
+               std::string* error) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) {
+    *error = std::string("cannot open: ") + std::strerror(errno);
+    return false;
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    *error = "is a directory, not a file";
+    return false;
+  }
+  out->clear();
+  char buf[8192];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      *error = std::string("cannot read: ") + std::strerror(errno);
+      ::close(fd);
+      return false;
+    }
+    if (n == 0) break;
+    out->append(buf, static_cast<std::size_t>(n));
+    if (out->size() > max) {
+      ::close(fd);
+      *error = "is larger than " + format_size(max) + "; is it the right file?";
+      return false;
+    }
+  }
+  ::close(fd);
+  return true;
+}
+
+// Collects diagnostics for one load.
+class Ctx {
+ public:
+  explicit Ctx(std::string file) : file_(std::move(file)) {}
+
+  void error(Position at, std::string message) {
+    diagnostics_.push_back({file_, at, std::move(message)});
+  }
+  void error(const YAML::Mark& at, std::string message) {
+    error(to_position(at), std::move(message));
+  }
+  // Values that must never appear in a message, whatever path they might take into one.
+  void add_secret(const std::string& s) {
+    if (s.size() >= 3) secrets_.push_back(s);
+  }
+
+  std::vector<Diagnostic> finish() {
+    // Defence in depth: no message is built from a secret, but a secret pasted in the wrong
+    // place (say, as a device name) could still be quoted back.
+    for (auto& d : diagnostics_) {
+      for (const auto& s : secrets_) {
+        for (auto at = d.message.find(s); at != std::string::npos;
+             at = d.message.find(s, at + 10)) {
+          d.message.replace(at, s.size(), "<redacted>");
+        }
+      }
+    }
+    // Document order reads best; checks that span keys run after the walk, so sort.
+    std::stable_sort(diagnostics_.begin(), diagnostics_.end(),
+                     [](const Diagnostic& a, const Diagnostic& b) {
+                       return std::pair(a.position.line, a.position.column) <
+                              std::pair(b.position.line, b.position.column);
+                     });
+    return std::move(diagnostics_);
+  }
+
+ private:
+  std::string file_;
+  std::vector<Diagnostic> diagnostics_;
+  std::vector<std::string> secrets_;
+};
+
+// One key/value pair of a YAML map, with the dotted path messages call it by.
+struct Item {
+  YAML::Node key;
+  YAML::Node value;
+  std::string path;
+  // yaml-cpp marks an empty value (`key:`) at the start of the next line; point at the key.
+  YAML::Mark where() const { return value.IsNull() ? key.Mark() : value.Mark(); }
+};
+
+const char* kind(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Null:
+      return "nothing";
+    case YAML::NodeType::Scalar:
+      return "a single value";
+    case YAML::NodeType::Sequence:
+      return "a list";
+    case YAML::NodeType::Map:
+      return "a map";
+    default:
+      return "nothing";
+  }
+}
+
+// Users' values quoted back in messages, cut short and without control characters.
+std::string shown(std::string_view s) {
+  std::string out = "'";
+  for (std::size_t i = 0; i < s.size() && i < 60; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    out += (c < 0x20 || c == 0x7f) ? '?' : static_cast<char>(c);
+  }
+  if (s.size() > 60) out += "...";
+  return out + "'";
+}
+
+// The text of a scalar value, or nullopt after reporting why there is none.
+std::optional<std::string> scalar(Ctx& ctx, const Item& item, std::string_view expected) {
+  if (item.value.IsScalar()) return item.value.Scalar();
+  if (item.value.IsNull()) {
+    ctx.error(item.where(), item.path + ": has no value; expected " + std::string(expected));
+  } else {
+    ctx.error(item.where(),
+              item.path + ": expected " + std::string(expected) + ", not " + kind(item.value));
+  }
+  return std::nullopt;
+}
+
+// --- tables ---------------------------------------------------------------------------------
+
+template <class T>
+using Setter = std::function<void(Ctx&, const Item&, T&)>;
+
+enum Need { Optional, Required };
+
+// Source types as bits, so a key can belong to several. Sections other than sources use kAll.
+constexpr unsigned kFile = 1;
+constexpr unsigned kExec = 2;
+constexpr unsigned kAll = kFile | kExec;
+
+template <class T>
+struct Key {
+  std::string_view name;
+  Need need;
+  Setter<T> set;
+  unsigned types = kAll;
+};
+
+template <class T>
+using Table = std::vector<Key<T>>;
+
+// The items a map had, by key, for checks that span keys (backoff_max >= backoff_initial …).
+using Seen = std::map<std::string, Item, std::less<>>;
+
+struct WalkOptions {
+  unsigned types = kAll;        // the source type(s) this map is; keys of other types are misplaced
+  bool only_common = false;     // skip keys that are not common to all types (unsupported types)
+  bool secret_section = false;  // do not quote unknown key names (they could be a pasted token)
+};
+
+std::string type_names(unsigned types) {
+  std::string out;
+  if (types & kFile) out = "file";
+  if (types & kExec) out += out.empty() ? "exec" : " and exec";
+  return out;
+}
+
+// Applies `table` to every pair of `map` (a map or null = empty); reports unknown, duplicate,
+// misplaced and missing keys. `missing_at` is where a missing key is reported (the section's
+// own key).
+template <class T>
+Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<T>& table, T& out,
+          const YAML::Mark& missing_at, const WalkOptions& opt = {}) {
+  Seen seen;
+  const std::string prefix = path.empty() ? "" : path + ".";
+  const std::string where = path.empty() ? "" : path + ": ";
+  if (map.IsMap()) {
+    for (auto it = map.begin(); it != map.end(); ++it) {
+      const YAML::Node& key = it->first;
+      if (!key.IsScalar()) {
+        ctx.error(key.Mark(), where + "a key must be a plain name, not " + kind(key));
+        continue;
+      }
+      const std::string name = key.Scalar();
+      Item item{key, it->second, prefix + name};
+      if (auto prev = seen.find(name); prev != seen.end()) {
+        ctx.error(key.Mark(), item.path + ": duplicate key (first given at line " +
+                                  std::to_string(to_position(prev->second.key.Mark()).line) + ")");
+        continue;
+      }
+      const auto k =
+          std::find_if(table.begin(), table.end(), [&](const Key<T>& c) { return c.name == name; });
+      if (opt.only_common && (k == table.end() || k->types != kAll)) continue;
+      if (k == table.end()) {
+        std::string known;
+        for (const auto& c : table) {
+          if ((c.types & opt.types) == 0) continue;
+          known += known.empty() ? "" : ", ";
+          known += c.name;
+        }
+        const std::string what = opt.secret_section ? "unknown key" : "unknown key " + shown(name);
+        ctx.error(key.Mark(),
+                  (path.empty() ? "" : path + ": ") + what + " (known keys: " + known + ")");
+        continue;
+      }
+      seen.emplace(name, item);
+      if ((k->types & opt.types) == 0) {
+        ctx.error(key.Mark(), item.path + ": only " + type_names(k->types) +
+                                  " sources have this key, not " + type_names(opt.types) +
+                                  " sources");
+        continue;
+      }
+      k->set(ctx, item, out);
+    }
+  }
+  for (const auto& k : table) {
+    if (k.need != Required || seen.count(k.name)) continue;
+    if ((k.types & opt.types) != opt.types) continue;  // belongs to another source type
+    if (opt.only_common && k.types != kAll) continue;
+    ctx.error(missing_at, where + "missing required key '" + std::string(k.name) + "'");
+  }
+  return seen;
+}
+
+// --- value setters (one per kind of value) --------------------------------------------------
+
+using Check = std::function<std::string(const std::string&)>;  // "" = fine, else a sentence
+
+// A non-empty string. Secrets are never quoted back.
+template <class T>
+Setter<T> text(std::string T::*field, Check check = {}, bool secret = false) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "a string");
+    if (!v) return;
+    if (secret) ctx.add_secret(*v);
+    if (v->empty()) {
+      ctx.error(item.where(), item.path + ": must not be empty");
+      return;
+    }
+    if (check) {
+      if (auto problem = check(*v); !problem.empty()) {
+        ctx.error(item.where(), item.path + ": " + problem);
+        return;
+      }
+    }
+    out.*field = std::move(*v);
+  };
+}
+
+std::string check_absolute(const std::string& v) {
+  if (v.front() != '/') return "must be an absolute path (starting with /), not " + shown(v);
+  return "";
+}
+
+std::string check_host(const std::string& v) {
+  if (v.find("://") != std::string::npos || v.find('/') != std::string::npos) {
+    return "must be a host name or address, not a URL: " + shown(v) +
+           " (the port goes in server.port)";
+  }
+  for (char c : v) {
+    if (static_cast<unsigned char>(c) <= ' ') return "must not contain spaces: " + shown(v);
+  }
+  return "";
+}
+
+std::string check_printable(const std::string& v) {
+  for (char c : v) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) return "must not contain control characters";
+  }
+  return "";
+}
+
+template <class T>
+Setter<T> path_value(std::filesystem::path T::*field) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "a path");
+    if (!v) return;
+    if (v->empty()) {
+      ctx.error(item.where(), item.path + ": must not be empty");
+    } else if (auto problem = check_absolute(*v); !problem.empty()) {
+      ctx.error(item.where(), item.path + ": " + problem);
+    } else {
+      out.*field = *v;
+    }
+  };
+}
+
+template <class T, class I>
+Setter<T> integer(I T::*field, long long lo, long long hi) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "an integer");
+    if (!v) return;
+    long long n = 0;
+    const char* end = v->data() + v->size();
+    const auto [p, ec] = std::from_chars(v->data(), end, n);
+    if (v->empty() || ec != std::errc() || p != end || n < lo || n > hi) {
+      ctx.error(item.where(), item.path + ": must be an integer from " + std::to_string(lo) +
+                                  " to " + std::to_string(hi) + ", not " + shown(*v));
+      return;
+    }
+    out.*field = static_cast<I>(n);
+  };
+}
+
+std::string number_text(double d) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", d);
+  return buf;
+}
+
+template <class T>
+Setter<T> number(double T::*field, double lo, double hi) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "a number");
+    if (!v) return;
+    std::string_view s = *v;
+    if (!s.empty() && s.front() == '+') s.remove_prefix(1);  // YAML allows "+1.5"
+    double d = 0;
+    const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), d);
+    if (s.empty() || ec != std::errc() || p != s.data() + s.size() || !std::isfinite(d)) {
+      ctx.error(item.where(), item.path + ": must be a number, not " + shown(*v));
+      return;
+    }
+    if (d < lo || d > hi) {
+      ctx.error(item.where(), item.path + ": must be from " + number_text(lo) + " to " +
+                                  number_text(hi) + ", not " + shown(*v));
+      return;
+    }
+    out.*field = d;
+  };
+}
+
+template <class T>
+Setter<T> duration(Millis T::*field, Millis lo, Millis hi) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "a duration (e.g. 30s)");
+    if (!v) return;
+    std::string error;
+    const auto d = parse_duration(*v, &error);
+    if (!d) {
+      ctx.error(item.where(), item.path + ": " + error);
+      return;
+    }
+    if (*d < lo || *d > hi) {
+      const std::string range = hi == Millis::max()
+                                    ? "at least " + format_duration(lo)
+                                    : "from " + format_duration(lo) + " to " + format_duration(hi);
+      ctx.error(item.where(), item.path + ": must be " + range + ", not " + shown(*v));
+      return;
+    }
+    out.*field = *d;
+  };
+}
+
+template <class T>
+Setter<T> size(std::uint64_t T::*field, std::uint64_t lo, std::uint64_t hi) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "a size (e.g. 64MiB)");
+    if (!v) return;
+    std::string error;
+    const auto n = parse_size(*v, &error);
+    if (!n) {
+      ctx.error(item.where(), item.path + ": " + error);
+      return;
+    }
+    if (*n < lo || *n > hi) {
+      const std::string range = hi == UINT64_MAX
+                                    ? "at least " + format_size(lo)
+                                    : "from " + format_size(lo) + " to " + format_size(hi);
+      ctx.error(item.where(), item.path + ": must be " + range + ", not " + shown(*v));
+      return;
+    }
+    out.*field = *n;
+  };
+}
+
+template <class T, class E>
+Setter<T> choice(E T::*field, std::vector<std::pair<std::string_view, E>> options) {
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    auto v = scalar(ctx, item, "one of its names");
+    if (!v) return;
+    std::string names;
+    for (const auto& [name, value] : options) {
+      if (name == *v) {
+        out.*field = value;
+        return;
+      }
+      names += names.empty() ? "" : ", ";
+      names += name;
+    }
+    ctx.error(item.where(), item.path + ": must be one of " + names + ", not " + shown(*v));
+  };
+}
+
+// A nested section. An empty section (`dbus:` with everything commented out) means defaults.
+template <class T, class S>
+Setter<T> section(S T::*field, const Table<S>& table,
+                  std::function<void(Ctx&, const Item&, const Seen&, S&)> check = {},
+                  bool secret = false) {
+  return [=, &table](Ctx& ctx, const Item& item, T& out) {
+    if (!item.value.IsMap() && !item.value.IsNull()) {
+      ctx.error(item.where(), item.path + ": expected a map of keys, not " + kind(item.value));
+      return;
+    }
+    WalkOptions opt;
+    opt.secret_section = secret;
+    const Seen seen = walk(ctx, item.value, item.path, table, out.*field, item.key.Mark(), opt);
+    if (check) check(ctx, item, seen, out.*field);
+  };
+}
+
+// --- sections -------------------------------------------------------------------------------
+
+const Table<ServerConfig> kServer = {
+    {"host", Required, text(&ServerConfig::host, check_host)},
+    {"port", Optional, integer(&ServerConfig::port, 1, 65535)},
+    {"request_timeout", Optional, duration(&ServerConfig::request_timeout, 100ms, 10min)},
+};
+
+const Table<DeviceConfig> kDevice = {
+    {"name", Optional, text(&DeviceConfig::name, check_printable)},
+};
+
+// The secret is read now, not at use: a missing file must fail --check-config and a reload,
+// not a provisioning attempt hours later.
+void read_secret_file(Ctx& ctx, const Item& item, ProvisioningConfig& out) {
+  auto v = scalar(ctx, item, "a path");
+  if (!v) return;
+  if (v->empty()) {
+    ctx.error(item.where(), item.path + ": must not be empty");
+    return;
+  }
+  if (auto problem = check_absolute(*v); !problem.empty()) {
+    ctx.error(item.where(), item.path + ": " + problem);
+    return;
+  }
+  std::string secret, error;
+  if (!read_file(*v, kMaxSecretBytes, &secret, &error)) {
+    ctx.error(item.where(), item.path + ": " + shown(*v) + " " + error);
+    return;
+  }
+  ctx.add_secret(secret);
+  // `echo secret > file` and editors add a final newline that is not part of the secret.
+  while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r')) secret.pop_back();
+  ctx.add_secret(secret);
+  if (secret.empty()) {
+    ctx.error(item.where(), item.path + ": " + shown(*v) + " is empty");
+    return;
+  }
+  out.secret = std::move(secret);
+  out.secret_file = *v;
+}
+
+const Table<ProvisioningConfig> kProvisioning = {
+    {"key", Required, text(&ProvisioningConfig::key, {}, true)},
+    {"secret", Optional, text(&ProvisioningConfig::secret, {}, true)},
+    {"secret_file", Optional, read_secret_file},
+};
+
+void check_provisioning(Ctx& ctx, const Item& item, const Seen& seen, ProvisioningConfig& out) {
+  out.present = true;
+  const auto secret = seen.find("secret");
+  const auto file = seen.find("secret_file");
+  if (secret != seen.end() && file != seen.end()) {
+    const Item& later =
+        to_position(secret->second.key.Mark()).line > to_position(file->second.key.Mark()).line
+            ? secret->second
+            : file->second;
+    ctx.error(later.key.Mark(),
+              item.path + ": secret and secret_file are mutually exclusive; keep one");
+  } else if (secret == seen.end() && file == seen.end()) {
+    ctx.error(item.key.Mark(), item.path + ": missing required key 'secret' (or 'secret_file')");
+  }
+}
+
+const Table<CredentialsConfig> kCredentials = {
+    {"access_token", Optional, text(&CredentialsConfig::access_token, {}, true)},
+};
+
+const Table<QueueConfig> kQueue = {
+    {"max_size", Optional, size(&QueueConfig::max_size, 64 << 10, UINT64_MAX)},
+    {"max_age", Optional, duration(&QueueConfig::max_age, 1s, Millis::max())},
+    {"order", Optional,
+     choice(&QueueConfig::order, {{"oldest_first", DrainOrder::OldestFirst},
+                                  {"newest_first", DrainOrder::NewestFirst}})},
+    {"drain_rate", Optional, number(&QueueConfig::drain_rate, 0, 1e9)},
+};
+
+const Table<DeliveryConfig> kDelivery = {
+    {"max_batch_size", Optional, size(&DeliveryConfig::max_batch_size, 64, 1 << 20)},
+    {"flush_interval", Optional, duration(&DeliveryConfig::flush_interval, 0ms, 10min)},
+    {"backoff_initial", Optional, duration(&DeliveryConfig::backoff_initial, 100ms, 1h)},
+    {"backoff_max", Optional, duration(&DeliveryConfig::backoff_max, 100ms, 24h)},
+    {"shutdown_timeout", Optional, duration(&DeliveryConfig::shutdown_timeout, 0ms, 10min)},
+};
+
+void check_delivery(Ctx& ctx, const Item&, const Seen& seen, DeliveryConfig& out) {
+  if (out.backoff_max >= out.backoff_initial) return;
+  const auto max = seen.find("backoff_max");
+  const Item& at = max != seen.end() ? max->second : seen.at("backoff_initial");
+  ctx.error(at.where(), "delivery.backoff_max (" + format_duration(out.backoff_max) +
+                            ") must be at least delivery.backoff_initial (" +
+                            format_duration(out.backoff_initial) + ")");
+}
+
+const Table<DbusConfig> kDbus = {
+    {"bus", Optional,
+     choice(&DbusConfig::bus,
+            {{"system", BusKind::System}, {"session", BusKind::Session}, {"none", BusKind::None}})},
+};
+
+const Table<LoggingConfig> kLogging = {
+    {"level", Optional,
+     choice<LoggingConfig, std::string>(&LoggingConfig::level, {{"trace", "trace"},
+                                                                {"debug", "debug"},
+                                                                {"info", "info"},
+                                                                {"warning", "warning"},
+                                                                {"error", "error"}})},
+};
+
+// --- sources --------------------------------------------------------------------------------
+
+void check_command(Ctx& ctx, const Item& item, SourceConfig& out) {
+  const char* expected = "a list of strings (program and arguments; no shell)";
+  if (!item.value.IsSequence()) {
+    ctx.error(item.where(),
+              item.path + ": expected " + std::string(expected) + ", not " + kind(item.value));
+    return;
+  }
+  if (item.value.size() == 0) {
+    ctx.error(item.where(), item.path + ": must name at least the program to run");
+    return;
+  }
+  std::vector<std::string> argv;
+  bool ok = true;
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node arg = item.value[i];
+    const std::string path = item.path + "[" + std::to_string(i) + "]";
+    if (!arg.IsScalar()) {
+      ctx.error(arg.IsNull() ? item.value.Mark() : arg.Mark(),
+                path + ": expected a string, not " + kind(arg));
+      ok = false;
+    } else if (i == 0 && arg.Scalar().empty()) {
+      ctx.error(arg.Mark(), path + ": the program must not be empty");
+      ok = false;
+    } else {
+      argv.push_back(arg.Scalar());
+    }
+  }
+  if (ok) out.command = std::move(argv);
+}
+
+const Table<SourceConfig> kSource = {
+    {"name", Required, text(&SourceConfig::name, check_printable)},
+    {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
+    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max())},
+    {"path", Required, text(&SourceConfig::path, check_absolute), kFile},
+    {"key", Required, text(&SourceConfig::key, check_printable), kFile},
+    {"scale", Optional, number(&SourceConfig::scale, -1e300, 1e300), kFile},
+    {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
+    {"command", Required, check_command, kExec},
+    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec},
+};
+
+// The type decides which keys are allowed, so it is read first. Returns the type bits for the
+// walk: kAll when the type is missing or wrong (report every key's own problems, but no
+// misplaced-key noise), 0 for types this build knows of but does not have.
+unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, SourceConfig& out) {
+  const YAML::Node type = map["type"];
+  if (!type) return kAll;  // reported as a missing required key by the walk
+  if (!type.IsScalar()) {
+    ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
+              path + ".type: expected file or exec, not " + kind(type));
+    return kAll;
+  }
+  const std::string& t = type.Scalar();
+  if (t == "file") {
+    out.type = SourceType::File;
+    return kFile;
+  }
+  if (t == "exec") {
+    out.type = SourceType::Exec;
+    return kExec;
+  }
+  if (t == "system" || t == "plugin") {
+    ctx.error(type.Mark(), "source type '" + t + "' is not supported by this build yet");
+    return 0;
+  }
+  ctx.error(type.Mark(), path + ".type: unknown source type " + shown(t) + " (use file or exec)");
+  return kAll;
+}
+
+void parse_sources(Ctx& ctx, const Item& item, Config& out) {
+  if (item.value.IsNull()) return;  // `sources:` with every example commented out
+  if (!item.value.IsSequence()) {
+    ctx.error(item.where(), item.path + ": expected a list of sources, not " + kind(item.value));
+    return;
+  }
+  std::map<std::string, int> names;  // name → line of first use
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node node = item.value[i];
+    const std::string path = "sources[" + std::to_string(i) + "]";
+    if (!node.IsMap()) {
+      ctx.error(node.IsNull() ? item.value.Mark() : node.Mark(),
+                path + ": expected a map (name:, type:, …), not " + kind(node));
+      continue;
+    }
+    SourceConfig source;
+    source.position = to_position(node.Mark());
+    const unsigned types = source_type(ctx, node, path, source);
+    WalkOptions opt;
+    opt.types = types == 0 ? kAll : types;
+    opt.only_common = types == 0;
+    const Seen seen = walk(ctx, node, path, kSource, source, node.Mark(), opt);
+
+    if (auto name = seen.find("name"); name != seen.end() && !source.name.empty()) {
+      const int line = to_position(name->second.key.Mark()).line;
+      if (auto [first, fresh] = names.emplace(source.name, line); !fresh) {
+        ctx.error(name->second.where(), path + ".name: duplicate source name " +
+                                            shown(source.name) + " (first used at line " +
+                                            std::to_string(first->second) + ")");
+      }
+    }
+    if (types == kExec && source.timeout >= source.interval) {
+      // A run that may last as long as the interval would overlap the next one.
+      const auto timeout = seen.find("timeout");
+      const auto interval = seen.find("interval");
+      const Item* at = timeout != seen.end()    ? &timeout->second
+                       : interval != seen.end() ? &interval->second
+                                                : nullptr;
+      const std::string message = path + ".timeout (" + format_duration(source.timeout) +
+                                  (timeout == seen.end() ? ", the default" : "") +
+                                  ") must be shorter than interval (" +
+                                  format_duration(source.interval) + ")";
+      if (at)
+        ctx.error(at->where(), message);
+      else
+        ctx.error(node.Mark(), message);
+    }
+    if (types != 0) out.sources.push_back(std::move(source));
+  }
+}
+
+const Table<Config> kTop = {
+    {"server", Required, section(&Config::server, kServer)},
+    {"device", Optional, section(&Config::device, kDevice)},
+    {"provisioning", Optional,
+     section(&Config::provisioning, kProvisioning, std::function(check_provisioning), true)},
+    {"credentials", Optional, section(&Config::credentials, kCredentials, {}, true)},
+    {"state_dir", Optional, path_value(&Config::state_dir)},
+    {"sources", Optional, parse_sources},
+    {"queue", Optional, section(&Config::queue, kQueue)},
+    {"delivery", Optional, section(&Config::delivery, kDelivery, std::function(check_delivery))},
+    {"dbus", Optional, section(&Config::dbus, kDbus)},
+    {"logging", Optional, section(&Config::logging, kLogging)},
+};
+
+// --- the document ---------------------------------------------------------------------------
+
+LoadResult finish(Ctx& ctx, std::optional<Config> config) {
+  LoadResult result;
+  result.diagnostics = ctx.finish();
+  if (result.diagnostics.empty()) result.config = std::move(config);
+  return result;
+}
+
+// yaml-cpp's message for a tab in indentation ("illegal map value", …) does not say why.
+std::string tab_hint(const std::string& text, int line) {
+  std::size_t at = 0;
+  for (int i = 0; i < line && at != std::string::npos; ++i) {
+    at = text.find('\n', at);
+    if (at != std::string::npos) ++at;
+  }
+  if (at == std::string::npos) return "";
+  for (; at < text.size() && (text[at] == ' ' || text[at] == '\t'); ++at) {
+    if (text[at] == '\t') return " (YAML does not allow tabs for indentation)";
+  }
+  return "";
+}
+
+LoadResult load(const std::string& text, const std::string& name) {
+  Ctx ctx(name);
+  std::vector<YAML::Node> docs;
+  try {
+    docs = YAML::LoadAll(text);
+  } catch (const YAML::ParserException& e) {
+    // e.msg is yaml-cpp's sentence without its own "error at line …" prefix.
+    ctx.error(e.mark, "YAML syntax error: " + e.msg + tab_hint(text, e.mark.line));
+    return finish(ctx, std::nullopt);
+  }
+  if (docs.empty() || docs[0].IsNull()) {
+    ctx.error(Position{}, "the configuration is empty; at least server.host is required");
+    return finish(ctx, std::nullopt);
+  }
+  if (docs.size() > 1) {
+    ctx.error(docs[1].Mark(), "only one YAML document is allowed; remove the second one");
+  }
+  const YAML::Node& root = docs[0];
+  if (!root.IsMap()) {
+    ctx.error(root.Mark(), "the top level must be a map of sections (server:, sources:, …), not " +
+                               std::string(kind(root)));
+    return finish(ctx, std::nullopt);
+  }
+  Config config;
+  config.file = name;
+  walk(ctx, root, "", kTop, config, root.Mark());
+
+  if (config.device.name.empty()) {
+    char host[HOST_NAME_MAX + 1] = {};
+    if (::gethostname(host, sizeof host - 1) == 0 && host[0] != '\0') {
+      config.device.name = host;
+    } else {
+      ctx.error(Position{}, "device.name is not set and the hostname is unavailable; set it");
+    }
+  }
+  return finish(ctx, std::move(config));
+}
+
+LoadResult internal_error(const std::string& name, const char* what) {
+  LoadResult result;
+  result.diagnostics.push_back(
+      {name, {}, std::string("internal error while reading the configuration: ") + what});
+  return result;
+}
+
+}  // namespace
+
+LoadResult load_string(const std::string& text, const std::string& name) {
+  // Public API: nothing escapes; yaml-cpp and std::bad_alloc become a diagnostic.
+  try {
+    return load(text, name);
+  } catch (const std::exception& e) {
+    return internal_error(name, e.what());
+  } catch (...) {
+    return internal_error(name, "unknown exception");
+  }
+}
+
+LoadResult load_file(const std::filesystem::path& path) {
+  try {
+    std::string text, error;
+    if (!read_file(path, kMaxConfigBytes, &text, &error)) {
+      LoadResult result;
+      result.diagnostics.push_back({path.string(), {}, error});
+      return result;
+    }
+    LoadResult result = load_string(text, path.string());
+    if (result.config) result.config->file = path;
+    return result;
+  } catch (const std::exception& e) {
+    return internal_error(path.string(), e.what());
+  } catch (...) {
+    return internal_error(path.string(), "unknown exception");
+  }
+}
+
+}  // namespace tb::config
