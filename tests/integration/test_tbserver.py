@@ -637,3 +637,24 @@ def test_restart_keeps_devices_and_points(raw, server):
     server.kill()  # a crash: state was written atomically
     server.start()
     assert server.devices()["keeper"] == token
+
+
+def test_rpc_subscribe_and_revoke_ends_observations(raw, server):
+    mid, tok = raw.request(GET, "/api/v1/tok1/rpc", options=[(OBSERVE, b"")])
+    m = raw.recv()
+    # §3.1 + §8: 2.03, empty, Observe=0, as a separate CON without an empty ACK.
+    assert (m["type"], code_str(m["code"]), m["token"]) == (CON, "2.03", tok)
+    assert m["mid"] != mid and opt_uint(m, OBSERVE) == 0 and m["payload"] == b""
+    raw.ack(m)
+    server.check("revoke tok1")
+    m = raw.recv()
+    assert code_str(m["code"]) == "2.02" and m["token"] == tok  # §7
+    raw.ack(m)
+
+
+def test_stdin_eof_stops_the_server(tmp_path):
+    srv = TbServer(BUILD_DIR, tmp_path, devices={"d": "t"}).start()
+    proc = srv.proc
+    proc.stdin.close()
+    assert proc.wait(5) == 0
+    srv.proc = None

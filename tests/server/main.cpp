@@ -3,13 +3,18 @@
 // ("§N") it comes from. See docs/test-server.md for the CLI, the control protocol and the
 // record format.
 //
-// Why the message layer is ours and not libcoap's session layer: the tests need to drop a
-// request without any answer (drop N, oversize datagrams, lost provisioning replies), to answer
-// a CON request with a CON response and no empty ACK (§8), and to replay Californium's
-// deduplication answers (§6.6). libcoap 4.3.1's server dispatch always emits an ACK or reset for a
-// CON request it has parsed and does not deduplicate requests, so the socket, the exchange table
-// and the retransmission of CON responses live here; libcoap decodes every datagram
-// (coap_pdu_parse) so what counts as well-formed is what a real CoAP stack says.
+// Why the message layer is ours and not libcoap's session layer (probed against libcoap 4.3.1,
+// see docs/test-server.md "Why not libcoap's server"):
+//  - libcoap does not deduplicate requests: a CON with a repeated MID calls the handler again,
+//    so Californium's (peer, MID) deduplication (§6.6) has to be ours anyway;
+//  - libcoap answers a request datagram above its receive PDU size (~1.1 KB) with RST, where TB
+//    accepts up to 2048 bytes and drops bigger datagrams silently (§1);
+//  - libcoap *can* send a CON response with a new MID and no empty ACK (set type CON and a new
+//    MID in the handler) and can stay silent (type NON, code 0), but the replay of answers to
+//    duplicates, lost replies and per-datagram records are simpler with the socket in hand.
+// So the socket, the exchange table and the retransmission of CON responses live here, and
+// libcoap decodes every datagram (coap_pdu_parse): what counts as well-formed is what a real
+// CoAP stack says.
 //
 // Single-threaded: one poll() loop over the UDP socket and stdin, plus a timer list.
 #include <arpa/inet.h>
@@ -18,9 +23,11 @@
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -369,7 +376,13 @@ void Server::OnReadable() {
     getnameinfo(reinterpret_cast<sockaddr*>(&p.addr), p.len, host, sizeof host, serv, sizeof serv,
                 NI_NUMERICHOST | NI_NUMERICSERV);
     p.key = std::string(host) + ":" + serv;
-    OnDatagram(buf, static_cast<size_t>(n), p);
+    try {
+      OnDatagram(buf, static_cast<size_t>(n), p);
+    } catch (const std::exception& e) {
+      // A test tool must survive any datagram; the request simply gets no answer.
+      Count("internal_errors");
+      Log(std::string("internal error on a datagram from ") + p.key + ": " + e.what());
+    }
   }
 }
 
@@ -1194,7 +1207,11 @@ void Server::OnStdin() {
   char buf[4096];
   ssize_t n = read(0, buf, sizeof buf);
   if (n <= 0) {
-    stdin_open_ = false;  // EOF: keep serving (the demo may run with stdin closed)
+    // EOF on a pipe means the controlling test is gone: quit rather than linger as an orphan.
+    // Any other stdin (/dev/null for a demo in the background) just stops being read.
+    struct stat st {};
+    if (fstat(0, &st) == 0 && S_ISFIFO(st.st_mode)) quit_ = true;
+    stdin_open_ = false;
     return;
   }
   stdin_buf_.append(buf, static_cast<size_t>(n));
@@ -1204,7 +1221,13 @@ void Server::OnStdin() {
     stdin_buf_.erase(0, nl + 1);
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
-    std::cout << Control(line) << std::endl;
+    std::string reply;
+    try {
+      reply = Control(line);
+    } catch (const std::exception& e) {
+      reply = std::string("error ") + e.what();
+    }
+    std::cout << reply << std::endl;
   }
 }
 
@@ -1216,7 +1239,10 @@ std::string Server::Control(const std::string& line) {
     if (s.empty() ||
         !std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c); }))
       return std::nullopt;
-    return std::stoll(s);
+    int64_t v = 0;
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size()) return std::nullopt;
+    return v;
   };
   if (cmd == "drop") {
     auto n = count(a);
@@ -1247,6 +1273,21 @@ std::string Server::Control(const std::string& line) {
     auto it = tokens_.find(a);
     if (it == tokens_.end()) return "error unknown token";
     // §7: token deleted or changed -> observations get 2.02, later requests 4.01.
+    for (auto* table : {&attr_observers_, &rpc_observers_}) {
+      auto o = table->find(it->second);
+      if (o == table->end()) continue;
+      Message m;
+      m.code = Code(2, 2);
+      m.token = o->second.token;
+      if (o->second.con) {
+        SendCon(o->second.peer, m, "2.02 after revoke");
+      } else {
+        m.type = MsgType::kNon;
+        m.mid = ++mid_;
+        SendRaw(o->second.peer, Encode(m));
+      }
+      table->erase(o);
+    }
     devices_[it->second].token.clear();
     tokens_.erase(it);
     SaveState();
