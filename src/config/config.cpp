@@ -99,6 +99,14 @@ class Ctx {
   void error(const YAML::Mark& at, std::string message) {
     error(to_position(at), std::move(message));
   }
+  // Checks that span keys stay quiet about values already reported as invalid: their field
+  // still holds the default, and a message about that would mislead.
+  bool has_error_at(const YAML::Mark& at) const {
+    const Position p = to_position(at);
+    return std::any_of(diagnostics_.begin(), diagnostics_.end(), [&](const Diagnostic& d) {
+      return d.position.line == p.line && d.position.column == p.column;
+    });
+  }
   // Values that must never appear in a message, whatever path they might take into one.
   void add_secret(const std::string& s) {
     if (s.size() >= 3) secrets_.push_back(s);
@@ -546,13 +554,23 @@ const Table<DeliveryConfig> kDelivery = {
     {"shutdown_timeout", Optional, duration(&DeliveryConfig::shutdown_timeout, 0ms, 10min)},
 };
 
-void check_delivery(Ctx& ctx, const Item&, const Seen& seen, DeliveryConfig& out) {
+// True when `name` was given but its value was already reported.
+bool invalid(const Ctx& ctx, const Seen& seen, std::string_view name) {
+  const auto it = seen.find(name);
+  return it != seen.end() && ctx.has_error_at(it->second.where());
+}
+
+void check_delivery(Ctx& ctx, const Item& section, const Seen& seen, DeliveryConfig& out) {
   if (out.backoff_max >= out.backoff_initial) return;
+  if (invalid(ctx, seen, "backoff_max") || invalid(ctx, seen, "backoff_initial")) return;
   const auto max = seen.find("backoff_max");
-  const Item& at = max != seen.end() ? max->second : seen.at("backoff_initial");
-  ctx.error(at.where(), "delivery.backoff_max (" + format_duration(out.backoff_max) +
-                            ") must be at least delivery.backoff_initial (" +
-                            format_duration(out.backoff_initial) + ")");
+  const auto initial = seen.find("backoff_initial");
+  const YAML::Mark at = max != seen.end()       ? max->second.where()
+                        : initial != seen.end() ? initial->second.where()
+                                                : section.key.Mark();
+  ctx.error(at, "delivery.backoff_max (" + format_duration(out.backoff_max) +
+                    ") must be at least delivery.backoff_initial (" +
+                    format_duration(out.backoff_initial) + ")");
 }
 
 const Table<DbusConfig> kDbus = {
@@ -673,7 +691,8 @@ void parse_sources(Ctx& ctx, const Item& item, Config& out) {
                                             std::to_string(first->second) + ")");
       }
     }
-    if (types == kExec && source.timeout >= source.interval) {
+    if (types == kExec && source.timeout >= source.interval && !invalid(ctx, seen, "timeout") &&
+        !invalid(ctx, seen, "interval")) {
       // A run that may last as long as the interval would overlap the next one.
       const auto timeout = seen.find("timeout");
       const auto interval = seen.find("interval");

@@ -260,6 +260,11 @@ TEST(Errors, Sources) {
       7, 14, "sources[0].timeout (2s) must be shorter than interval (2s)");
   expect_one(head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n", 6, 15,
              "timeout (5s, the default) must be shorter than interval (2s)");
+  // An invalid timeout is reported once, not again as "the default is too long".
+  expect_one(head + "  - {name: a, type: exec, command: [x], interval: 1s, timeout: 1y}\n", 3, 64,
+             "unknown duration unit");
+  expect_one("server: {host: h}\ndelivery: {backoff_initial: 10m, backoff_max: x}\n", 2, 47,
+             "delivery.backoff_max:");
   expect_one(head + "  - {name: a, type: file, path: /x, key: k, interval: 99ms}\n", 3, 55,
              "must be at least 100ms");
   expect_one(head + "  - {name: a, type: file, path: x, key: k}\n", 3, 33, "absolute path");
