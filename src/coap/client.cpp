@@ -12,6 +12,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
@@ -27,7 +28,8 @@ namespace {
 //
 // libcoap's log handler is process-wide. At debug it dumps every PDU including the Uri-Path
 // options, and one of them is the device access token (thingsboard-coap-api.md §0), so every
-// secret path segment of an in-flight request is registered here and masked in libcoap's text.
+// secret path segment a Client has used is registered here (for the Client's lifetime, since
+// libcoap may still retransmit or send blocks after we gave up on a request) and masked.
 
 std::mutex secrets_mutex;
 std::map<std::string, int, std::less<>>& secrets() {
@@ -77,6 +79,12 @@ void coap_log_handler(coap_log_t level, const char* message) {
   }
 }
 
+// Follows spdlog (which the daemon may change on reload): libcoap's chatter, PDU dumps included,
+// only when we are debugging; warnings and errors otherwise.
+void sync_log_level() {
+  coap_set_log_level(spdlog::should_log(spdlog::level::debug) ? LOG_DEBUG : LOG_WARNING);
+}
+
 void setup_libcoap_once() {
   static const bool done = [] {
     coap_startup();
@@ -85,8 +93,7 @@ void setup_libcoap_once() {
     return true;
   }();
   (void)done;
-  // Follow spdlog: libcoap's chatter only when we are debugging, warnings otherwise.
-  coap_set_log_level(spdlog::should_log(spdlog::level::debug) ? LOG_DEBUG : LOG_WARNING);
+  sync_log_level();
 }
 
 // The path segment that is a credential: api/v1/{token}/... and fw|sw/{token}
@@ -124,7 +131,10 @@ constexpr unsigned kDefaultMtu = 1152;
 // Room for Block1 (≤ 3+1), Size1 (≤ 4+1) and Request-Tag (≤ 8+1) that libcoap adds to each block,
 // plus the 43 bytes libcoap 4.3.1 keeps free for a possible Echo option (RFC 9175) when it picks
 // the block size (block.c, coap_add_data_large_internal).
-constexpr std::size_t kBlockOptionRoom = 20 + 43;
+constexpr std::size_t kBlockOptionRoom = 20;
+constexpr std::size_t kEchoRoom = 43;
+// thingsboard-coap-api.md §1: keep each datagram at or under ~1100 bytes.
+constexpr std::size_t kMaxDatagram = 1100;
 // RFC 7252 §5.3.1: up to 8 bytes; ThingsBoard (Californium) also allows at most 8 (§6.6).
 constexpr std::size_t kTokenLength = 8;
 
@@ -144,7 +154,6 @@ struct Client::Impl {
     std::string token;  // raw bytes; empty until sent
     Callback callback;
     sd_event_source* timeout = nullptr;
-    std::string secret;  // registered with the log masker while in flight
     std::string log_path;
   };
   struct Ready {
@@ -168,6 +177,7 @@ struct Client::Impl {
   std::deque<Ready> ready;
   RequestId next_id = 1;
   bool destroying = false;
+  std::set<std::string> secrets_used;  // registered with the log masker until we are gone
   // Survives the Impl, so a callback that destroys the Client does not leave us reading freed
   // memory while we are still inside dispatch().
   std::shared_ptr<bool> alive = std::make_shared<bool>(true);
@@ -177,7 +187,6 @@ struct Client::Impl {
     *alive = false;
     for (auto& [id, p] : pending) {
       sd_event_source_disable_unref(p.timeout);
-      remove_secret(p.secret);
     }
     pending.clear();
     by_token.clear();
@@ -190,6 +199,7 @@ struct Client::Impl {
     sd_event_source_disable_unref(coap_timer);
     sd_event_source_disable_unref(dispatcher);
     sd_event_unref(loop);
+    for (const auto& secret : secrets_used) remove_secret(secret);
   }
 
   // -- sd-event glue --
@@ -292,7 +302,6 @@ struct Client::Impl {
     pending.erase(it);
     if (!p.token.empty()) by_token.erase(p.token);
     sd_event_source_disable_unref(p.timeout);
-    remove_secret(p.secret);
     if (outcome.response) {
       spdlog::debug("coap: {} -> {}", p.log_path, code_string(outcome.response->code));
     } else {
@@ -422,18 +431,31 @@ struct Client::Impl {
     return true;
   }
 
-  // Keeps each datagram near header + block_size: a body up to block_size goes in one datagram,
-  // a larger one is cut by libcoap into Block1 blocks that fit this MTU (RFC 7959 §2.3).
-  void size_mtu(const std::vector<std::string>& path, std::size_t payload) {
-    std::size_t header = 4 + kTokenLength + 1;  // fixed header, token, payload marker
+  // Bytes of a request before its payload: fixed header, token, Uri-Path options, payload marker.
+  static std::size_t header_size(const std::vector<std::string>& path) {
+    std::size_t header = 4 + kTokenLength + 1;
     for (const auto& seg : path) header += option_wire_size(seg.size());
-    std::size_t mtu = 0;
-    if (payload <= options.block_size) {
-      mtu = std::max<std::size_t>(kDefaultMtu, header + payload + 16);
-    } else {
-      mtu = header + options.block_size + kBlockOptionRoom;
-    }
-    coap_session_set_mtu(session, static_cast<unsigned>(mtu));
+    return header;
+  }
+
+  // The Block1 size for this path: block_size, halved while a block datagram would exceed
+  // kMaxDatagram (only for unusually long paths).
+  std::size_t block_for(std::size_t header) const {
+    std::size_t block = options.block_size;
+    while (block > 16 && header + kBlockOptionRoom + block > kMaxDatagram) block /= 2;
+    return block;
+  }
+
+  // libcoap sizes PDUs by the session MTU. The block size itself is fixed by the Block1 option we
+  // add; the MTU only has to leave libcoap room for a block of that size (it subtracts options
+  // and kEchoRoom before choosing, libcoap 4.3.1 block.c coap_add_data_large_internal). Never go
+  // below libcoap's default: a smaller MTU also makes libcoap reject 1024-byte Block2 answers.
+  void size_mtu(std::size_t header, std::size_t payload, std::size_t block) {
+    const std::size_t needed = payload <= options.block_size
+                                   ? header + payload + 16
+                                   : header + block + kBlockOptionRoom + kEchoRoom;
+    coap_session_set_mtu(session,
+                         static_cast<unsigned>(std::max<std::size_t>(kDefaultMtu, needed)));
   }
 
   // Fails a request from the loop, never synchronously.
@@ -532,9 +554,9 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
   p.id = im.next_id++;
   p.callback = std::move(callback);
   p.log_path = path_for_log(path);
-  if (const auto s = secret_segment(path)) {
-    p.secret = path[*s];
-    add_secret(p.secret);
+  sync_log_level();
+  if (const auto s = secret_segment(path); s && im.secrets_used.insert(path[*s]).second) {
+    add_secret(path[*s]);
   }
   spdlog::debug("coap: {} {} ({} bytes)", method_name(method), p.log_path, payload.size());
 
@@ -563,7 +585,9 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
 
   const coap_pdu_code_t code =
       method == Method::Get ? COAP_REQUEST_CODE_GET : COAP_REQUEST_CODE_POST;
-  im.size_mtu(path, payload.size());
+  const std::size_t header = Impl::header_size(path);
+  const std::size_t block = im.block_for(header);
+  im.size_mtu(header, payload.size(), block);
   coap_pdu_t* pdu = coap_new_pdu(COAP_MESSAGE_CON, code, im.session);  // libcoap's next MID
   if (!pdu) return im.fail_later(std::move(p), Failure::Network, "cannot allocate a PDU");
   bool ok = coap_add_token(pdu, token.size(), reinterpret_cast<const uint8_t*>(token.data()));
@@ -577,7 +601,7 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
     } else {
       // A Block1 option with our SZX makes libcoap cut exactly block_size blocks (it only lowers
       // the size if the MTU is too small, see size_mtu) (RFC 7959 §2.2: size = 2^(SZX+4)).
-      const unsigned szx = static_cast<unsigned>(std::countr_zero(im.options.block_size)) - 4;
+      const unsigned szx = static_cast<unsigned>(std::countr_zero(block)) - 4;
       uint8_t buf[4];
       ok = coap_add_option(pdu, COAP_OPTION_BLOCK1, coap_encode_var_safe(buf, sizeof(buf), szx),
                            buf) != 0;

@@ -92,7 +92,7 @@ Datagram parse(const unsigned char* b, std::size_t n, bool to_server) {
   return d;
 }
 
-constexpr int kCon = 0, kAck = 2;
+constexpr int kCon = 0, kNon = 1, kAck = 2;
 constexpr int kOptUriPath = 11, kOptBlock1 = 27, kOptBlock2 = 23;
 
 int bind_udp(uint16_t port = 0) {
@@ -192,6 +192,16 @@ class Relay {
 
 // ---- the libcoap test server ----
 
+// An unusually long path: 1024-byte blocks plus this header would exceed ~1100-byte datagrams.
+const std::string& long_segment() {
+  static const std::string s(120, 'L');
+  return s;
+}
+const std::string& long_echo_path() {
+  static const std::string s = "echo/" + long_segment();  // libcoap keeps the pointer
+  return s;
+}
+
 class Server {
  public:
   Server(sd_event* loop, uint16_t port) : loop_(loop) {
@@ -209,11 +219,13 @@ class Server {
     add("piggy", COAP_REQUEST_POST, &Server::piggy);
     add("api/v1/SECRETTOKEN42/telemetry", COAP_REQUEST_POST, &Server::piggy);
     add("separate", COAP_REQUEST_POST, &Server::separate);
+    add("separate_non", COAP_REQUEST_POST, &Server::separate);
     add("con_noack", COAP_REQUEST_POST, &Server::con_noack);
     add("e400", COAP_REQUEST_POST, &Server::error_code);
     add("e401", COAP_REQUEST_POST, &Server::error_code);
     add("e500", COAP_REQUEST_POST, &Server::error_code);
     add("echo", COAP_REQUEST_POST, &Server::echo);
+    add(long_echo_path().c_str(), COAP_REQUEST_POST, &Server::echo);
     add("attrs", COAP_REQUEST_GET, &Server::attrs);
     add("big", COAP_REQUEST_GET, &Server::big);
 
@@ -268,13 +280,15 @@ class Server {
   }
   // libcoap async: the first call registers and returns without a code, which makes libcoap send
   // an empty ACK; 100 ms later the handler runs again and the answer goes out separately.
-  static void separate(coap_resource_t*, coap_session_t* s, const coap_pdu_t* req,
+  static void separate(coap_resource_t* r, coap_session_t* s, const coap_pdu_t* req,
                        const coap_string_t*, coap_pdu_t* resp) {
     if (!coap_find_async(s, coap_pdu_get_token(req))) {
       coap_register_async(s, req, COAP_TICKS_PER_SECOND / 10);
       return;
     }
     ++self(s)->handled;
+    // libcoap sends the delayed answer as CON (the request was CON); "separate_non" makes it NON.
+    if (coap_resource_get_uri_path(r)->length > 8) coap_pdu_set_type(resp, COAP_MESSAGE_NON);
     coap_pdu_set_code(resp, COAP_RESPONSE_CODE_CREATED);
     coap_add_data(resp, 4, reinterpret_cast<const uint8_t*>("late"));
   }
@@ -467,12 +481,23 @@ TEST_F(CoapClientTest, EmptyAckThenSeparateResponse) {
   EXPECT_EQ(from_server[0].type, kAck);
   EXPECT_EQ(from_server[0].code, 0);
   EXPECT_EQ(from_server[1].code, 201);
-  if (from_server[1].type == kCon) {
-    const int mid = from_server[1].mid;
-    EXPECT_EQ(relay_->where([&](auto& d) { return d.to_server && d.type == kAck && d.mid == mid; })
-                  .size(),
-              1u);
-  }
+  EXPECT_EQ(from_server[1].type, kCon);
+  const int mid = from_server[1].mid;
+  EXPECT_EQ(
+      relay_->where([&](auto& d) { return d.to_server && d.type == kAck && d.mid == mid; }).size(),
+      1u);
+}
+
+TEST_F(CoapClientTest, EmptyAckThenSeparateNonResponse) {
+  client_ = make_client();
+  const Outcome o = call(*client_, Method::Post, {"separate_non"}, "x");
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_EQ(o.response->code, 201);
+  const auto from_server = relay_->where([](auto& d) { return !d.to_server; });
+  ASSERT_EQ(from_server.size(), 2u);
+  EXPECT_EQ(from_server[0].type, kAck);
+  EXPECT_EQ(from_server[1].type, kNon);
+  EXPECT_EQ(from_server[1].code, 201);
 }
 
 TEST_F(CoapClientTest, SeparateConResponseWithoutAckIsTheAnswer) {
@@ -604,21 +629,23 @@ TEST_F(CoapClientTest, SmallPayloadIsOneDatagramWithoutBlock1) {
   EXPECT_LE(req[0].size, 1100u);
 }
 
-void check_block1(const std::vector<Datagram>& log, std::size_t body_size) {
+void check_block1(const std::vector<Datagram>& log, std::size_t body_size,
+                  std::size_t block = 1024) {
   const auto reqs = [&] {
     std::vector<Datagram> v;
     for (const auto& d : log)
       if (d.to_server && d.type == kCon && d.has(kOptBlock1)) v.push_back(d);
     return v;
   }();
-  const std::size_t blocks = (body_size + 1023) / 1024;
+  const std::size_t blocks = (body_size + block - 1) / block;
+  const unsigned szx = static_cast<unsigned>(__builtin_ctzl(block)) - 4;
   ASSERT_EQ(reqs.size(), blocks);
   for (std::size_t i = 0; i < reqs.size(); ++i) {
     const unsigned b1 = reqs[i].uint_opt(kOptBlock1);
     EXPECT_EQ(b1 >> 4, i);                               // NUM
     EXPECT_EQ((b1 >> 3) & 1, i + 1 < blocks ? 1u : 0u);  // M
-    EXPECT_EQ(b1 & 7, 6u);                               // SZX 6 = 1024 bytes
-    EXPECT_LE(reqs[i].payload.size(), 1024u);
+    EXPECT_EQ(b1 & 7, szx);                              // block = 2^(SZX+4) bytes
+    EXPECT_LE(reqs[i].payload.size(), block);
   }
   for (const auto& d : log) EXPECT_LE(d.size, 1100u) << "datagram too big";
   // The server continued every non-final block with 2.31 (RFC 7959 §2.3).
@@ -657,6 +684,16 @@ TEST_F(CoapClientTest, Block1JustOverOneBlock) {
   ASSERT_TRUE(e.answered()) << e.error;
   EXPECT_EQ(server_->last_body, body);
   check_block1(relay_->log, body.size());
+}
+
+TEST_F(CoapClientTest, Block1ShrinksBlocksForLongPaths) {
+  client_ = make_client();
+  const std::string body(3000, 'w');
+  const Outcome e = call(*client_, Method::Post, {"echo", long_segment()}, body);
+  ASSERT_TRUE(e.answered()) << e.error;
+  EXPECT_EQ(e.response->code, 204);
+  EXPECT_EQ(server_->last_body, body);
+  check_block1(relay_->log, body.size(), 512);
 }
 
 TEST_F(CoapClientTest, Block2LargeResponseIsReassembled) {
