@@ -4,7 +4,7 @@
                   devices={"pump-7": "tok7"}) as srv:
         ...                       # point the agent at coap://127.0.0.1:{srv.port}
         srv.command("fail 2 5.00")
-        srv.points("pump-7")      # -> [{"device", "key", "ts", "value"}, ...]
+        srv.points("pump-7")      # -> [Point(key, ts, value, device), ...]
 
 See docs/test-server.md for the control protocol and the record format.
 """
@@ -14,7 +14,12 @@ import os
 import select
 import subprocess
 import time
+from collections import namedtuple
 from pathlib import Path
+
+# One stored telemetry point. Indexable like the record format's [key, ts, value] (p[0] is the
+# key), with the device as a fourth field for points() over all devices.
+Point = namedtuple("Point", ["key", "ts", "value", "device"])
 
 
 class TbServerError(RuntimeError):
@@ -42,13 +47,12 @@ class TbServer:
         self.stderr_file = self.dir / f"{name}.stderr.log"
         self.port = port
         self.bind = bind
+        # Everything that becomes a command-line option; tests may change it between stop() and
+        # start(), e.g. options["devices"] = {"pump-7b": "TOKEN"} to add a device.
         self.options = dict(strategy=strategy, provision_key=provision_key,
-                            provision_secret=provision_secret, framing=framing)
-        self.device_args = dict(devices or {})
-        self.strict_size = strict_size
-        self.verbose = verbose
-        self.quiet = quiet
-        self.extra_args = list(extra_args)
+                            provision_secret=provision_secret, framing=framing,
+                            devices=dict(devices or {}), strict_size=strict_size,
+                            verbose=verbose, quiet=quiet, extra_args=list(extra_args))
         self.proc = None
         self._buf = b""
 
@@ -63,15 +67,15 @@ class TbServer:
             argv += ["--provision-secret", self.options["provision_secret"]]
         if self.options["framing"]:
             argv += ["--framing", self.options["framing"]]
-        for name, token in self.device_args.items():
+        for name, token in (self.options["devices"] or {}).items():
             argv += ["--device", f"{name}={token}"]
-        if self.strict_size:
+        if self.options["strict_size"]:
             argv.append("--strict-size")
-        if self.verbose:
+        if self.options["verbose"]:
             argv.append("--verbose")
-        elif self.quiet:
+        elif self.options["quiet"]:
             argv.append("--quiet")
-        return argv + self.extra_args
+        return argv + list(self.options["extra_args"])
 
     def start(self, timeout=10.0):
         if self.proc is not None:
@@ -178,8 +182,11 @@ class TbServer:
             return json.load(f)
 
     def points(self, device=None):
-        """Stored telemetry points (survive restarts): list of {device, key, ts, value}."""
-        return [dict(device=d, key=k, ts=ts, value=v)
+        """Stored telemetry points, oldest first; they survive restarts.
+
+        Each is a Point(key, ts, value, device): p[0], p[1], p[2] are key, ts and value as in a
+        record's "points" list."""
+        return [Point(k, ts, v, d)
                 for d, k, ts, v in self.state()["points"] if device is None or d == device]
 
     def devices(self):

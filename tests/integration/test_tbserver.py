@@ -240,7 +240,7 @@ def test_single_uri_path_option_with_slashes_is_split(raw, server):
     raw.send(encode(CON, POST, mid, tok, [(URI_PATH, b"api/v1/tok1/telemetry")], b'{"k":3}'))
     m = raw.recv()
     assert code_str(m["code"]) == "2.01" and m["token"] == tok
-    assert [p["value"] for p in server.points("dev1")] == [3]
+    assert [p.value for p in server.points("dev1")] == [3]
 
 
 def test_errors_have_empty_payload_and_are_piggybacked(raw):
@@ -259,7 +259,7 @@ def test_coap_client_sees_codes(server):
     assert "4.00" in get.stdout + get.stderr
     put = coap_client(server.port, "put", telemetry_path("tok1"), "{}")
     assert "4.05" in put.stdout + put.stderr
-    assert [p["value"] for p in server.points("dev1")] == [21.5]
+    assert [p.value for p in server.points("dev1")] == [21.5]
 
 
 # ---- §1 telemetry validation and typing --------------------------------------------------------
@@ -290,16 +290,16 @@ def test_telemetry_shapes_and_typing(raw, server):
                              b'{"a":1,"b":2.5,"on":true,"s":"0042","x":"hi","n":null,'
                              b'"o":{"in":1}}')["code"]) == "2.01"
     after = int(time.time() * 1000)
-    pts = {p["key"]: p for p in server.points("dev1")}
+    pts = {p.key: p for p in server.points("dev1")}
     assert set(pts) == {"a", "b", "on", "s", "x", "o"}  # null skipped
-    assert pts["s"]["value"] == 42 and pts["x"]["value"] == "hi" and pts["on"]["value"] is True
-    assert pts["o"]["value"] == {"in": 1}
-    assert all(before <= p["ts"] <= after for p in pts.values())  # server time for flat objects
+    assert pts["s"].value == 42 and pts["x"].value == "hi" and pts["on"].value is True
+    assert pts["o"].value == {"in": 1}
+    assert all(before <= p.ts <= after for p in pts.values())  # server time for flat objects
 
     raw.call(POST, telemetry_path("tok2"),
              b'[{"ts":1700000000000,"values":{"t":1}},{"ts":"1700000001000","values":{"t":2}},'
              b'{"u":3},{"ts":5}]')
-    got = [(p["key"], p["ts"], p["value"]) for p in server.points("dev2")]
+    got = [(p.key, p.ts, p.value) for p in server.points("dev2")]
     assert got[:2] == [("t", 1700000000000, 1), ("t", 1700000001000, 2)]
     assert [k for k, _, _ in got[2:]] == ["u", "ts"]  # only "ts" without "values": flat
     rec = [r for r in server.records() if r.get("device") == "dev2"][-1]
@@ -572,7 +572,7 @@ def test_block1_5000_bytes_with_coap_client(server, tmp_path):
     res = coap_client(server.port, "post", telemetry_path("tok1"),
                       extra=["-b", "1024", "-f", str(f)])
     assert res.returncode == 0, res.stderr
-    assert [p["value"] for p in server.points("dev1")] == [blob]
+    assert [p.value for p in server.points("dev1")] == [blob]
     recs = [r for r in server.records() if r["block1"]]
     assert [r["code"] for r in recs] == ["2.31"] * 4 + ["2.01"]
     assert recs[-1]["payload_bytes"] == f.stat().st_size and recs[-1]["blocks"] == 5
@@ -593,7 +593,7 @@ def test_block1_raw_rules(raw, server):
         else:
             assert code_str(m["code"]) == "2.01" and opt_uint(m, BLOCK1) == (num << 4) | 6
             raw.ack(m)
-    assert server.points("dev1")[0]["value"] == "y" * 2000
+    assert server.points("dev1")[0].value == "y" * 2000
     # SZX 7 (2048-byte blocks / BERT) is refused on UDP.
     raw.request(POST, telemetry_path("tok1"), b"z" * 100, options=[(BLOCK1, uint_opt(0x0F))])
     assert code_str(raw.recv()["code"]) == "4.02"
@@ -632,7 +632,7 @@ def test_restart_keeps_devices_and_points(raw, server):
     assert server.port == port
     assert server.devices()["keeper"] == token
     assert code_str(raw.call(POST, telemetry_path(token), b'{"v":2}')["code"]) == "2.01"
-    assert [p["value"] for p in server.points("keeper")] == [1, 2]
+    assert [p.value for p in server.points("keeper")] == [1, 2]
     assert json.loads(prov(raw, deviceName="keeper")["payload"]) == FAILURE
     server.kill()  # a crash: state was written atomically
     server.start()
