@@ -1,0 +1,365 @@
+#include "dbus/status_service.hpp"
+
+#include <spdlog/spdlog.h>
+#include <systemd/sd-bus.h>
+
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <string_view>
+#include <utility>
+
+namespace tb::dbus {
+
+namespace {
+
+// Counters change with every reading; peers hear of them at most once per second
+// (interface.md allows rate-limiting counters).
+constexpr std::uint64_t kCounterIntervalUsec = 1'000'000;
+
+std::string errno_text(int r) { return std::strerror(r < 0 ? -r : r); }
+
+}  // namespace
+
+struct StatusService::Impl {
+  sd_event* loop = nullptr;
+  sd_bus* bus = nullptr;
+  sd_event_source* counter_timer = nullptr;
+  std::function<Status()> snapshot;
+  Handlers handlers;
+
+  // What getters serve: refreshed by changed() and, at most once per loop iteration, by a getter,
+  // so a GetAll costs one snapshot and a Get is never staler than the current iteration.
+  Status current;
+  std::uint64_t current_iteration = UINT64_MAX;
+  // The values peers last heard of (initially what they could read at registration).
+  Status emitted;
+  std::uint64_t last_counter_emit = 0;  // CLOCK_MONOTONIC µs; 0 = never
+  bool is_connected = false;
+
+  ~Impl() {
+    sd_event_source_disable_unref(counter_timer);
+    // Flushes the last PropertiesChanged (e.g. State=stopping) before closing. The bus is
+    // detached from the loop on close, so no callback with `this` can run afterwards.
+    if (bus) sd_bus_flush_close_unref(bus);
+  }
+
+  const Status& latest() {
+    std::uint64_t it = 0;
+    if (sd_event_get_iteration(loop, &it) < 0 || it != current_iteration) {
+      current = snapshot();
+      current_iteration = it;
+    }
+    return current;
+  }
+
+  void refresh() {
+    current = snapshot();
+    std::uint64_t it = UINT64_MAX;
+    sd_event_get_iteration(loop, &it);
+    current_iteration = it;
+  }
+
+  std::uint64_t now_monotonic() const {
+    std::uint64_t now = 0;
+    sd_event_now(loop, CLOCK_MONOTONIC, &now);
+    return now;
+  }
+
+  // Emits one PropertiesChanged for `names` (nullptr-terminated), with the values from `current`.
+  void emit(std::vector<const char*>& names) {
+    if (names.empty() || !is_connected) return;
+    names.push_back(nullptr);
+    const int r = sd_bus_emit_properties_changed_strv(bus, kObjectPath, kInterface,
+                                                      const_cast<char**>(names.data()));
+    if (r < 0) spdlog::warn("D-Bus: cannot emit PropertiesChanged: {}", errno_text(r));
+  }
+
+  bool counters_differ() const {
+    return current.queued_readings != emitted.queued_readings ||
+           current.sent_readings != emitted.sent_readings ||
+           current.dropped_readings != emitted.dropped_readings ||
+           current.sources != emitted.sources;
+  }
+
+  void take_counters(std::vector<const char*>& names) {
+    if (current.queued_readings != emitted.queued_readings) names.push_back("QueuedReadings");
+    if (current.sent_readings != emitted.sent_readings) names.push_back("SentReadings");
+    if (current.dropped_readings != emitted.dropped_readings) names.push_back("DroppedReadings");
+    if (current.sources != emitted.sources) names.push_back("Sources");
+    emitted.queued_readings = current.queued_readings;
+    emitted.sent_readings = current.sent_readings;
+    emitted.dropped_readings = current.dropped_readings;
+    emitted.sources = current.sources;
+    last_counter_emit = now_monotonic();
+  }
+
+  void changed() {
+    refresh();
+    if (!is_connected) return;
+    std::vector<const char*> names;
+    if (current.state != emitted.state) names.push_back("State");
+    if (current.device_name != emitted.device_name) names.push_back("DeviceName");
+    if (current.provisioned != emitted.provisioned) names.push_back("Provisioned");
+    if (current.server != emitted.server) names.push_back("Server");
+    if (current.last_success_time != emitted.last_success_time) names.push_back("LastSuccessTime");
+    if (current.last_error != emitted.last_error) names.push_back("LastError");
+    emitted.state = current.state;
+    emitted.device_name = current.device_name;
+    emitted.provisioned = current.provisioned;
+    emitted.server = current.server;
+    emitted.last_success_time = current.last_success_time;
+    emitted.last_error = current.last_error;
+
+    if (counters_differ()) {
+      const std::uint64_t now = now_monotonic();
+      if (last_counter_emit == 0 || now >= last_counter_emit + kCounterIntervalUsec) {
+        take_counters(names);
+      } else {
+        // Within the second: the timer sends whatever the counters are when it is up, so the
+        // final value always arrives even if nothing calls changed() again.
+        arm_counter_timer(last_counter_emit + kCounterIntervalUsec);
+      }
+    }
+    emit(names);
+  }
+
+  void arm_counter_timer(std::uint64_t due) {
+    int enabled = SD_EVENT_OFF;
+    sd_event_source_get_enabled(counter_timer, &enabled);
+    if (enabled != SD_EVENT_OFF) return;
+    sd_event_source_set_time(counter_timer, due);
+    sd_event_source_set_enabled(counter_timer, SD_EVENT_ONESHOT);
+  }
+
+  void counters_due() {
+    refresh();
+    if (!is_connected || !counters_differ()) return;
+    std::vector<const char*> names;
+    take_counters(names);
+    emit(names);
+  }
+
+  void disconnected() {
+    if (!is_connected) return;
+    is_connected = false;
+    sd_event_source_set_enabled(counter_timer, SD_EVENT_OFF);
+    spdlog::warn("D-Bus: connection to the bus lost; the agent keeps running without D-Bus status");
+  }
+
+  // --- C callbacks: each catches everything, nothing unwinds into sd-bus/sd-event. ---
+
+  static int get_property(sd_bus*, const char*, const char*, const char* property,
+                          sd_bus_message* reply, void* userdata, sd_bus_error* error) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      const Status& s = self->latest();
+      const std::string_view p = property;
+      if (p == "State") return sd_bus_message_append(reply, "s", s.state.c_str());
+      if (p == "DeviceName") return sd_bus_message_append(reply, "s", s.device_name.c_str());
+      if (p == "Provisioned") return sd_bus_message_append(reply, "b", s.provisioned ? 1 : 0);
+      if (p == "Server") return sd_bus_message_append(reply, "s", s.server.c_str());
+      if (p == "QueuedReadings") return sd_bus_message_append(reply, "t", s.queued_readings);
+      if (p == "SentReadings") return sd_bus_message_append(reply, "t", s.sent_readings);
+      if (p == "DroppedReadings") return sd_bus_message_append(reply, "t", s.dropped_readings);
+      if (p == "LastSuccessTime") return sd_bus_message_append(reply, "t", s.last_success_time);
+      if (p == "LastError") return sd_bus_message_append(reply, "s", s.last_error.c_str());
+      if (p == "Sources") {
+        int r = sd_bus_message_open_container(reply, 'a', "(ssttts)");
+        if (r < 0) return r;
+        for (const auto& row : s.sources) {
+          r = sd_bus_message_append(reply, "(ssttts)", row.name.c_str(), row.type.c_str(),
+                                    row.interval_usec, row.readings, row.errors,
+                                    row.last_error.c_str());
+          if (r < 0) return r;
+        }
+        return sd_bus_message_close_container(reply);
+      }
+      return sd_bus_error_setf(error, SD_BUS_ERROR_UNKNOWN_PROPERTY, "unknown property %s",
+                               property);
+    } catch (const std::exception& e) {
+      return sd_bus_error_set(error, kErrorFailed, e.what());
+    } catch (...) {
+      return sd_bus_error_set(error, kErrorFailed, "internal error");
+    }
+  }
+
+  static int method_flush(sd_bus_message* m, void* userdata, sd_bus_error* error) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      if (self->handlers.flush) self->handlers.flush();
+      return sd_bus_reply_method_return(m, "");
+    } catch (const std::exception& e) {
+      return sd_bus_error_set(error, kErrorFailed, e.what());
+    } catch (...) {
+      return sd_bus_error_set(error, kErrorFailed, "internal error");
+    }
+  }
+
+  static int method_reload(sd_bus_message* m, void* userdata, sd_bus_error* error) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      const std::string problems = self->handlers.reload ? self->handlers.reload() : "";
+      if (!problems.empty()) return sd_bus_error_set(error, kErrorInvalidConfig, problems.c_str());
+      return sd_bus_reply_method_return(m, "");
+    } catch (const std::exception& e) {
+      return sd_bus_error_set(error, kErrorFailed, e.what());
+    } catch (...) {
+      return sd_bus_error_set(error, kErrorFailed, "internal error");
+    }
+  }
+
+  static int on_name_reply(sd_bus_message* m, void* userdata, sd_bus_error*) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      const sd_bus_error* e = sd_bus_message_get_error(m);
+      std::string err;
+      if (e) {
+        err = std::string(e->name ? e->name : "error") + ": " + (e->message ? e->message : "");
+        spdlog::warn(
+            "D-Bus: cannot own the name {} ({}); status is still served on the "
+            "connection's unique name",
+            kBusName, err);
+      } else {
+        // RequestName replies 1 (primary owner) … 3 (exists) even without an error.
+        std::uint32_t code = 0;
+        if (sd_bus_message_read(m, "u", &code) < 0) code = 0;
+        if (code == 1 || code == 4) {
+          spdlog::info("D-Bus: serving {} at {}", kBusName, kObjectPath);
+        } else {
+          err = "name already owned (RequestName returned " + std::to_string(code) + ")";
+          spdlog::warn("D-Bus: cannot own the name {}: {}", kBusName, err);
+        }
+      }
+      if (self->handlers.name_result) self->handlers.name_result(err.empty(), err);
+    } catch (const std::exception& ex) {
+      spdlog::error("D-Bus: internal error in the name reply: {}", ex.what());
+    } catch (...) {
+      spdlog::error("D-Bus: internal error in the name reply");
+    }
+    return 0;
+  }
+
+  // A filter sees the local org.freedesktop.DBus.Local.Disconnected message without a match
+  // round trip to the broker.
+  static int on_message(sd_bus_message* m, void* userdata, sd_bus_error*) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      if (sd_bus_message_is_signal(m, "org.freedesktop.DBus.Local", "Disconnected") > 0)
+        self->disconnected();
+    } catch (...) {
+      // Logging itself failed; nothing sensible is left to do.
+    }
+    return 0;  // never consume: let sd-bus dispatch it normally
+  }
+
+  static int on_counter_timer(sd_event_source*, std::uint64_t, void* userdata) {
+    auto* self = static_cast<Impl*>(userdata);
+    try {
+      self->counters_due();
+    } catch (const std::exception& e) {
+      spdlog::error("D-Bus: internal error emitting counters: {}", e.what());
+    } catch (...) {
+      spdlog::error("D-Bus: internal error emitting counters");
+    }
+    return 0;
+  }
+
+  static const sd_bus_vtable* vtable() {
+    // Mirrors systemd/io.tbagent.Agent1.xml; tests/unit/dbus compares the two.
+    static const sd_bus_vtable table[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("State", "s", &Impl::get_property, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("DeviceName", "s", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Provisioned", "b", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Server", "s", &Impl::get_property, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("QueuedReadings", "t", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("SentReadings", "t", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("DroppedReadings", "t", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LastSuccessTime", "t", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LastError", "s", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Sources", "a(ssttts)", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_METHOD("Flush", "", "", &Impl::method_flush, 0),
+        SD_BUS_METHOD("Reload", "", "", &Impl::method_reload, 0),
+        SD_BUS_VTABLE_END};
+    return table;
+  }
+};
+
+std::unique_ptr<StatusService> StatusService::create(sd_event* loop, config::BusKind kind,
+                                                     std::function<Status()> snapshot,
+                                                     Handlers handlers, std::string* error) {
+  auto fail = [&](std::string what) -> std::unique_ptr<StatusService> {
+    if (error) *error = std::move(what);
+    return nullptr;
+  };
+  if (kind == config::BusKind::None) return fail("D-Bus is disabled (dbus.bus: none)");
+  if (!loop || !snapshot) return fail("internal error: no event loop or snapshot function");
+
+  auto impl = std::make_unique<Impl>();
+  impl->loop = loop;
+  impl->snapshot = std::move(snapshot);
+  impl->handlers = std::move(handlers);
+  try {
+    impl->refresh();
+  } catch (const std::exception& e) {
+    return fail(std::string("snapshot failed: ") + e.what());
+  }
+  impl->emitted = impl->current;
+
+  const bool system = kind == config::BusKind::System;
+  int r = system ? sd_bus_open_system(&impl->bus) : sd_bus_open_user(&impl->bus);
+  if (r < 0) {
+    impl->bus = nullptr;
+    return fail(std::string("cannot connect to the ") + (system ? "system" : "session") +
+                " bus: " + errno_text(r));
+  }
+  sd_bus_set_description(impl->bus, "tb-agent-status");
+  // A lost bus must not stop the agent: telemetry matters more than its status display.
+  sd_bus_set_exit_on_disconnect(impl->bus, 0);
+
+  r = sd_bus_add_object_vtable(impl->bus, nullptr, kObjectPath, kInterface, Impl::vtable(),
+                               impl.get());
+  if (r < 0) return fail("cannot register " + std::string(kObjectPath) + ": " + errno_text(r));
+  r = sd_bus_add_filter(impl->bus, nullptr, &Impl::on_message, impl.get());
+  if (r < 0) return fail("cannot add a bus filter: " + errno_text(r));
+  r = sd_event_add_time(loop, &impl->counter_timer, CLOCK_MONOTONIC, UINT64_MAX, 10'000,
+                        &Impl::on_counter_timer, impl.get());
+  if (r < 0) return fail("cannot create the counter timer: " + errno_text(r));
+  sd_event_source_set_enabled(impl->counter_timer, SD_EVENT_OFF);
+  sd_event_source_set_priority(impl->counter_timer, kBusPriority);
+  r = sd_bus_attach_event(impl->bus, loop, kBusPriority);
+  if (r < 0) return fail("cannot attach the bus to the event loop: " + errno_text(r));
+  // Asynchronous: start-up never waits on the broker, and the reply (or refusal by the bus
+  // policy) is logged when it arrives.
+  r = sd_bus_request_name_async(impl->bus, nullptr, kBusName, 0, &Impl::on_name_reply, impl.get());
+  if (r < 0) return fail("cannot request the name " + std::string(kBusName) + ": " + errno_text(r));
+  impl->is_connected = true;
+  return std::unique_ptr<StatusService>(new StatusService(std::move(impl)));
+}
+
+StatusService::StatusService(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+StatusService::~StatusService() = default;
+
+void StatusService::changed() {
+  try {
+    impl_->changed();
+  } catch (const std::exception& e) {
+    spdlog::error("D-Bus: cannot publish the status: {}", e.what());
+  } catch (...) {
+    spdlog::error("D-Bus: cannot publish the status");
+  }
+}
+
+bool StatusService::connected() const { return impl_->is_connected; }
+
+}  // namespace tb::dbus

@@ -1,6 +1,7 @@
 // The io.tbagent.Agent1 status object (interface.md, "D-Bus"). Only dbus/ includes sd-bus.
 // The daemon hands in a function that snapshots its status; changed() compares with the last
 // snapshot and emits PropertiesChanged for what differs (counters at most once per second).
+// systemd/io.tbagent.Agent1.xml is the contract; tests/unit/dbus holds the vtable to it.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,15 @@ namespace tb::dbus {
 inline constexpr const char* kBusName = "io.tbagent.Agent1";
 inline constexpr const char* kObjectPath = "/io/tbagent/Agent1";
 inline constexpr const char* kInterface = "io.tbagent.Agent1";
+inline constexpr const char* kErrorInvalidConfig = "io.tbagent.Agent1.Error.InvalidConfig";
+inline constexpr const char* kErrorFailed = "io.tbagent.Agent1.Error.Failed";
 
+// architecture.md "One loop": signals (-100) > bus > CoAP I/O (0) > delivery > collection, so a
+// status query is answered even while a backlog is being pushed.
+inline constexpr int kBusPriority = -50;
+
+// One element of the `Sources` property, D-Bus signature (ssttts):
+// name, type, interval (µs), readings collected, errors, last error ("" = none).
 struct SourceRow {
   std::string name;
   std::string type;
@@ -26,6 +35,7 @@ struct SourceRow {
   std::uint64_t readings = 0;
   std::uint64_t errors = 0;
   std::string last_error;
+  bool operator==(const SourceRow&) const = default;
 };
 
 struct Status {
@@ -39,22 +49,38 @@ struct Status {
   std::uint64_t last_success_time = 0;  // µs since the epoch; 0 = never
   std::string last_error;
   std::vector<SourceRow> sources;
+  bool operator==(const Status&) const = default;
 };
 
 struct Handlers {
   std::function<void()> flush;
-  // Returns the empty string on success, else every problem (the method call fails with it).
+  // Returns the empty string on success, else every problem (the method call fails with
+  // io.tbagent.Agent1.Error.InvalidConfig and this text).
   std::function<std::string()> reload;
+  // Optional: told once whether the bus name was acquired (error says why not). The object is
+  // served on the connection either way; only the well-known name is missing on failure.
+  std::function<void(bool owned, const std::string& error)> name_result;
 };
 
 class StatusService {
  public:
+  // Connects to `bus` (System: sd_bus_open_system, honouring DBUS_SYSTEM_BUS_ADDRESS; Session:
+  // sd_bus_open_user, honouring DBUS_SESSION_BUS_ADDRESS), attaches it to `loop` at kBusPriority,
+  // registers the object and requests the name asynchronously. BusKind::None is a caller error
+  // (the daemon simply does not create the service): returns nullptr with *error set.
+  // `snapshot` is called on the loop thread, from changed() and from property getters.
+  // On nullptr, *error says why; the daemon then runs without D-Bus.
   static std::unique_ptr<StatusService> create(sd_event* loop, config::BusKind bus,
                                                std::function<Status()> snapshot, Handlers handlers,
                                                std::string* error);
   ~StatusService();
-  // Something may have changed: emit PropertiesChanged for what did.
+  StatusService(const StatusService&) = delete;
+  StatusService& operator=(const StatusService&) = delete;
+
+  // Something may have changed: emit PropertiesChanged for what did. Never throws.
   void changed();
+  // False once the bus connection is lost (the daemon keeps running without D-Bus).
+  bool connected() const;
 
  private:
   struct Impl;

@@ -1,0 +1,638 @@
+// StatusService against a private dbus-daemon: the vtable matches systemd/io.tbagent.Agent1.xml,
+// properties follow snapshots, PropertiesChanged arrives (counters rate-limited), methods reach
+// their handlers, and a lost bus does not stop the loop.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dbus/status_service.hpp"
+
+namespace fs = std::filesystem;
+using tb::dbus::Status;
+using tb::dbus::StatusService;
+
+namespace {
+
+// ---- a tiny reader for introspection XML: enough to compare members and signatures ----
+
+struct Prop {
+  std::string type, access, emits = "true";  // EmitsChangedSignal defaults to true
+  bool operator==(const Prop&) const = default;
+};
+struct Arg {
+  std::string name, type, direction;
+  bool operator==(const Arg&) const = default;
+};
+struct Iface {
+  std::map<std::string, Prop> properties;
+  std::map<std::string, std::vector<Arg>> methods;
+  std::map<std::string, std::vector<Arg>> signals;
+  bool found = false;
+};
+
+std::map<std::string, std::string> attributes(const std::string& tag) {
+  std::map<std::string, std::string> out;
+  static const std::regex re(R"re(([A-Za-z_:][-\w.:]*)\s*=\s*"([^"]*)")re");
+  for (auto it = std::sregex_iterator(tag.begin(), tag.end(), re); it != std::sregex_iterator();
+       ++it)
+    out[(*it)[1]] = (*it)[2];
+  return out;
+}
+
+Iface parse_interface(const std::string& xml, const std::string& name) {
+  Iface out;
+  bool inside = false;
+  std::string member_kind, member;  // the property/method/signal the next children belong to
+  std::size_t pos = 0;
+  while ((pos = xml.find('<', pos)) != std::string::npos) {
+    if (xml.compare(pos, 4, "<!--") == 0) {
+      pos = xml.find("-->", pos);
+      if (pos == std::string::npos) break;
+      continue;
+    }
+    const std::size_t end = xml.find('>', pos);
+    if (end == std::string::npos) break;
+    std::string tag = xml.substr(pos + 1, end - pos - 1);
+    pos = end + 1;
+    if (tag.empty() || tag[0] == '!' || tag[0] == '?') continue;
+    const bool closing = tag[0] == '/';
+    const bool self_closing = tag.back() == '/';
+    std::string tname = tag.substr(closing ? 1 : 0);
+    tname = tname.substr(0, tname.find_first_of(" \t\r\n/"));
+    auto attrs = attributes(tag);
+    if (tname == "interface") {
+      if (closing) {
+        inside = false;
+      } else if (attrs["name"] == name) {
+        inside = !self_closing;
+        out.found = true;
+      }
+      continue;
+    }
+    if (!inside) continue;
+    if (closing) {
+      if (tname == member_kind) member_kind.clear();
+      continue;
+    }
+    if (tname == "property") {
+      out.properties[attrs["name"]] = Prop{attrs["type"], attrs["access"]};
+      member_kind = self_closing ? "" : "property";
+      member = attrs["name"];
+    } else if (tname == "method" || tname == "signal") {
+      (tname == "method" ? out.methods : out.signals)[attrs["name"]];
+      member_kind = self_closing ? "" : tname;
+      member = attrs["name"];
+    } else if (tname == "arg" && !member_kind.empty()) {
+      // Method args default to "in", signal args are always "out" (D-Bus spec).
+      std::string dir = attrs["direction"];
+      if (dir.empty()) dir = member_kind == "method" ? "in" : "out";
+      auto& args = (member_kind == "method" ? out.methods : out.signals)[member];
+      args.push_back({attrs["name"], attrs["type"], dir});
+    } else if (tname == "annotation" && member_kind == "property" &&
+               attrs["name"] == "org.freedesktop.DBus.Property.EmitsChangedSignal") {
+      out.properties[member].emits = attrs["value"];
+    }
+  }
+  return out;
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// ---- a private dbus-daemon on a socket in a temp dir ----
+
+class PrivateBus {
+ public:
+  PrivateBus() {
+    dir_ = fs::temp_directory_path() /
+           ("tb-dbus-test-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
+    fs::create_directories(dir_);
+    socket_ = (dir_ / "bus").string();
+    const fs::path conf = dir_ / "bus.conf";
+    std::ofstream(conf) << "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus "
+                           "Configuration 1.0//EN\"\n"
+                           " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
+                           "<busconfig><type>session</type>"
+                           "<listen>unix:path="
+                        << socket_
+                        << "</listen><auth>EXTERNAL</auth>"
+                           "<policy context=\"default\"><allow send_destination=\"*\"/>"
+                           "<allow own=\"*\"/><allow receive_sender=\"*\"/></policy>"
+                           "</busconfig>\n";
+    start(conf);
+  }
+  ~PrivateBus() {
+    stop();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  const std::string& address() const { return address_; }
+  void stop() {
+    if (pid_ > 0) {
+      kill(pid_, SIGTERM);
+      waitpid(pid_, nullptr, 0);
+      pid_ = -1;
+    }
+  }
+
+ private:
+  void start(const fs::path& conf) {
+    int fds[2];
+    if (pipe(fds) != 0) return;
+    pid_ = fork();
+    if (pid_ == 0) {
+      close(fds[0]);
+      const std::string cfg = "--config-file=" + conf.string();
+      const std::string print = "--print-address=" + std::to_string(fds[1]);
+      execlp("dbus-daemon", "dbus-daemon", cfg.c_str(), "--nofork", "--nopidfile", print.c_str(),
+             static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(fds[1]);
+    char buf[512];
+    std::string line;
+    ssize_t n;
+    while (line.find('\n') == std::string::npos && (n = read(fds[0], buf, sizeof buf)) > 0)
+      line.append(buf, static_cast<std::size_t>(n));
+    close(fds[0]);
+    address_ = line.substr(0, line.find('\n'));
+  }
+
+  static inline int counter_ = 0;
+  fs::path dir_;
+  std::string socket_;
+  std::string address_;
+  pid_t pid_ = -1;
+};
+
+// ---- the test fixture: one loop, the service and a client connection on it ----
+
+class StatusServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(daemon_.address().empty()) << "dbus-daemon did not start";
+    setenv("DBUS_SESSION_BUS_ADDRESS", daemon_.address().c_str(), 1);
+    ASSERT_GE(sd_event_new(&loop_), 0);
+    ASSERT_GE(sd_bus_new(&client_), 0);
+    ASSERT_GE(sd_bus_set_address(client_, daemon_.address().c_str()), 0);
+    ASSERT_GE(sd_bus_set_bus_client(client_, 1), 0);
+    ASSERT_GE(sd_bus_start(client_), 0);
+    ASSERT_GE(sd_bus_attach_event(client_, loop_, 0), 0);
+  }
+  void TearDown() override {
+    service_.reset();
+    sd_bus_flush_close_unref(client_);
+    sd_event_unref(loop_);
+  }
+
+  void start_service() {
+    tb::dbus::Handlers h;
+    h.flush = [this] { ++flushes_; };
+    h.reload = [this] {
+      ++reloads_;
+      return reload_result_;
+    };
+    h.name_result = [this](bool owned, const std::string& err) {
+      owned_ = owned;
+      name_error_ = err;
+      name_answered_ = true;
+    };
+    std::string err;
+    service_ = StatusService::create(
+        loop_, tb::config::BusKind::Session, [this] { return status_; }, std::move(h), &err);
+    ASSERT_TRUE(service_) << err;
+    ASSERT_TRUE(spin_until([this] { return name_answered_; }));
+    ASSERT_TRUE(owned_) << name_error_;
+  }
+
+  bool spin_until(const std::function<bool()>& done,
+                  std::chrono::milliseconds timeout = std::chrono::milliseconds(5000)) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      if (sd_event_run(loop_, 20'000) < 0) return false;
+    }
+    return true;
+  }
+  void spin_for(std::chrono::milliseconds d) {
+    spin_until([] { return false; }, d);
+  }
+
+  // A method call to the service, answered while the loop turns. Returns the reply (owned).
+  sd_bus_message* call(const char* iface, const char* member, const char* sig = nullptr,
+                       const char* arg1 = nullptr, const char* arg2 = nullptr) {
+    sd_bus_message* m = nullptr;
+    sd_bus_message_new_method_call(client_, &m, tb::dbus::kBusName, tb::dbus::kObjectPath, iface,
+                                   member);
+    if (sig && arg2)
+      sd_bus_message_append(m, sig, arg1, arg2);
+    else if (sig)
+      sd_bus_message_append(m, sig, arg1);
+    sd_bus_message* reply = nullptr;
+    auto cb = [](sd_bus_message* r, void* ud, sd_bus_error*) -> int {
+      *static_cast<sd_bus_message**>(ud) = sd_bus_message_ref(r);
+      return 0;
+    };
+    sd_bus_call_async(client_, nullptr, m, cb, &reply, 0);
+    sd_bus_message_unref(m);
+    spin_until([&] { return reply != nullptr; });
+    return reply;
+  }
+
+  sd_bus_message* get(const char* property) {
+    sd_bus_message* r =
+        call("org.freedesktop.DBus.Properties", "Get", "ss", tb::dbus::kInterface, property);
+    EXPECT_TRUE(r);
+    if (r) {
+      EXPECT_FALSE(sd_bus_message_is_method_error(r, nullptr)) << property;
+    }
+    if (r) sd_bus_message_enter_container(r, 'v', nullptr);
+    return r;
+  }
+  std::string get_s(const char* property) {
+    sd_bus_message* r = get(property);
+    const char* s = nullptr;
+    if (r) sd_bus_message_read(r, "s", &s);
+    std::string out = s ? s : "<none>";
+    sd_bus_message_unref(r);
+    return out;
+  }
+  std::uint64_t get_t(const char* property) {
+    sd_bus_message* r = get(property);
+    std::uint64_t t = ~0ull;
+    if (r) sd_bus_message_read(r, "t", &t);
+    sd_bus_message_unref(r);
+    return t;
+  }
+
+  struct Change {
+    std::chrono::steady_clock::time_point at;
+    std::map<std::string, std::string> values;  // property → value as text
+  };
+  void watch_changes() {
+    auto cb = [](sd_bus_message* m, void* ud, sd_bus_error*) -> int {
+      auto* self = static_cast<StatusServiceTest*>(ud);
+      const char* iface = nullptr;
+      if (sd_bus_message_read(m, "s", &iface) < 0 || std::string(iface) != tb::dbus::kInterface)
+        return 0;
+      Change c{std::chrono::steady_clock::now(), {}};
+      sd_bus_message_enter_container(m, 'a', "{sv}");
+      while (sd_bus_message_enter_container(m, 'e', "sv") > 0) {
+        const char* name = nullptr;
+        sd_bus_message_read(m, "s", &name);
+        const char* contents = nullptr;
+        sd_bus_message_peek_type(m, nullptr, &contents);
+        sd_bus_message_enter_container(m, 'v', contents);
+        std::string v;
+        if (std::string(contents) == "s") {
+          const char* s = nullptr;
+          sd_bus_message_read(m, "s", &s);
+          v = s;
+        } else if (std::string(contents) == "t") {
+          std::uint64_t t = 0;
+          sd_bus_message_read(m, "t", &t);
+          v = std::to_string(t);
+        } else if (std::string(contents) == "b") {
+          int b = 0;
+          sd_bus_message_read(m, "b", &b);
+          v = b ? "true" : "false";
+        } else {
+          v = contents;
+          sd_bus_message_skip(m, contents);
+        }
+        sd_bus_message_exit_container(m);
+        sd_bus_message_exit_container(m);
+        c.values[name] = v;
+      }
+      self->changes_.push_back(std::move(c));
+      return 0;
+    };
+    ASSERT_GE(sd_bus_match_signal(client_, nullptr, nullptr, tb::dbus::kObjectPath,
+                                  "org.freedesktop.DBus.Properties", "PropertiesChanged", cb, this),
+              0);
+  }
+
+  PrivateBus daemon_;
+  sd_event* loop_ = nullptr;
+  sd_bus* client_ = nullptr;
+  Status status_ = [] {
+    Status s;
+    s.state = "running";
+    s.device_name = "pump-7";
+    s.provisioned = true;
+    s.server = "tb.example.com:5683";
+    s.queued_readings = 12;
+    s.sent_readings = 34;
+    s.dropped_readings = 5;
+    s.last_success_time = 1'700'000'000'000'000;
+    s.last_error = "";
+    s.sources = {{"room", "file", 30'000'000, 7, 1, "ENOENT"},
+                 {"sensors", "exec", 60'000'000, 2, 0, ""}};
+    return s;
+  }();
+  std::unique_ptr<StatusService> service_;
+  int flushes_ = 0, reloads_ = 0;
+  std::string reload_result_;
+  bool name_answered_ = false, owned_ = false;
+  std::string name_error_;
+  std::vector<Change> changes_;
+};
+
+TEST_F(StatusServiceTest, IntrospectionMatchesTheXmlContract) {
+  start_service();
+  sd_bus_message* r = call("org.freedesktop.DBus.Introspectable", "Introspect");
+  ASSERT_TRUE(r);
+  ASSERT_FALSE(sd_bus_message_is_method_error(r, nullptr));
+  const char* xml = nullptr;
+  ASSERT_GE(sd_bus_message_read(r, "s", &xml), 0);
+  const Iface live = parse_interface(xml, tb::dbus::kInterface);
+  sd_bus_message_unref(r);
+
+  const fs::path contract = fs::path(TB_SOURCE_DIR) / "systemd/io.tbagent.Agent1.xml";
+  const Iface want = parse_interface(read_file(contract), tb::dbus::kInterface);
+  ASSERT_TRUE(want.found) << contract;
+  ASSERT_TRUE(live.found);
+  EXPECT_FALSE(want.properties.empty());
+
+  for (const auto& [name, p] : want.properties) {
+    auto it = live.properties.find(name);
+    ASSERT_NE(it, live.properties.end()) << "missing property " << name;
+    EXPECT_EQ(it->second.type, p.type) << name;
+    EXPECT_EQ(it->second.access, p.access) << name;
+    EXPECT_EQ(it->second.emits, p.emits) << name;
+  }
+  for (const auto& [name, p] : live.properties)
+    EXPECT_TRUE(want.properties.count(name)) << "property not in the XML: " << name;
+  EXPECT_EQ(live.methods, want.methods);
+  EXPECT_EQ(live.signals, want.signals);
+  // The interface.md names, independently of both files.
+  for (const char* p : {"State", "DeviceName", "Provisioned", "Server", "QueuedReadings",
+                        "SentReadings", "DroppedReadings", "LastSuccessTime", "LastError"})
+    EXPECT_TRUE(want.properties.count(p)) << p;
+  EXPECT_TRUE(want.methods.count("Flush"));
+  EXPECT_TRUE(want.methods.count("Reload"));
+}
+
+TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
+  start_service();
+  EXPECT_EQ(get_s("State"), "running");
+  EXPECT_EQ(get_s("DeviceName"), "pump-7");
+  EXPECT_EQ(get_s("Server"), "tb.example.com:5683");
+  EXPECT_EQ(get_s("LastError"), "");
+  EXPECT_EQ(get_t("QueuedReadings"), 12u);
+  EXPECT_EQ(get_t("SentReadings"), 34u);
+  EXPECT_EQ(get_t("DroppedReadings"), 5u);
+  EXPECT_EQ(get_t("LastSuccessTime"), 1'700'000'000'000'000u);
+  {
+    sd_bus_message* r = get("Provisioned");
+    int b = 0;
+    ASSERT_GE(sd_bus_message_read(r, "b", &b), 0);
+    EXPECT_TRUE(b);
+    sd_bus_message_unref(r);
+  }
+  {
+    sd_bus_message* r = get("Sources");
+    ASSERT_GE(sd_bus_message_enter_container(r, 'a', "(ssttts)"), 0);
+    std::vector<tb::dbus::SourceRow> rows;
+    const char *n, *t, *e;
+    std::uint64_t iv, rd, er;
+    while (sd_bus_message_read(r, "(ssttts)", &n, &t, &iv, &rd, &er, &e) > 0)
+      rows.push_back({n, t, iv, rd, er, e});
+    EXPECT_EQ(rows, status_.sources);
+    sd_bus_message_unref(r);
+  }
+
+  // Getters serve the current state even before changed() is called.
+  status_.state = "retrying";
+  status_.last_error = "server answered 5.00";
+  status_.queued_readings = 99;
+  EXPECT_EQ(get_s("State"), "retrying");
+  EXPECT_EQ(get_s("LastError"), "server answered 5.00");
+  EXPECT_EQ(get_t("QueuedReadings"), 99u);
+
+  // GetAll returns every property.
+  sd_bus_message* r = call("org.freedesktop.DBus.Properties", "GetAll", "s", tb::dbus::kInterface);
+  ASSERT_TRUE(r);
+  ASSERT_FALSE(sd_bus_message_is_method_error(r, nullptr));
+  ASSERT_GE(sd_bus_message_enter_container(r, 'a', "{sv}"), 0);
+  int count = 0;
+  while (sd_bus_message_enter_container(r, 'e', "sv") > 0) {
+    ++count;
+    sd_bus_message_skip(r, "sv");
+    sd_bus_message_exit_container(r);
+  }
+  EXPECT_EQ(count, 10);
+  sd_bus_message_unref(r);
+}
+
+TEST_F(StatusServiceTest, PropertiesChangedArrivesForState) {
+  start_service();
+  watch_changes();
+  service_->changed();  // nothing changed: nothing is sent
+  status_.state = "unauthorized";
+  status_.last_error = "server answered 4.01";
+  service_->changed();
+  ASSERT_TRUE(spin_until([this] { return !changes_.empty(); }));
+  spin_for(std::chrono::milliseconds(200));
+  ASSERT_EQ(changes_.size(), 1u);
+  EXPECT_EQ(changes_[0].values.at("State"), "unauthorized");
+  EXPECT_EQ(changes_[0].values.at("LastError"), "server answered 4.01");
+  EXPECT_EQ(changes_[0].values.size(), 2u);
+
+  status_.provisioned = false;
+  status_.device_name = "pump-8";
+  service_->changed();
+  ASSERT_TRUE(spin_until([this] { return changes_.size() == 2; }));
+  EXPECT_EQ(changes_[1].values.at("Provisioned"), "false");
+  EXPECT_EQ(changes_[1].values.at("DeviceName"), "pump-8");
+}
+
+TEST_F(StatusServiceTest, CountersAreRateLimitedButTheLatestValueArrives) {
+  start_service();
+  watch_changes();
+  status_.sent_readings = 100;
+  service_->changed();
+  ASSERT_TRUE(spin_until([this] { return !changes_.empty(); }));
+  EXPECT_EQ(changes_[0].values.at("SentReadings"), "100");
+  const auto first = changes_[0].at;
+
+  // Two more changes within 100 ms: no signal now, the latest one when the second is up.
+  status_.sent_readings = 101;
+  service_->changed();
+  spin_for(std::chrono::milliseconds(50));
+  status_.sent_readings = 102;
+  status_.queued_readings = 3;
+  service_->changed();
+  spin_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(changes_.size(), 1u);
+  ASSERT_TRUE(spin_until([this] { return changes_.size() >= 2; }, std::chrono::milliseconds(2000)));
+  spin_for(std::chrono::milliseconds(200));
+  ASSERT_EQ(changes_.size(), 2u);
+  EXPECT_EQ(changes_[1].values.at("SentReadings"), "102");
+  EXPECT_EQ(changes_[1].values.at("QueuedReadings"), "3");
+  const auto gap = changes_[1].at - first;
+  EXPECT_GE(gap, std::chrono::milliseconds(900));
+  EXPECT_LE(gap, std::chrono::milliseconds(1600));
+
+  // A state change is never held back by the counter limit.
+  status_.state = "stopping";
+  status_.sent_readings = 103;
+  service_->changed();
+  ASSERT_TRUE(spin_until([this] { return changes_.size() >= 3; }, std::chrono::milliseconds(300)));
+  EXPECT_EQ(changes_[2].values.at("State"), "stopping");
+  EXPECT_EQ(changes_[2].values.count("SentReadings"), 0u);
+  ASSERT_TRUE(spin_until([this] { return changes_.size() >= 4; }, std::chrono::milliseconds(2000)));
+  EXPECT_EQ(changes_[3].values.at("SentReadings"), "103");
+}
+
+TEST_F(StatusServiceTest, FlushAndReloadReachTheirHandlers) {
+  start_service();
+  sd_bus_message* r = call(tb::dbus::kInterface, "Flush");
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(sd_bus_message_is_method_error(r, nullptr));
+  sd_bus_message_unref(r);
+  EXPECT_EQ(flushes_, 1);
+
+  r = call(tb::dbus::kInterface, "Reload");
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(sd_bus_message_is_method_error(r, nullptr));
+  sd_bus_message_unref(r);
+  EXPECT_EQ(reloads_, 1);
+
+  reload_result_ = "/etc/tb-agent.yaml:3:9: unknown key 'hots'";
+  r = call(tb::dbus::kInterface, "Reload");
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(sd_bus_message_is_method_error(r, tb::dbus::kErrorInvalidConfig));
+  const sd_bus_error* e = sd_bus_message_get_error(r);
+  ASSERT_TRUE(e);
+  EXPECT_STREQ(e->name, "io.tbagent.Agent1.Error.InvalidConfig");
+  EXPECT_STREQ(e->message, "/etc/tb-agent.yaml:3:9: unknown key 'hots'");
+  sd_bus_message_unref(r);
+  EXPECT_EQ(reloads_, 2);
+}
+
+TEST_F(StatusServiceTest, HandlerExceptionsBecomeErrorReplies) {
+  tb::dbus::Handlers h;
+  h.flush = [] { throw std::runtime_error("boom"); };
+  bool answered = false;
+  h.name_result = [&](bool, const std::string&) { answered = true; };
+  std::string err;
+  service_ = StatusService::create(
+      loop_, tb::config::BusKind::Session, [this] { return status_; }, std::move(h), &err);
+  ASSERT_TRUE(service_) << err;
+  ASSERT_TRUE(spin_until([&] { return answered; }));
+  sd_bus_message* r = call(tb::dbus::kInterface, "Flush");
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(sd_bus_message_is_method_error(r, tb::dbus::kErrorFailed));
+  sd_bus_message_unref(r);
+}
+
+TEST_F(StatusServiceTest, SecondOwnerIsToldTheNameIsTaken) {
+  start_service();
+  bool answered = false, owned = true;
+  tb::dbus::Handlers h;
+  h.name_result = [&](bool o, const std::string&) {
+    answered = true;
+    owned = o;
+  };
+  std::string err;
+  auto second = StatusService::create(
+      loop_, tb::config::BusKind::Session, [this] { return status_; }, std::move(h), &err);
+  ASSERT_TRUE(second) << err;
+  ASSERT_TRUE(spin_until([&] { return answered; }));
+  EXPECT_FALSE(owned);
+}
+
+TEST_F(StatusServiceTest, LosingTheBusKeepsTheLoopRunning) {
+  start_service();
+  EXPECT_TRUE(service_->connected());
+  daemon_.stop();
+  ASSERT_TRUE(spin_until([this] { return !service_->connected(); }));
+  // The loop still turns and changed() is harmless.
+  status_.state = "retrying";
+  status_.sent_readings = 1;
+  service_->changed();
+  service_->changed();
+  int ticks = 0;
+  sd_event_source* t = nullptr;
+  ASSERT_GE(sd_event_add_time_relative(
+                loop_, &t, CLOCK_MONOTONIC, 10'000, 0,
+                [](sd_event_source*, std::uint64_t, void* ud) -> int {
+                  ++*static_cast<int*>(ud);
+                  return 0;
+                },
+                &ticks),
+            0);
+  EXPECT_TRUE(spin_until([&] { return ticks == 1; }));
+  sd_event_source_unref(t);
+}
+
+TEST(StatusServiceCreate, BusKindNoneIsRefused) {
+  sd_event* loop = nullptr;
+  ASSERT_GE(sd_event_new(&loop), 0);
+  std::string err;
+  auto s = StatusService::create(
+      loop, tb::config::BusKind::None, [] { return Status{}; }, {}, &err);
+  EXPECT_FALSE(s);
+  EXPECT_FALSE(err.empty());
+  sd_event_unref(loop);
+}
+
+TEST(StatusServiceCreate, NoBusIsAnErrorNotACrash) {
+  sd_event* loop = nullptr;
+  ASSERT_GE(sd_event_new(&loop), 0);
+  const char* old = getenv("DBUS_SESSION_BUS_ADDRESS");
+  const std::string saved = old ? old : "";
+  setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/tb-agent-test/bus", 1);
+  std::string err;
+  auto s = StatusService::create(
+      loop, tb::config::BusKind::Session, [] { return Status{}; }, {}, &err);
+  // sd-bus connects lazily on some versions; either way it must not throw or exit.
+  if (!s) {
+    EXPECT_FALSE(err.empty());
+  }
+  s.reset();
+  if (old)
+    setenv("DBUS_SESSION_BUS_ADDRESS", saved.c_str(), 1);
+  else
+    unsetenv("DBUS_SESSION_BUS_ADDRESS");
+  sd_event_unref(loop);
+}
+
+TEST(IntrospectionXml, ParserReadsArgsAndAnnotations) {
+  const Iface i = parse_interface(R"(<node><interface name="x.Y">
+      <!-- <property name="Commented" type="s" access="read"/> -->
+      <method name="M"><arg name="a" type="s" direction="in"/><arg type="u" direction="out"/></method>
+      <property name="P" type="t" access="read">
+        <annotation name="org.freedesktop.DBus.Property.EmitsChangedSignal" value="false"/>
+      </property>
+      <signal name="S"><arg name="v" type="b"/></signal>
+    </interface><interface name="other"><method name="N"/></interface></node>)",
+                                  "x.Y");
+  ASSERT_TRUE(i.found);
+  EXPECT_EQ(i.properties.size(), 1u);
+  EXPECT_EQ(i.properties.at("P"), (Prop{"t", "read", "false"}));
+  ASSERT_EQ(i.methods.size(), 1u);
+  EXPECT_EQ(i.methods.at("M"), (std::vector<Arg>{{"a", "s", "in"}, {"", "u", "out"}}));
+  EXPECT_EQ(i.signals.at("S"), (std::vector<Arg>{{"v", "b", "out"}}));
+}
+
+}  // namespace
