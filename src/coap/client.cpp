@@ -169,6 +169,7 @@ struct Client::Impl {
   coap_context_t* ctx = nullptr;
   coap_session_t* session = nullptr;
   bool session_broken = false;
+  bool recycle_when_idle = false;
   sd_event_source* io = nullptr;
   sd_event_source* coap_timer = nullptr;
   sd_event_source* dispatcher = nullptr;
@@ -253,6 +254,15 @@ struct Client::Impl {
         // because the token is forgotten here.
         self->complete(
             id, failure(Failure::Timeout, "no response within " + std::to_string(ms) + " ms"));
+        // libcoap still holds the unanswered CON and, with NSTART 1 (RFC 7252 §4.7), queues
+        // every later request behind it until its own retransmissions run out. Drop the session
+        // to flush it: now if nothing else is in flight (we are outside libcoap here), else as
+        // soon as the last request is done.
+        if (self->pending.empty()) {
+          self->recycle_session();
+        } else {
+          self->recycle_when_idle = true;
+        }
         break;
       }
     } catch (...) {
@@ -302,6 +312,11 @@ struct Client::Impl {
     pending.erase(it);
     if (!p.token.empty()) by_token.erase(p.token);
     sd_event_source_disable_unref(p.timeout);
+    if (recycle_when_idle && pending.empty()) {
+      // Maybe inside a libcoap callback: only mark it, ensure_session() replaces it later.
+      recycle_when_idle = false;
+      session_broken = true;
+    }
     if (outcome.response) {
       spdlog::debug("coap: {} -> {}", p.log_path, code_string(outcome.response->code));
     } else {
@@ -408,6 +423,17 @@ struct Client::Impl {
 
   // -- session --
 
+  // Never from inside a libcoap callback.
+  void recycle_session() {
+    recycle_when_idle = false;
+    session_broken = true;
+    if (!session) return;
+    coap_session_t* old = session;
+    session = nullptr;
+    coap_session_release(old);
+    rearm();
+  }
+
   bool ensure_session(std::string* error) {
     if (session && !session_broken && coap_session_get_state(session) != COAP_SESSION_STATE_NONE) {
       return true;
@@ -415,11 +441,11 @@ struct Client::Impl {
     if (session) {
       // A failed UDP session (ICMP port unreachable, ...) stays failed; start a fresh one. Anything
       // still queued on it is nacked now and fails as Network.
-      spdlog::debug("coap: recreating session to {}", remote_text);
       coap_session_t* old = session;
       session = nullptr;
       coap_session_release(old);
     }
+    spdlog::debug("coap: new session to {}", remote_text);
     session_broken = false;
     session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
     if (!session) {

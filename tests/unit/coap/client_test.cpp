@@ -294,9 +294,14 @@ class Server {
   }
   // What ThingsBoard does for 2.01 today (thingsboard-coap-api.md §8): no ACK at all, the answer
   // as a CON of its own with a fresh MID.
-  static void con_noack(coap_resource_t*, coap_session_t* s, const coap_pdu_t*,
+  static void con_noack(coap_resource_t*, coap_session_t* s, const coap_pdu_t* req,
                         const coap_string_t*, coap_pdu_t* resp) {
-    ++self(s)->handled;
+    auto* me = self(s);
+    ++me->handled;
+    size_t len = 0, off = 0, total = 0;
+    const uint8_t* data = nullptr;
+    if (coap_get_data_large(req, &len, &data, &off, &total))
+      me->last_body.assign(reinterpret_cast<const char*>(data), len);
     coap_pdu_set_type(resp, COAP_MESSAGE_CON);
     coap_pdu_set_mid(resp, coap_new_message_id(s));
     coap_pdu_set_code(resp, COAP_RESPONSE_CODE_CREATED);
@@ -566,6 +571,30 @@ TEST_F(CoapClientTest, NoAnswerTimesOut) {
   EXPECT_EQ(client_->in_flight(), 0u);
 }
 
+// libcoap sends one CON at a time (NSTART 1) and keeps an unanswered one for ~45 s; after our
+// timeout the next request must not wait behind it.
+TEST_F(CoapClientTest, RequestAfterTimeoutIsNotStuckBehindIt) {
+  relay_->drop = true;
+  ClientOptions opts;
+  opts.request_timeout = 300ms;
+  client_ = make_client(opts);
+  int calls = 0;
+  Failure fa = Failure::None, fb = Failure::None;
+  client_->request(Method::Post, {"piggy"}, "a",
+                   [&](const Outcome& o) { ++calls, fa = o.failure; });
+  client_->request(Method::Post, {"piggy"}, "b",
+                   [&](const Outcome& o) { ++calls, fb = o.failure; });
+  ASSERT_TRUE(run_until([&] { return calls == 2; }));
+  EXPECT_EQ(fa, Failure::Timeout);
+  EXPECT_EQ(fb, Failure::Timeout);
+  relay_->drop = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "c");
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 250ms);
+  EXPECT_EQ(server_->handled, 1);
+}
+
 TEST_F(CoapClientTest, RetransmissionsExhaustedIsTimeout) {
   relay_->drop = true;
   ClientOptions opts;
@@ -675,6 +704,30 @@ TEST_F(CoapClientTest, Block1LargePayloadArrivesIntact) {
   EXPECT_EQ(e.response->content_format, 42);
   check_block1(relay_->log, body.size());
   EXPECT_FALSE(relay_->where([](auto& d) { return !d.to_server && d.has(kOptBlock2); }).empty());
+}
+
+// ThingsBoard's case for telemetry over 1024 bytes: 2.31 Continue for every block but the last
+// (piggybacked by Californium), then the final 2.01 as a separate CON without any ACK (§8).
+TEST_F(CoapClientTest, Block1WithFinalConResponseWithoutAck) {
+  ClientOptions opts;
+  opts.ack_timeout = 1s;
+  client_ = make_client(opts);
+  const std::string body(3500, 'k');
+  const Outcome o = call(*client_, Method::Post, {"con_noack"}, body);
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_EQ(o.response->code, 201);
+  EXPECT_EQ(server_->last_body, body);
+  run_for(2000ms);  // past the retransmission window: nothing more is sent
+  check_block1(relay_->log, body.size());
+  const auto final_answer =
+      relay_->where([](auto& d) { return !d.to_server && d.type == kCon && d.code == 201; });
+  ASSERT_EQ(final_answer.size(), 1u);
+  const int smid = final_answer[0].mid;
+  EXPECT_EQ(
+      relay_->where([&](auto& d) { return d.to_server && d.type == kAck && d.mid == smid; }).size(),
+      1u);
+  EXPECT_EQ(server_->handled, 1);
+  EXPECT_EQ(client_->in_flight(), 0u);
 }
 
 TEST_F(CoapClientTest, Block1JustOverOneBlock) {
