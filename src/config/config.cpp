@@ -235,13 +235,15 @@ Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<
   const std::string where = path.empty() ? "" : path + ": ";
   if (map.IsMap()) {
     for (auto it = map.begin(); it != map.end(); ++it) {
-      const YAML::Node& key = it->first;
+      // A copy, not a reference: yaml-cpp's iterator hands out a temporary pair.
+      const YAML::Node key = it->first;
+      const YAML::Node value = it->second;
       if (!key.IsScalar()) {
         ctx.error(key.Mark(), where + "a key must be a plain name, not " + kind(key));
         continue;
       }
       const std::string name = key.Scalar();
-      Item item{key, it->second, prefix + name};
+      Item item{key, value, prefix + name};
       if (auto prev = seen.find(name); prev != seen.end()) {
         ctx.error(key.Mark(), item.path + ": duplicate key (first given at line " +
                                   std::to_string(to_position(prev->second.key.Mark()).line) + ")");
