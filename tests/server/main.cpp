@@ -1002,7 +1002,7 @@ Message Server::BaseResponse(const Request& rq, const Reply& rp) {
   m.payload = rp.payload;
   if (rp.content_format) m.AddUint(kOptContentFormat, *rp.content_format);
   if (rp.observe) m.AddUint(kOptObserve, *rp.observe);
-  if (rp.code == kContinue) {
+  if (rp.code == kContinue && rq.msg.Uint(kOptBlock1)) {
     m.AddUint(kOptBlock1, Block::FromUint(*rq.msg.Uint(kOptBlock1)).Encode() | 0x8u);
   } else if (rq.block1_final) {
     m.AddUint(kOptBlock1, rq.block1_final->Encode());

@@ -17,7 +17,9 @@ std::string CodeString(uint8_t code) {
 std::optional<uint8_t> ParseCode(const std::string& s) {
   unsigned cls = 0, detail = 0;
   char tail = 0;
-  if (std::sscanf(s.c_str(), "%u.%2u%c", &cls, &detail, &tail) != 2 || cls > 7 || detail > 31)
+  // Only response classes 2..5 make sense as an answer to force ("fail N CODE").
+  if (std::sscanf(s.c_str(), "%u.%2u%c", &cls, &detail, &tail) != 2 || cls < 2 || cls > 5 ||
+      detail > 31)
     return std::nullopt;
   return Code(static_cast<int>(cls), static_cast<int>(detail));
 }
