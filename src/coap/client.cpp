@@ -252,17 +252,8 @@ struct Client::Impl {
         const auto ms = std::chrono::duration_cast<Millis>(self->options.request_timeout).count();
         // libcoap may still be retransmitting or sending blocks; a late answer is ignored
         // because the token is forgotten here.
-        self->complete(
+        self->abandon(
             id, failure(Failure::Timeout, "no response within " + std::to_string(ms) + " ms"));
-        // libcoap still holds the unanswered CON and, with NSTART 1 (RFC 7252 §4.7), queues
-        // every later request behind it until its own retransmissions run out. Drop the session
-        // to flush it: now if nothing else is in flight (we are outside libcoap here), else as
-        // soon as the last request is done.
-        if (self->pending.empty()) {
-          self->recycle_session();
-        } else {
-          self->recycle_when_idle = true;
-        }
         break;
       }
     } catch (...) {
@@ -325,6 +316,20 @@ struct Client::Impl {
     if (destroying) return;
     ready.push_back(Ready{std::move(p.callback), std::move(outcome)});
     sd_event_source_set_enabled(dispatcher, SD_EVENT_ONESHOT);
+  }
+
+  // For a request we give up on while libcoap may still hold it (timeout, cancel). libcoap keeps
+  // the unanswered CON and, with NSTART 1 (RFC 7252 §4.7), queues every later request behind it
+  // until its own retransmissions run out. Dropping the session flushes it: now if nothing else
+  // is in flight, else as soon as the last request is done. Never from inside a libcoap callback.
+  void abandon(RequestId id, Outcome outcome) {
+    if (!pending.count(id)) return;
+    complete(id, std::move(outcome));
+    if (pending.empty()) {
+      recycle_session();
+    } else {
+      recycle_when_idle = true;
+    }
   }
 
   static Outcome failure(Failure f, std::string error) {
@@ -658,7 +663,8 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
 }
 
 void Client::cancel(RequestId id) {
-  impl_->complete(id, Impl::failure(Failure::Canceled, "canceled"));
+  // User code never runs inside libcoap callbacks, so releasing the session here is safe.
+  impl_->abandon(id, Impl::failure(Failure::Canceled, "canceled"));
 }
 
 void Client::cancel_all() {

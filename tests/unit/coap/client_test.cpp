@@ -804,6 +804,23 @@ TEST_F(CoapClientTest, CancelDeliversCanceledFromTheLoop) {
   EXPECT_EQ(fb, Failure::Canceled);
 }
 
+TEST_F(CoapClientTest, RequestAfterCancelIsNotStuckBehindIt) {
+  relay_->drop = true;
+  client_ = make_client();
+  int calls = 0;
+  client_->request(Method::Post, {"piggy"}, "a", [&](const Outcome&) { ++calls; });
+  client_->request(Method::Post, {"echo"}, std::string(3000, 'b'),
+                   [&](const Outcome&) { ++calls; });
+  run_for(50ms);
+  client_->cancel_all();
+  ASSERT_TRUE(run_until([&] { return calls == 2; }));
+  relay_->drop = false;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "c");
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 250ms);
+}
+
 TEST_F(CoapClientTest, DestroyWithRequestsInFlightCallsNothing) {
   relay_->drop = true;
   client_ = make_client();
