@@ -708,7 +708,7 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
     rp.code = kUnauthorized;
     Count("unauthorized");
     Log(std::string("rejected ") + (get ? "GET " : "POST ") + rec["path"].get<std::string>() +
-        ": unknown token (4.01)");
+        ": missing, unknown or revoked token (4.01)");
     return rp;
   }
   const std::string name = *dev;
