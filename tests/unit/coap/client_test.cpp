@@ -147,7 +147,8 @@ class Relay {
   uint16_t port() const { return local_port(front_); }
 
   std::vector<Datagram> log;
-  bool drop = false;  // swallow everything: the server never answers
+  bool drop = false;   // swallow everything: the server never answers
+  bool reset = false;  // answer every CON with RST (RFC 7252 §4.2), like a peer that rejects it
 
   std::vector<Datagram> where(const std::function<bool(const Datagram&)>& pred) const {
     std::vector<Datagram> out;
@@ -167,6 +168,11 @@ class Relay {
     self->client_ = from;
     self->have_client_ = true;
     self->log.push_back(parse(buf, static_cast<std::size_t>(n), true));
+    if (self->reset && n >= 4 && ((buf[0] >> 4) & 3) == kCon) {
+      const unsigned char rst[4] = {0x70, 0x00, buf[2], buf[3]};  // ver 1, RST, 0.00, same MID
+      sendto(fd, rst, sizeof rst, 0, reinterpret_cast<sockaddr*>(&from), len);
+      return 0;
+    }
     if (!self->drop) send(self->back_, buf, static_cast<std::size_t>(n), 0);
     return 0;
   }
@@ -610,6 +616,16 @@ TEST_F(CoapClientTest, RetransmissionsExhaustedIsTimeout) {
   EXPECT_EQ(req[0].mid, req[1].mid);
 }
 
+TEST_F(CoapClientTest, ResetIsNetworkFailure) {
+  relay_->reset = true;
+  client_ = make_client();
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "x");
+  EXPECT_FALSE(o.answered());
+  EXPECT_EQ(o.failure, Failure::Network) << o.error;
+  relay_->reset = false;
+  EXPECT_TRUE(call(*client_, Method::Post, {"piggy"}, "y").answered());
+}
+
 TEST_F(CoapClientTest, LateResponseAfterTimeoutIsIgnored) {
   ClientOptions opts;
   opts.request_timeout = 30ms;  // "separate" answers after 100 ms
@@ -819,6 +835,18 @@ TEST_F(CoapClientTest, RequestAfterCancelIsNotStuckBehindIt) {
   const Outcome o = call(*client_, Method::Post, {"piggy"}, "c");
   ASSERT_TRUE(o.answered()) << o.error;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 250ms);
+}
+
+// No busy polling: once the exchange is over, the loop sleeps.
+TEST_F(CoapClientTest, IdleLoopDoesNotSpin) {
+  client_ = make_client();
+  ASSERT_TRUE(call(*client_, Method::Post, {"piggy"}, "x").answered());
+  int wakeups = 0;
+  const auto end = std::chrono::steady_clock::now() + 1s;
+  while (std::chrono::steady_clock::now() < end) {
+    if (sd_event_run(loop_, 100'000) > 0) ++wakeups;
+  }
+  EXPECT_LT(wakeups, 10);
 }
 
 TEST_F(CoapClientTest, DestroyWithRequestsInFlightCallsNothing) {
