@@ -1,0 +1,70 @@
+// type: exec — runs a program (argv, no shell) and reads one JSON object of key → value from its
+// stdout. Everything is asynchronous on the loop: posix_spawn, pipes as io sources, the child
+// through sd_event_add_child, the timeout as a timer. The process must have SIGCHLD blocked
+// (the daemon blocks it before it creates the loop); otherwise collections fail with a message
+// saying so.
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "sources/source.hpp"
+
+namespace tb::sources {
+
+class ExecSource final : public Source {
+ public:
+  static constexpr std::size_t kMaxOutput = 64 * 1024;  // stdout cap; more kills the program
+  static constexpr std::size_t kMaxStderr = 1024;       // kept for error messages and debug logs
+  // After the timeout the program gets SIGTERM, then this long to exit before SIGKILL.
+  static constexpr Millis kKillGrace{1000};
+
+  static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
+  // Kills a running program (its whole process group); see cancel().
+  ~ExecSource() override;
+
+  // The running program's pid, 0 when none runs (tests, diagnostics).
+  pid_t child_pid() const;
+
+ protected:
+  void begin() override;
+  // SIGKILL to the program's process group, pipes closed at once. The program is reaped by the
+  // loop when it has died (a child stuck in the kernel must not block the loop); if the loop is
+  // freed first, sd-event kills and reaps it then.
+  void cancel() override;
+
+ private:
+  struct Run;
+  ExecSource(sd_event* loop, config::SourceConfig config);
+  std::string spawn();
+  static int on_child(sd_event_source* s, const siginfo_t* si, void* userdata);
+  static int on_stdout(sd_event_source* s, int fd, std::uint32_t revents, void* userdata);
+  static int on_stderr(sd_event_source* s, int fd, std::uint32_t revents, void* userdata);
+  static int on_timer(sd_event_source* s, std::uint64_t usec, void* userdata);
+  void child_exited(const siginfo_t& si);
+  void read_stdout();
+  void read_stderr();
+  void timer_fired();
+  void fail(std::string error, int signal);
+  void signal_group(int sig);
+  void close_stdout();
+  void close_stderr();
+  void finish_if_done();
+  void end(Collected c);
+  Collected verdict();
+  void release_child();
+
+  std::vector<std::string> env_;
+  std::unique_ptr<Run> run_;
+};
+
+// The program's output → a record: one JSON object of key → number/bool/string; null values are
+// skipped; anything else (nested values, empty keys, not an object) rejects the whole output.
+// Returns false and sets *error on rejection.
+bool parse_output(std::string_view output, telemetry::Record* record, std::string* error);
+
+}  // namespace tb::sources
