@@ -6,6 +6,7 @@ request, and a raw-socket CoAP encoder (below) where framing on the wire must be
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -252,7 +253,7 @@ def test_errors_have_empty_payload_and_are_piggybacked(raw):
 
 def test_coap_client_sees_codes(server):
     ok = coap_client(server.port, "post", telemetry_path("tok1"), '{"temp":21.5}')
-    assert ok.returncode == 0 and "4." not in ok.stderr and "5." not in ok.stderr
+    assert ok.returncode == 0 and not re.search(r"\b[45]\.\d\d\b", ok.stdout + ok.stderr)
     bad = coap_client(server.port, "post", telemetry_path("nope"), '{"temp":21.5}')
     assert "4.01" in bad.stdout + bad.stderr
     get = coap_client(server.port, "get", telemetry_path("tok1"))
