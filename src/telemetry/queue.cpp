@@ -1,0 +1,617 @@
+// The durable queue on SQLite. Design, guarantees and limits for users: docs/queue.md.
+#include "telemetry/queue.hpp"
+
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <limits>
+#include <unordered_set>
+
+#include "util/fs.hpp"
+
+namespace tb::telemetry {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Bump when the table layout changes; a file with another version is moved aside, not migrated
+// (a queue is transient data: draining it with an old agent is the upgrade path).
+constexpr int kSchemaVersion = 1;
+
+// auto_vacuum must be chosen before the first table exists; INCREMENTAL lets enforce_limits give
+// freed pages back to the file system so queue.max_size measures something real.
+constexpr const char* kCreateSchema = R"sql(
+CREATE TABLE records(
+  id INTEGER PRIMARY KEY,
+  ts INTEGER NOT NULL,
+  values_json TEXT NOT NULL,
+  readings INTEGER NOT NULL,
+  bytes INTEGER NOT NULL
+);
+CREATE INDEX records_ts ON records(ts);
+PRAGMA user_version = 1;
+)sql";
+
+enum class Connect { Ok, Corrupt, Failed };
+
+bool is_corruption(int rc) {
+  const int p = rc & 0xff;
+  return p == SQLITE_CORRUPT || p == SQLITE_NOTADB;
+}
+
+// Errors after which the connection may be unusable until reopened: the file system went
+// read-only, the file vanished or the disk failed. SQLITE_FULL is not one: the same connection
+// works again once there is space.
+bool needs_reconnect(int rc) {
+  const int p = rc & 0xff;
+  return p == SQLITE_READONLY || p == SQLITE_CANTOPEN || p == SQLITE_IOERR || is_corruption(rc);
+}
+
+class SqliteQueue final : public Queue {
+ public:
+  SqliteQueue(fs::path dir, const config::QueueConfig& limits, const QueueOptions& options)
+      : dir_(std::move(dir)), path_(dir_ / "queue.db"), limits_(limits), options_(options) {}
+  ~SqliteQueue() override { disconnect(); }
+  SqliteQueue(const SqliteQueue&) = delete;
+  SqliteQueue& operator=(const SqliteQueue&) = delete;
+
+  // Opens the database; a corrupt or incompatible file is moved aside and a fresh one created.
+  // Returns false (with *error) when the file cannot be used at all right now.
+  bool connect(bool check, std::string* warning, std::string* error) {
+    std::string reason;
+    Connect c = try_connect(check, &reason, error);
+    if (c == Connect::Corrupt) {
+      disconnect();
+      if (!move_aside(reason, warning, error)) return false;
+      c = try_connect(false, &reason, error);
+      if (c == Connect::Corrupt && error) *error = "fresh queue " + path_.string() + ": " + reason;
+    }
+    if (c != Connect::Ok) {
+      disconnect();
+      return false;
+    }
+    broken_ = false;
+    return true;
+  }
+
+  bool push(const Record& record, std::string* error) override {
+    std::size_t n = 0;
+    const std::string values = encode_values(record.readings, &n);
+    // Nothing ThingsBoard could store (no readings, or only NaN/Inf): nothing to keep.
+    if (n == 0) return true;
+    if (!ready(error)) return false;
+    if (!set_sync(options_.sync == Sync::Full, error)) return false;
+    const auto bytes = static_cast<std::int64_t>(record_size(record.ts_ms, values.size()));
+    sqlite3_stmt* s = insert_;
+    sqlite3_bind_int64(s, 1, record.ts_ms);
+    sqlite3_bind_text(s, 2, values.data(), static_cast<int>(values.size()), SQLITE_STATIC);
+    sqlite3_bind_int64(s, 3, static_cast<std::int64_t>(n));
+    sqlite3_bind_int64(s, 4, bytes);
+    const int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    if (rc != SQLITE_DONE) return fail(rc, "cannot store readings in", error);
+    queued_records_ += 1;
+    queued_readings_ += n;
+    stored_bytes_ += static_cast<std::uint64_t>(bytes);
+    // Never grow past queue.max_size between two enforce_limits() calls of the daemon.
+    if (page_bytes() > db_budget()) dropped_ += enforce_size();
+    return true;
+  }
+
+  Batch next_batch(std::uint64_t max_bytes) override {
+    Batch b;
+    if (!ready(nullptr)) return b;
+    sqlite3_stmt* s = limits_.order == config::DrainOrder::NewestFirst ? newest_ : oldest_;
+    b.payload = "[";
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+      const std::int64_t id = sqlite3_column_int64(s, 0);
+      if (in_flight_.count(id)) continue;
+      const std::int64_t ts = sqlite3_column_int64(s, 1);
+      const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(s, 2));
+      const auto len = static_cast<std::size_t>(sqlite3_column_bytes(s, 2));
+      const std::size_t add = record_size(ts, len) + (b.ids.empty() ? 0 : 1);
+      // +1 for the closing bracket. The first record goes in whatever its size: a record that
+      // never fits must still leave (as Block1, or dropped on 4.00), not block the queue.
+      if (!b.ids.empty() && b.payload.size() + add + 1 > max_bytes) break;
+      if (!b.ids.empty()) b.payload += ',';
+      append_record(b.payload, ts, std::string_view(text ? text : "", len));
+      b.ids.push_back(id);
+      b.readings += static_cast<std::uint64_t>(sqlite3_column_int64(s, 3));
+    }
+    sqlite3_reset(s);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+      std::string ignored;
+      fail(rc, "cannot read", &ignored);
+    }
+    if (b.ids.empty()) return Batch{};
+    b.payload += ']';
+    in_flight_.insert(b.ids.begin(), b.ids.end());
+    return b;
+  }
+
+  bool ack(const Batch& batch, std::string* error) override { return remove(batch, false, error); }
+
+  void release(const Batch& batch) override {
+    for (const auto id : batch.ids) in_flight_.erase(id);
+  }
+
+  bool drop(const Batch& batch, std::string* error) override { return remove(batch, true, error); }
+
+  std::uint64_t enforce_limits(std::int64_t now_ms) override {
+    if (!ready(nullptr)) return 0;
+    std::uint64_t n = 0;
+    const std::int64_t age = limits_.max_age.count();
+    if (age > 0 && now_ms > std::numeric_limits<std::int64_t>::min() + age) {
+      sqlite3_bind_int64(delete_older_, 1, now_ms - age);
+      n += delete_returning(delete_older_);
+    }
+    n += enforce_size();
+    dropped_ += n;
+    return n;
+  }
+
+  void set_limits(const config::QueueConfig& limits) override {
+    limits_ = limits;
+    if (db_) apply_wal_limit();
+  }
+
+  std::uint64_t queued_readings() const override { return queued_readings_; }
+  std::uint64_t queued_records() const override { return queued_records_; }
+  std::uint64_t dropped_readings() const override { return dropped_; }
+  std::uint64_t size_on_disk() override { return db_ ? page_bytes() + wal_allowance() : 0; }
+  fs::path path() const override { return path_; }
+
+ private:
+  // --- connection -------------------------------------------------------------------------
+
+  Connect try_connect(bool check, std::string* reason, std::string* error) {
+    int rc =
+        sqlite3_open_v2(path_.c_str(), &db_,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+    if (rc != SQLITE_OK) return failed(rc, "cannot open", error);
+    sqlite3_extended_result_codes(db_, 1);
+    // Only one agent should use a state dir, but a `sqlite3` shell peeking at it must not make
+    // a push fail at once.
+    sqlite3_busy_timeout(db_, 2000);
+
+    // The first read of the file: "file is not a database" shows up here.
+    std::int64_t version = 0;
+    rc = query_int("PRAGMA user_version", &version);
+    if (is_corruption(rc))
+      return corrupt(reason, std::string("is not readable (") + errmsg() + ")");
+    if (rc != SQLITE_OK) return failed(rc, "cannot read", error);
+    if (version == 0) {
+      std::int64_t tables = 0;
+      rc = query_int("SELECT count(*) FROM sqlite_master", &tables);
+      if (is_corruption(rc))
+        return corrupt(reason, std::string("is not readable (") + errmsg() + ")");
+      if (rc != SQLITE_OK) return failed(rc, "cannot read", error);
+      if (tables > 0)
+        return corrupt(reason, "is not a tb-agent queue (it has tables but no version)");
+      // A new file: auto_vacuum before any table exists, WAL before the first write.
+      if ((rc = exec("PRAGMA auto_vacuum = INCREMENTAL")) != SQLITE_OK ||
+          (rc = set_wal()) != SQLITE_OK || (rc = exec("BEGIN")) != SQLITE_OK ||
+          (rc = exec(kCreateSchema)) != SQLITE_OK || (rc = exec("COMMIT")) != SQLITE_OK) {
+        exec("ROLLBACK");
+        return failed(rc, "cannot create", error);
+      }
+    } else if (version != kSchemaVersion) {
+      return corrupt(reason, "has schema version " + std::to_string(version) +
+                                 ", this tb-agent uses " + std::to_string(kSchemaVersion));
+    } else {
+      if (check) {
+        std::string result;
+        rc = quick_check(&result);
+        if (is_corruption(rc)) return corrupt(reason, std::string("is corrupt (") + errmsg() + ")");
+        if (rc != SQLITE_OK) return failed(rc, "cannot check", error);
+        if (result != "ok") return corrupt(reason, "is corrupt (quick_check: " + result + ")");
+      }
+      rc = set_wal();
+      // A read-only file system still lets us read the queue: keep going, pushes will report.
+      if (is_corruption(rc)) return corrupt(reason, std::string("is corrupt (") + errmsg() + ")");
+      if (rc != SQLITE_OK && (rc & 0xff) != SQLITE_READONLY)
+        return failed(rc, "cannot open", error);
+    }
+
+    // Kept small: the drain must stay within a few MiB of RSS, and batches read sequentially.
+    exec("PRAGMA cache_size = -1024");
+    exec("PRAGMA temp_store = MEMORY");
+    apply_wal_limit();
+    sync_full_ = -1;
+
+    struct {
+      sqlite3_stmt** stmt;
+      const char* sql;
+    } const stmts[] = {
+        {&insert_, "INSERT INTO records(ts, values_json, readings, bytes) VALUES(?, ?, ?, ?)"},
+        {&oldest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id ASC"},
+        {&newest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id DESC"},
+        {&delete_one_, "DELETE FROM records WHERE id = ? RETURNING id, readings, bytes"},
+        {&delete_older_, "DELETE FROM records WHERE ts < ? RETURNING id, readings, bytes"},
+        {&delete_upto_, "DELETE FROM records WHERE id <= ? RETURNING id, readings, bytes"},
+        {&prefix_, "SELECT id, bytes FROM records ORDER BY id ASC"},
+        {&begin_, "BEGIN"},
+        {&commit_, "COMMIT"},
+        {&rollback_, "ROLLBACK"},
+        {&sync_full_stmt_, "PRAGMA synchronous = FULL"},
+        {&sync_normal_stmt_, "PRAGMA synchronous = NORMAL"},
+        {&page_count_, "PRAGMA page_count"},
+        {&vacuum_, "PRAGMA incremental_vacuum"},
+    };
+    for (const auto& st : stmts) {
+      rc = sqlite3_prepare_v3(db_, st.sql, -1, SQLITE_PREPARE_PERSISTENT, st.stmt, nullptr);
+      if (is_corruption(rc) || (rc & 0xff) == SQLITE_ERROR)
+        return corrupt(reason, std::string("does not have the expected tables (") + errmsg() + ")");
+      if (rc != SQLITE_OK) return failed(rc, "cannot prepare statements on", error);
+    }
+
+    std::int64_t page_size = 4096;
+    query_int("PRAGMA page_size", &page_size);
+    page_size_ = static_cast<std::uint64_t>(page_size);
+
+    sqlite3_stmt* totals = nullptr;
+    rc = sqlite3_prepare_v2(db_, "SELECT count(*), total(readings), total(bytes) FROM records", -1,
+                            &totals, nullptr);
+    if (rc == SQLITE_OK) rc = sqlite3_step(totals);
+    if (rc == SQLITE_ROW) {
+      queued_records_ = static_cast<std::uint64_t>(sqlite3_column_int64(totals, 0));
+      queued_readings_ = static_cast<std::uint64_t>(sqlite3_column_int64(totals, 1));
+      stored_bytes_ = static_cast<std::uint64_t>(sqlite3_column_int64(totals, 2));
+    }
+    sqlite3_finalize(totals);
+    if (is_corruption(rc)) return corrupt(reason, std::string("is corrupt (") + errmsg() + ")");
+    if (rc != SQLITE_ROW) return failed(rc, "cannot count the records in", error);
+    return Connect::Ok;
+  }
+
+  void disconnect() {
+    for (sqlite3_stmt** s : {&insert_, &oldest_, &newest_, &delete_one_, &delete_older_,
+                             &delete_upto_, &prefix_, &begin_, &commit_, &rollback_,
+                             &sync_full_stmt_, &sync_normal_stmt_, &page_count_, &vacuum_}) {
+      sqlite3_finalize(*s);
+      *s = nullptr;
+    }
+    if (db_) sqlite3_close_v2(db_);
+    db_ = nullptr;
+  }
+
+  Connect failed(int rc, const char* what, std::string* error) {
+    if (error) *error = describe(rc, what);
+    return Connect::Failed;
+  }
+
+  static Connect corrupt(std::string* reason, std::string why) {
+    *reason = std::move(why);
+    return Connect::Corrupt;
+  }
+
+  // queue.db (and its -wal, -shm) → queue.db.corrupt-<unix-ts>: kept for a post-mortem, out of
+  // the agent's way.
+  bool move_aside(const std::string& reason, std::string* warning, std::string* error) {
+    std::string base = path_.string() + ".corrupt-" + std::to_string(std::time(nullptr));
+    std::error_code ec;
+    for (int i = 1; fs::exists(base, ec); ++i) base += "." + std::to_string(i);
+    if (std::rename(path_.c_str(), base.c_str()) != 0 && errno != ENOENT) {
+      if (error)
+        *error = "the telemetry queue " + path_.string() + " " + reason +
+                 ", and it cannot be moved aside: " + std::strerror(errno);
+      return false;
+    }
+    for (const char* suffix : {"-wal", "-shm"}) {
+      const std::string from = path_.string() + suffix;
+      if (std::rename(from.c_str(), (base + suffix).c_str()) != 0 && errno != ENOENT) {
+        // A leftover WAL would be replayed into the fresh file: remove it rather than keep it.
+        fs::remove(from, ec);
+      }
+    }
+    if (warning) {
+      if (!warning->empty()) *warning += "; ";
+      *warning += "the telemetry queue " + path_.string() + " " + reason + "; moved it aside to " +
+                  base + " and started a fresh queue";
+    }
+    return true;
+  }
+
+  // Before each operation: reopen after an error that may have left the connection unusable
+  // (read-only remount, vanished file). This is what makes "works again when fixed" true.
+  bool ready(std::string* error) {
+    if (db_ && !broken_) return true;
+    // No quick_check here: this may run on every push while the disk is read-only.
+    std::string warning, err;
+    disconnect();
+    if (!connect(false, &warning, &err)) {
+      if (error) *error = err;
+      return false;
+    }
+    return true;
+  }
+
+  // --- helpers ----------------------------------------------------------------------------
+
+  std::string errmsg() const { return db_ ? sqlite3_errmsg(db_) : "out of memory"; }
+
+  std::string describe(int rc, const char* what) const {
+    std::string msg = std::string(what) + " " + path_.string() + ": " + errmsg();
+    // SQLite's "unable to open database file" hides the cause. On a read-only file system its
+    // errno is often that of a failed -shm open (ENOENT), so ask the directory first.
+    const int p = rc & 0xff;
+    if ((p == SQLITE_CANTOPEN || p == SQLITE_READONLY) && ::access(dir_.c_str(), W_OK) != 0) {
+      msg += ": " + dir_.string() + ": " + std::strerror(errno);
+    } else if (const int e = db_ ? sqlite3_system_errno(db_) : 0; e != 0) {
+      msg += std::string(": ") + std::strerror(e);
+    }
+    if (p == SQLITE_FULL)
+      msg += " (the file system is full)";
+    else if (p == SQLITE_READONLY)
+      msg += " (the file system or file is read-only)";
+    else if (p == SQLITE_CANTOPEN)
+      msg += " (check that the state directory exists and is writable)";
+    return msg;
+  }
+
+  bool fail(int rc, const char* what, std::string* error) {
+    if (error) *error = describe(rc, what);
+    if (needs_reconnect(rc)) broken_ = true;
+    return false;
+  }
+
+  int exec(const char* sql) { return sqlite3_exec(db_, sql, nullptr, nullptr, nullptr); }
+
+  int query_int(const char* sql, std::int64_t* out) {
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(db_, sql, -1, &s, nullptr);
+    if (rc == SQLITE_OK) {
+      rc = sqlite3_step(s);
+      if (rc == SQLITE_ROW) {
+        *out = sqlite3_column_int64(s, 0);
+        rc = SQLITE_OK;
+      } else if (rc == SQLITE_DONE) {
+        rc = SQLITE_OK;
+      }
+    }
+    sqlite3_finalize(s);
+    return rc;
+  }
+
+  int quick_check(std::string* result) {
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(db_, "PRAGMA quick_check(1)", -1, &s, nullptr);
+    if (rc == SQLITE_OK) rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+      const auto* t = reinterpret_cast<const char*>(sqlite3_column_text(s, 0));
+      *result = t ? t : "";
+      rc = SQLITE_OK;
+    }
+    sqlite3_finalize(s);
+    return rc;
+  }
+
+  int set_wal() {
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(db_, "PRAGMA journal_mode = WAL", -1, &s, nullptr);
+    if (rc == SQLITE_OK) rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+      const auto* t = reinterpret_cast<const char*>(sqlite3_column_text(s, 0));
+      rc = t && std::strcmp(t, "wal") == 0 ? SQLITE_OK : SQLITE_READONLY;
+    }
+    sqlite3_finalize(s);
+    return rc;
+  }
+
+  // The WAL is part of what queue.max_size bounds: it is checkpointed after this many bytes and
+  // truncated back to it, and the database file gets the rest of the budget.
+  std::uint64_t wal_allowance() const {
+    const std::uint64_t page = page_size_ ? page_size_ : 4096;
+    const std::uint64_t pages = std::clamp<std::uint64_t>(limits_.max_size / 8 / page, 8, 1000);
+    return pages * page;
+  }
+
+  std::uint64_t db_budget() const {
+    const std::uint64_t wal = wal_allowance();
+    return limits_.max_size > wal ? limits_.max_size - wal : 0;
+  }
+
+  void apply_wal_limit() {
+    const std::uint64_t wal = wal_allowance();
+    const std::string pages = std::to_string(wal / (page_size_ ? page_size_ : 4096));
+    exec(("PRAGMA wal_autocheckpoint = " + pages).c_str());
+    exec(("PRAGMA journal_size_limit = " + std::to_string(wal)).c_str());
+  }
+
+  std::uint64_t page_bytes() {
+    std::int64_t pages = 0;
+    if (sqlite3_step(page_count_) == SQLITE_ROW) pages = sqlite3_column_int64(page_count_, 0);
+    sqlite3_reset(page_count_);
+    return static_cast<std::uint64_t>(pages) * page_size_;
+  }
+
+  // A push must reach the disk (FULL) before it returns; an ack or a limits delete need not: if
+  // one is lost to a power cut the records are sent again with the same ts, which ThingsBoard
+  // overwrites. Skipping that fsync is what makes draining fast.
+  bool set_sync(bool full, std::string* error) {
+    if (sync_full_ == static_cast<int>(full)) return true;
+    sqlite3_stmt* s = full ? sync_full_stmt_ : sync_normal_stmt_;
+    const int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    if (rc != SQLITE_DONE && rc != SQLITE_ROW) return fail(rc, "cannot configure", error);
+    sync_full_ = full;
+    return true;
+  }
+
+  int step_simple(sqlite3_stmt* s) {
+    const int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    return rc;
+  }
+
+  // Runs a DELETE … RETURNING id, readings, bytes and books what it removed. Returns readings.
+  std::uint64_t delete_returning(sqlite3_stmt* s) {
+    set_sync(false, nullptr);
+    std::uint64_t readings = 0, records = 0, bytes = 0;
+    std::vector<std::int64_t> ids;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+      ids.push_back(sqlite3_column_int64(s, 0));
+      readings += static_cast<std::uint64_t>(sqlite3_column_int64(s, 1));
+      bytes += static_cast<std::uint64_t>(sqlite3_column_int64(s, 2));
+      ++records;
+    }
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    if (rc != SQLITE_DONE) {
+      // The statement's implicit transaction was rolled back: nothing was removed.
+      std::string ignored;
+      fail(rc, "cannot delete from", &ignored);
+      return 0;
+    }
+    // A record dropped while in flight: forget it, so its ack or drop finds nothing to count.
+    for (const auto id : ids) in_flight_.erase(id);
+    book_removed(records, readings, bytes);
+    return readings;
+  }
+
+  void book_removed(std::uint64_t records, std::uint64_t readings, std::uint64_t bytes) {
+    queued_records_ -= std::min(queued_records_, records);
+    queued_readings_ -= std::min(queued_readings_, readings);
+    stored_bytes_ -= std::min(stored_bytes_, bytes);
+  }
+
+  // Oldest records (by id) out until the file fits queue.max_size. Returns readings dropped.
+  std::uint64_t enforce_size() {
+    const std::uint64_t budget = db_budget();
+    std::uint64_t size = page_bytes();
+    if (size <= budget) return 0;
+    set_sync(false, nullptr);
+    vacuum();  // pages freed by acks count as used until given back
+    std::uint64_t dropped = 0;
+    while ((size = page_bytes()) > budget && queued_records_ > 1) {
+      // Rows and their b-tree overhead fill the pages roughly in proportion, so the excess in
+      // file bytes scales to an excess in stored bytes; loop in case pages free up slower.
+      const auto excess = static_cast<long double>(size - budget);
+      const auto target = std::max<std::uint64_t>(
+          1, static_cast<std::uint64_t>(excess * static_cast<long double>(stored_bytes_) /
+                                        static_cast<long double>(size)));
+      std::int64_t cutoff = 0;
+      std::uint64_t sum = 0, rows = 0;
+      while (sqlite3_step(prefix_) == SQLITE_ROW && rows + 1 < queued_records_) {
+        cutoff = sqlite3_column_int64(prefix_, 0);
+        sum += static_cast<std::uint64_t>(sqlite3_column_int64(prefix_, 1));
+        ++rows;
+        if (sum >= target) break;
+      }
+      sqlite3_reset(prefix_);
+      if (rows == 0) break;
+      const std::uint64_t records_before = queued_records_;
+      sqlite3_bind_int64(delete_upto_, 1, cutoff);
+      dropped += delete_returning(delete_upto_);
+      if (queued_records_ == records_before) break;  // the delete failed; do not spin
+      vacuum();
+    }
+    return dropped;
+  }
+
+  void vacuum() {
+    while (sqlite3_step(vacuum_) == SQLITE_ROW) {
+    }
+    sqlite3_reset(vacuum_);
+  }
+
+  bool remove(const Batch& batch, bool count_as_dropped, std::string* error) {
+    if (batch.ids.empty()) return true;
+    if (!ready(error)) {
+      release(batch);
+      return false;
+    }
+    std::uint64_t readings = 0, records = 0, bytes = 0;
+    int rc = SQLITE_DONE;
+    if (set_sync(false, error) && (rc = step_simple(begin_)) == SQLITE_DONE) {
+      for (const auto id : batch.ids) {
+        sqlite3_bind_int64(delete_one_, 1, id);
+        while ((rc = sqlite3_step(delete_one_)) == SQLITE_ROW) {
+          readings += static_cast<std::uint64_t>(sqlite3_column_int64(delete_one_, 1));
+          bytes += static_cast<std::uint64_t>(sqlite3_column_int64(delete_one_, 2));
+          ++records;
+        }
+        sqlite3_reset(delete_one_);
+        if (rc != SQLITE_DONE) break;
+      }
+      if (rc == SQLITE_DONE) rc = step_simple(commit_);
+      if (rc != SQLITE_DONE) step_simple(rollback_);
+    } else if (rc == SQLITE_DONE) {
+      release(batch);
+      return false;  // set_sync failed and said why
+    }
+    // Whatever happened, these ids are no longer handed out: on failure they go out again.
+    release(batch);
+    if (rc != SQLITE_DONE) return fail(rc, "cannot remove delivered records from", error);
+    book_removed(records, readings, bytes);
+    if (count_as_dropped) dropped_ += readings;
+    return true;
+  }
+
+  fs::path dir_;
+  fs::path path_;
+  config::QueueConfig limits_;
+  QueueOptions options_;
+
+  sqlite3* db_ = nullptr;
+  bool broken_ = false;
+  int sync_full_ = -1;  // -1: unknown, 0: NORMAL, 1: FULL
+  std::uint64_t page_size_ = 4096;
+
+  sqlite3_stmt* insert_ = nullptr;
+  sqlite3_stmt* oldest_ = nullptr;
+  sqlite3_stmt* newest_ = nullptr;
+  sqlite3_stmt* delete_one_ = nullptr;
+  sqlite3_stmt* delete_older_ = nullptr;
+  sqlite3_stmt* delete_upto_ = nullptr;
+  sqlite3_stmt* prefix_ = nullptr;
+  sqlite3_stmt* begin_ = nullptr;
+  sqlite3_stmt* commit_ = nullptr;
+  sqlite3_stmt* rollback_ = nullptr;
+  sqlite3_stmt* sync_full_stmt_ = nullptr;
+  sqlite3_stmt* sync_normal_stmt_ = nullptr;
+  sqlite3_stmt* page_count_ = nullptr;
+  sqlite3_stmt* vacuum_ = nullptr;
+
+  // In memory only: after a restart every record is available again (at-least-once).
+  std::unordered_set<std::int64_t> in_flight_;
+  std::uint64_t queued_records_ = 0;
+  std::uint64_t queued_readings_ = 0;
+  std::uint64_t stored_bytes_ = 0;
+  std::uint64_t dropped_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Queue> Queue::open(const std::filesystem::path& state_dir,
+                                   const config::QueueConfig& limits, std::string* warning,
+                                   std::string* error) {
+  return open(state_dir, limits, QueueOptions{}, warning, error);
+}
+
+std::unique_ptr<Queue> Queue::open(const std::filesystem::path& state_dir,
+                                   const config::QueueConfig& limits, const QueueOptions& options,
+                                   std::string* warning, std::string* error) {
+  if (!ensure_directory(state_dir, 0700, error)) return nullptr;
+  auto q = std::make_unique<SqliteQueue>(state_dir, limits, options);
+  std::string err;
+  if (!q->connect(true, warning, &err)) {
+    // The agent keeps running and keeps trying: every push reports the problem and reconnects,
+    // so a state dir that is read-only or full now works once it is fixed (docs/queue.md).
+    if (warning) {
+      if (!warning->empty()) *warning += "; ";
+      *warning += "the telemetry queue is unavailable for now: " + err;
+    }
+  }
+  return q;
+}
+
+}  // namespace tb::telemetry

@@ -23,10 +23,19 @@ struct QueuedRecord {
 
 // A batch ready to POST: the payload and what it carries.
 struct Batch {
-  std::string payload;             // [{"ts":…,"values":{…}},…]
-  std::vector<std::int64_t> ids;   // queue ids to ack or drop
+  std::string payload;            // [{"ts":…,"values":{…}},…]
+  std::vector<std::int64_t> ids;  // queue ids to ack or drop
   std::uint64_t readings = 0;
   bool empty() const { return ids.empty(); }
+};
+
+// How push() makes a record durable (docs/queue.md, "fsync policy"). Full: the WAL is fsynced
+// before push() returns, so a record survives power loss. Normal: it survives kill -9 and a
+// service restart, but the last transactions may be lost on power loss.
+enum class Sync { Full, Normal };
+
+struct QueueOptions {
+  Sync sync = Sync::Full;
 };
 
 class Queue {
@@ -38,6 +47,9 @@ class Queue {
   static std::unique_ptr<Queue> open(const std::filesystem::path& state_dir,
                                      const config::QueueConfig& limits, std::string* warning,
                                      std::string* error);
+  static std::unique_ptr<Queue> open(const std::filesystem::path& state_dir,
+                                     const config::QueueConfig& limits, const QueueOptions& options,
+                                     std::string* warning, std::string* error);
 
   // Durable when it returns true. On false (disk full, read-only) nothing was stored.
   virtual bool push(const Record& record, std::string* error) = 0;
@@ -58,6 +70,11 @@ class Queue {
   virtual std::uint64_t queued_readings() const = 0;
   virtual std::uint64_t queued_records() const = 0;
   virtual std::uint64_t dropped_readings() const = 0;  // since open
+  // What queue.max_size is compared with: the database file's pages in use (page_count ×
+  // page_size) plus the room the WAL may take (docs/queue.md, "Limits").
+  virtual std::uint64_t size_on_disk() { return 0; }
+  // The database file, for messages and tests.
+  virtual std::filesystem::path path() const { return {}; }
 };
 
 }  // namespace tb::telemetry
