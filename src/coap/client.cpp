@@ -152,6 +152,7 @@ struct Client::Impl {
   struct Pending {
     RequestId id = 0;
     std::string token;  // raw bytes; empty until sent
+    std::string rtag;   // Request-Tag libcoap put on every block of a Block1 body, else empty
     Callback callback;
     sd_event_source* timeout = nullptr;
     std::string log_path;
@@ -175,6 +176,7 @@ struct Client::Impl {
   sd_event_source* dispatcher = nullptr;
   std::unordered_map<RequestId, Pending> pending;
   std::unordered_map<std::string, RequestId> by_token;
+  std::unordered_map<std::string, RequestId> by_rtag;
   std::deque<Ready> ready;
   RequestId next_id = 1;
   bool destroying = false;
@@ -191,6 +193,7 @@ struct Client::Impl {
     }
     pending.clear();
     by_token.clear();
+    by_rtag.clear();
     ready.clear();  // documented: no callbacks from the destructor
     // Releasing the session and context makes libcoap nack what is queued and call the release
     // functions of Block1 bodies; the handlers see `destroying` and do nothing else.
@@ -302,6 +305,8 @@ struct Client::Impl {
     Pending p = std::move(it->second);
     pending.erase(it);
     if (!p.token.empty()) by_token.erase(p.token);
+    // Request-Tags are a per-session counter in libcoap, so a new session may reuse one.
+    if (auto r = by_rtag.find(p.rtag); r != by_rtag.end() && r->second == id) by_rtag.erase(r);
     sd_event_source_disable_unref(p.timeout);
     if (recycle_when_idle && pending.empty()) {
       // Maybe inside a libcoap callback: only mark it, ensure_session() replaces it later.
@@ -413,13 +418,24 @@ struct Client::Impl {
           break;
       }
       if (!sent) return;
-      const coap_bin_const_t token = coap_pdu_get_token(sent);
-      auto it = self->by_token.find(token_key(token));
-      if (it == self->by_token.end()) return;
-      self->complete(it->second, failure(f, why));
+      if (auto id = self->request_of(sent)) self->complete(*id, failure(f, why));
     } catch (...) {
       spdlog::error("coap: nack handler failed");
     }
+  }
+
+  // Which request a PDU libcoap sent belongs to. libcoap 4.3.1 gives every Block1 block after the
+  // first a token of its own, so blocks are recognised by their Request-Tag (RFC 9175 §3.2).
+  std::optional<RequestId> request_of(const coap_pdu_t* sent) const {
+    auto it = by_token.find(token_key(coap_pdu_get_token(sent)));
+    if (it != by_token.end()) return it->second;
+    coap_opt_iterator_t opt_iter;
+    if (coap_opt_t* rtag = coap_check_option(sent, COAP_OPTION_RTAG, &opt_iter)) {
+      auto r = by_rtag.find(
+          std::string(reinterpret_cast<const char*>(coap_opt_value(rtag)), coap_opt_length(rtag)));
+      if (r != by_rtag.end()) return r->second;
+    }
+    return std::nullopt;
   }
 
   static void release_body(coap_session_t*, void* app_ptr) noexcept {
@@ -653,6 +669,11 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
   }
   p.token = token;
   im.by_token.emplace(token, id);
+  coap_opt_iterator_t opt_iter;
+  if (coap_opt_t* rtag = coap_check_option(pdu, COAP_OPTION_RTAG, &opt_iter)) {
+    p.rtag.assign(reinterpret_cast<const char*>(coap_opt_value(rtag)), coap_opt_length(rtag));
+    im.by_rtag[p.rtag] = id;
+  }
   im.pending.emplace(id, std::move(p));
   if (coap_send(im.session, pdu) == COAP_INVALID_MID) {  // coap_send owns pdu either way
     im.session_broken = true;

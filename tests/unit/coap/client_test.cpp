@@ -147,7 +147,8 @@ class Relay {
   uint16_t port() const { return local_port(front_); }
 
   std::vector<Datagram> log;
-  bool drop = false;   // swallow everything: the server never answers
+  bool drop = false;       // swallow everything: the server never answers
+  int forward_limit = -1;  // >= 0: forward only that many client datagrams, then drop everything
   bool reset = false;  // answer every CON with RST (RFC 7252 §4.2), like a peer that rejects it
 
   std::vector<Datagram> where(const std::function<bool(const Datagram&)>& pred) const {
@@ -173,6 +174,8 @@ class Relay {
       sendto(fd, rst, sizeof rst, 0, reinterpret_cast<sockaddr*>(&from), len);
       return 0;
     }
+    if (self->forward_limit == 0) self->drop = true;
+    if (self->forward_limit > 0) --self->forward_limit;
     if (!self->drop) send(self->back_, buf, static_cast<std::size_t>(n), 0);
     return 0;
   }
@@ -624,6 +627,31 @@ TEST_F(CoapClientTest, ResetIsNetworkFailure) {
   EXPECT_EQ(o.failure, Failure::Network) << o.error;
   relay_->reset = false;
   EXPECT_TRUE(call(*client_, Method::Post, {"piggy"}, "y").answered());
+}
+
+TEST_F(CoapClientTest, Block1RetransmissionsExhaustedIsTimeout) {
+  relay_->drop = true;
+  ClientOptions opts;
+  opts.request_timeout = 20s;
+  opts.ack_timeout = 1s;
+  opts.max_retransmit = 1;
+  client_ = make_client(opts);
+  const Outcome o = call(*client_, Method::Post, {"echo"}, std::string(3000, 'n'), 8s);
+  EXPECT_EQ(o.failure, Failure::Timeout) << o.error;
+}
+
+// The same when a later block is lost: libcoap uses a new token per block, yet the failure must
+// still reach the request's callback.
+TEST_F(CoapClientTest, Block1LaterBlockLostIsTimeout) {
+  relay_->forward_limit = 1;
+  ClientOptions opts;
+  opts.request_timeout = 20s;
+  opts.ack_timeout = 1s;
+  opts.max_retransmit = 1;
+  client_ = make_client(opts);
+  const Outcome o = call(*client_, Method::Post, {"echo"}, std::string(3000, 'n'), 8s);
+  EXPECT_EQ(o.failure, Failure::Timeout) << o.error;
+  EXPECT_EQ(relay_->where([](auto& d) { return !d.to_server && d.code == 231; }).size(), 1u);
 }
 
 TEST_F(CoapClientTest, LateResponseAfterTimeoutIsIgnored) {
