@@ -149,7 +149,10 @@ class Relay {
   std::vector<Datagram> log;
   bool drop = false;       // swallow everything: the server never answers
   int forward_limit = -1;  // >= 0: forward only that many client datagrams, then drop everything
-  bool reset = false;  // answer every CON with RST (RFC 7252 §4.2), like a peer that rejects it
+  bool reset = false;
+  // > 0: the answer_nth-th client CON is answered here with a piggybacked ACK of answer_code.
+  int answer_nth = 0;
+  int answer_code = 408;  // answer every CON with RST (RFC 7252 §4.2), like a peer that rejects it
 
   std::vector<Datagram> where(const std::function<bool(const Datagram&)>& pred) const {
     std::vector<Datagram> out;
@@ -169,6 +172,17 @@ class Relay {
     self->client_ = from;
     self->have_client_ = true;
     self->log.push_back(parse(buf, static_cast<std::size_t>(n), true));
+    if (self->answer_nth > 0 && n >= 4 && ((buf[0] >> 4) & 3) == kCon && --self->answer_nth == 0) {
+      // Same MID and token, type ACK, the given code, no options or payload.
+      const std::size_t tkl = buf[0] & 0xf;
+      unsigned char ack[12] = {
+          static_cast<unsigned char>(0x60 | tkl),
+          static_cast<unsigned char>(((self->answer_code / 100) << 5) | (self->answer_code % 100)),
+          buf[2], buf[3]};
+      std::memcpy(ack + 4, buf + 4, tkl);
+      sendto(fd, ack, 4 + tkl, 0, reinterpret_cast<sockaddr*>(&from), len);
+      return 0;
+    }
     if (self->reset && n >= 4 && ((buf[0] >> 4) & 3) == kCon) {
       const unsigned char rst[4] = {0x70, 0x00, buf[2], buf[3]};  // ver 1, RST, 0.00, same MID
       sendto(fd, rst, sizeof rst, 0, reinterpret_cast<sockaddr*>(&from), len);
@@ -772,6 +786,19 @@ TEST_F(CoapClientTest, Block1WithFinalConResponseWithoutAck) {
       1u);
   EXPECT_EQ(server_->handled, 1);
   EXPECT_EQ(client_->in_flight(), 0u);
+}
+
+// An error answer to a later block (4.08 Request Entity Incomplete, §1) ends the request with that
+// answer, although libcoap sent that block with a token of its own.
+TEST_F(CoapClientTest, Block1ErrorOnLaterBlockIsTheAnswer) {
+  relay_->answer_nth = 2;
+  relay_->answer_code = 408;
+  ClientOptions opts;
+  opts.request_timeout = 5s;
+  client_ = make_client(opts);
+  const Outcome o = call(*client_, Method::Post, {"echo"}, std::string(3000, 'e'), 3s);
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_EQ(o.response->code, 408);
 }
 
 TEST_F(CoapClientTest, Block1JustOverOneBlock) {
