@@ -526,6 +526,15 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
     // RFC 7959 §2.2: block sizes are 2^(SZX+4), SZX 0..6.
     return fail("block_size must be a power of two between 16 and 1024");
   }
+  // libcoap 4.3.1 silently keeps its defaults for these (coap_session.c, set_ack_timeout and
+  // set_max_retransmit); say so instead.
+  if (options.ack_timeout < std::chrono::seconds(1) ||
+      options.ack_timeout > std::chrono::hours(1)) {
+    return fail("ack_timeout must be between 1 s and 1 h");
+  }
+  if (options.max_retransmit < 1 || options.max_retransmit > 20) {
+    return fail("max_retransmit must be between 1 and 20");
+  }
   setup_libcoap_once();
 
   auto impl = std::make_unique<Impl>();

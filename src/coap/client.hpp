@@ -29,8 +29,11 @@ struct Endpoint {
 struct ClientOptions {
   Millis request_timeout = 30s;   // whole exchange, including every Block1 round trip
   std::size_t block_size = 1024;  // Block1 SZX 6; ThingsBoard's MAX_MESSAGE_SIZE is 1024
+                                  // (power of two, 16..1024; RFC 7959 §2.2)
   // CON retransmission (RFC 7252 §4.8 defaults). libcoap gives up after max_retransmit
   // retransmissions (~45 s with these values); request_timeout usually fires first.
+  // libcoap 4.3.1 ignores an ack_timeout under 1 s and a max_retransmit of 0, so create()
+  // rejects them.
   Millis ack_timeout = 2s;
   unsigned max_retransmit = 4;
 };

@@ -961,6 +961,13 @@ TEST(CoapClientCreate, BadHostAndOptions) {
   ClientOptions bad;
   bad.block_size = 1000;
   EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, bad, &error));
+  ClientOptions fast_ack;
+  fast_ack.ack_timeout = 500ms;
+  EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, fast_ack, &error));
+  ClientOptions no_retry;
+  no_retry.max_retransmit = 0;
+  EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, no_retry, &error));
+  EXPECT_TRUE(Client::create(loop, Endpoint{"::1", 5683}, {}, &error)) << error;
   auto ok = Client::create(loop, Endpoint{"localhost", 5683}, {}, &error);
   EXPECT_TRUE(ok) << error;
   if (ok) {
