@@ -281,11 +281,11 @@ TEST(Queue, LimitsDropInFlightRecordsOnce) {
 TEST(Queue, MaxSizeDropsExactlyTheOldest) {
   TempDir d;
   tb::config::QueueConfig qc;
-  qc.max_size = 256 << 10;
+  qc.max_size = 1 << 20;
   auto q = open_queue(d.path, qc);
   std::string err;
-  const int n = 3000;
-  for (int i = 1; i <= n; ++i) ASSERT_TRUE(q->push(rec(i, 4, 100), &err)) << err;
+  const int n = 2000;
+  for (int i = 1; i <= n; ++i) ASSERT_TRUE(q->push(rec(i, 4, 700), &err)) << err;
   // push() enforced the size by itself.
   EXPECT_LE(q->size_on_disk(), qc.max_size);
   EXPECT_GT(q->dropped_readings(), 0u);
