@@ -4,6 +4,8 @@
 // "flush called"/"reload called" per method call; exits 0 on SIGTERM/SIGINT, 1 when the name
 // cannot be owned (the policy test uses that too).
 #include <signal.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
 #include <systemd/sd-event.h>
 
 #include <cstdio>
@@ -12,6 +14,8 @@
 #include "dbus/status_service.hpp"
 
 int main() {
+  // stdout carries only the protocol lines the test reads; logs go to stderr.
+  spdlog::set_default_logger(spdlog::stderr_logger_st("fixture"));
   sd_event* loop = nullptr;
   if (sd_event_default(&loop) < 0) return 1;
   sigset_t mask;
