@@ -11,6 +11,8 @@
 #include <limits>
 #include <unordered_set>
 
+#include <spdlog/spdlog.h>
+
 #include "util/fs.hpp"
 
 namespace tb::telemetry {
@@ -326,14 +328,17 @@ class SqliteQueue final : public Queue {
   // (read-only remount, vanished file). This is what makes "works again when fixed" true.
   bool ready(std::string* error) {
     if (db_ && !broken_) return true;
-    // No quick_check here: this may run on every push while the disk is read-only.
+    // quick_check only if the file looked corrupt: otherwise this may run on every push while
+    // the disk is read-only, and a check reads the whole file.
     std::string warning, err;
     disconnect();
-    if (!connect(false, &warning, &err)) {
-      if (error) *error = err;
-      return false;
-    }
-    return true;
+    const bool check = recheck_;
+    recheck_ = false;
+    const bool ok = connect(check, &warning, &err);
+    // No caller to hand a warning to here (the file was moved aside): the log must say it.
+    if (!warning.empty()) spdlog::warn("{}", warning);
+    if (!ok && error) *error = err;
+    return ok;
   }
 
   // --- helpers ----------------------------------------------------------------------------
@@ -363,6 +368,7 @@ class SqliteQueue final : public Queue {
   bool fail(int rc, const char* what, std::string* error) {
     if (error) *error = describe(rc, what);
     if (needs_reconnect(rc)) broken_ = true;
+    if (is_corruption(rc)) recheck_ = true;
     return false;
   }
 
@@ -572,8 +578,9 @@ class SqliteQueue final : public Queue {
   QueueOptions options_;
 
   sqlite3* db_ = nullptr;
-  bool broken_ = false;
-  int sync_full_ = -1;  // -1: unknown, 0: NORMAL, 1: FULL
+  bool broken_ = false;   // reopen before the next operation
+  bool recheck_ = false;  // ...and run quick_check then (a runtime error said "corrupt")
+  int sync_full_ = -1;    // -1: unknown, 0: NORMAL, 1: FULL
   std::uint64_t page_size_ = 4096;
 
   sqlite3_stmt* insert_ = nullptr;
