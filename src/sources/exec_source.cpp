@@ -468,7 +468,7 @@ Collected ExecSource::verdict() {
   auto& run = *run_;
   if (!run.errors.empty()) {
     log::FieldGuard field("TB_SOURCE", config_.name);
-    spdlog::debug("source '{}': stderr: {}", config_.name, printable(run.errors, kMaxStderr));
+    spdlog::debug("source '{}': stderr: {}", config_.name, printable(trim(run.errors), kMaxStderr));
   }
   if (!run.failure.empty()) return {std::nullopt, run.failure};
   const std::string line = first_line(run.errors);
