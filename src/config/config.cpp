@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <set>
+#include <sstream>
 #include <string_view>
 #include <utility>
 
@@ -173,6 +175,16 @@ std::string shown(std::string_view s) {
   return out + "'";
 }
 
+// Whether an unknown key is worth quoting back. A "key" with spaces or punctuation is usually
+// several lines run together by a quote or indentation slip, and may hold a secret's line.
+bool looks_like_key(std::string_view name) {
+  if (name.empty() || name.size() > 40) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-' || c == '.';
+  });
+}
+
 // The text of a scalar value, or nullopt after reporting why there is none.
 std::optional<std::string> scalar(Ctx& ctx, const Item& item, std::string_view expected) {
   if (item.value.IsScalar()) return item.value.Scalar();
@@ -259,7 +271,9 @@ Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<
           known += known.empty() ? "" : ", ";
           known += c.name;
         }
-        const std::string what = opt.secret_section ? "unknown key" : "unknown key " + shown(name);
+        const std::string what = opt.secret_section || !looks_like_key(name)
+                                     ? "unknown key"
+                                     : "unknown key " + shown(name);
         ctx.error(key.Mark(),
                   (path.empty() ? "" : path + ": ") + what + " (known keys: " + known + ")");
         continue;
@@ -751,24 +765,74 @@ std::string tab_hint(const std::string& text, int line) {
   return "";
 }
 
+// Counts documents and remembers where each starts; values are not needed.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  std::vector<YAML::Mark> starts;
+  void OnDocumentStart(const YAML::Mark& mark) override { starts.push_back(mark); }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
+
+// Where the first thing that is not blank or a comment is, if anything.
+std::optional<Position> first_content(const std::string& text) {
+  int line = 1;
+  std::size_t at = 0;
+  while (at < text.size()) {
+    std::size_t end = text.find('\n', at);
+    if (end == std::string::npos) end = text.size();
+    for (std::size_t i = at; i < end; ++i) {
+      const char c = text[i];
+      if (c == ' ' || c == '\t' || c == '\r') continue;
+      if (c == '#') break;
+      return Position{line, static_cast<int>(i - at) + 1};
+    }
+    at = end + 1;
+    ++line;
+  }
+  return std::nullopt;
+}
+
 LoadResult load(const std::string& text, const std::string& name) {
   Ctx ctx(name);
-  std::vector<YAML::Node> docs;
+  YAML::Node root;
+  std::vector<YAML::Mark> documents;
   try {
-    docs = YAML::LoadAll(text);
+    root = YAML::Load(text);
+    // Not YAML::LoadAll: on some malformed input (a stray ',' at the top level) yaml-cpp 0.7
+    // yields empty documents forever, and LoadAll never returns. Two are enough to know.
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    DocumentCounter counter;
+    for (int i = 0; i < 2 && parser.HandleNextDocument(counter); ++i) {
+    }
+    documents = std::move(counter.starts);
   } catch (const YAML::ParserException& e) {
     // e.msg is yaml-cpp's sentence without its own "error at line …" prefix.
     ctx.error(e.mark, "YAML syntax error: " + e.msg + tab_hint(text, e.mark.line));
     return finish(ctx, std::nullopt);
   }
-  if (docs.empty() || docs[0].IsNull()) {
-    ctx.error(Position{}, "the configuration is empty; at least server.host is required");
+  if (root.IsNull()) {
+    // Empty, only comments, `~`, or text yaml-cpp silently skips (that stray ',').
+    if (const auto at = first_content(text); at && documents.size() > 1) {
+      ctx.error(*at, "the top level must be a map of sections (server:, sources:, …)");
+    } else {
+      ctx.error(Position{}, "the configuration is empty; at least server.host is required");
+    }
     return finish(ctx, std::nullopt);
   }
-  if (docs.size() > 1) {
-    ctx.error(docs[1].Mark(), "only one YAML document is allowed; remove the second one");
+  if (documents.size() > 1) {
+    ctx.error(documents[1], "only one YAML document is allowed; remove the second one");
   }
-  const YAML::Node& root = docs[0];
   if (!root.IsMap()) {
     ctx.error(root.Mark(), "the top level must be a map of sections (server:, sources:, …), not " +
                                std::string(kind(root)));

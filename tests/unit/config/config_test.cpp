@@ -214,6 +214,13 @@ TEST(Errors, UnknownMissingAndDuplicateKeys) {
   expect_one("server:\n  host: h\n  host: i\n", 3, 3,
              "server.host: duplicate key (first given at line 2)");
   expect_one("server:\n  host: h\n  [a]: 1\n", 3, 3, "a key must be a plain name");
+  // A quote slip runs lines together into one "key"; it is not quoted back (it may hold a
+  // secret's line).
+  const auto r = load("server: {host: h}\n'credentials: access_token: T0KEN': 1\n");
+  ASSERT_EQ(r.diagnostics.size(), 1u) << all(r);
+  EXPECT_EQ(r.diagnostics[0].to_string(),
+            "test.yaml:2:1: unknown key (known keys: server, device, provisioning, credentials, "
+            "state_dir, sources, queue, delivery, dbus, logging)");
 }
 
 TEST(Errors, Provisioning) {
@@ -290,7 +297,12 @@ TEST(Errors, Document) {
   EXPECT_THAT(r.diagnostics[0].message, HasSubstr("empty"));
   expect_one("- a\n- b\n", 1, 1, "the top level must be a map");
   expect_one("just text\n", 1, 1, "the top level must be a map");
-  expect_one("server: {host: h}\n---\nserver: {host: i}\n", 3, 1, "only one YAML document");
+  expect_one("server: {host: h}\n---\nserver: {host: i}\n", 2, 1, "only one YAML document");
+  // yaml-cpp 0.7 turns a stray top-level ',' into endless empty documents; this must end.
+  expect_one("# comment\n  ,\nserver: {host: h}\n", 2, 3, "the top level must be a map");
+  r = load("---\n");
+  ASSERT_EQ(r.diagnostics.size(), 1u);
+  EXPECT_THAT(r.diagnostics[0].message, HasSubstr("empty"));
 }
 
 TEST(Errors, YamlSyntax) {
