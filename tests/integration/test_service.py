@@ -87,12 +87,12 @@ def test_ready_status_watchdog_and_stopping(server, agents, tmp_path, notify):
     # The watchdog is pinged at least every half period while the loop turns...
     wait_until(lambda: len(notify.having("WATCHDOG")) >= 4, what="WATCHDOG=1 pings")
     # ...and not at all while the loop is stalled.
-    agent.signal(signal.SIGSTOP)
+    agent.send_signal(signal.SIGSTOP)
     time.sleep(0.3)
     n = len(notify.having("WATCHDOG"))
     time.sleep(2)
     assert len(notify.having("WATCHDOG")) == n
-    agent.signal(signal.SIGCONT)
+    agent.send_signal(signal.SIGCONT)
     wait_until(lambda: len(notify.having("WATCHDOG")) > n, what="pings after the loop resumes")
     # An outage shows in STATUS with the retry delay and the reason.
     server.command("fail-all 5.00")
@@ -115,7 +115,7 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(server, agents
     cfg["sources"].append({"name": "second", "type": "file", "path": str(other), "key": "w",
                            "interval": "200ms"})
     agent.write_config(cfg)
-    agent.signal(signal.SIGHUP)
+    agent.send_signal(signal.SIGHUP)
     wait_until(lambda: notify.having("RELOADING"), what="RELOADING=1")
     wait_until(lambda: len(points(server, "svc-1", "w")) >= 2, what="readings of the new source")
     assert "configuration reloaded" in agent.log()
@@ -124,7 +124,7 @@ def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(server, agents
     # Invalid: refused with its position, the agent keeps running on the old config.
     agent.config_path.write_text("server:\n  host: 127.0.0.1\n  port: [1]\n")
     n_ready = len(notify.having("READY"))
-    agent.signal(signal.SIGHUP)
+    agent.send_signal(signal.SIGHUP)
     agent.wait_log("reload refused")
     assert f"{agent.config_path}:3:" in agent.log()
     wait_until(lambda: len(notify.having("READY")) > n_ready, what="READY=1 after a refused reload")
