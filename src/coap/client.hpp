@@ -49,7 +49,7 @@ enum class Failure {
   None,
   Timeout,   // no (final) response within request_timeout
   Network,   // could not send / ICMP unreachable / session failed
-  Canceled,  // cancel() or client destroyed
+  Canceled,  // cancel() or cancel_all(); destroying the Client calls no callbacks at all
 };
 
 struct Outcome {
