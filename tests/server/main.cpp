@@ -1360,7 +1360,8 @@ void Server::LoadState() {
     for (auto it = j["devices"].begin(); it != j["devices"].end(); ++it) {
       const json& d = it.value();
       Device dev;
-      dev.token = d.value("token", "");
+      // A revoked device is saved with a null token.
+      if (d.contains("token") && d["token"].is_string()) dev.token = d["token"].get<std::string>();
       dev.provisioned = d.value("provisioned", false);
       if (d.contains("client") && d["client"].is_object()) dev.client = d["client"];
       if (d.contains("shared") && d["shared"].is_object()) dev.shared = d["shared"];
