@@ -1,6 +1,9 @@
 // The configuration as the rest of the agent sees it: plain, immutable structs. Only config/
 // knows YAML exists. Every problem in a file is reported at once with its position (Kea style),
 // and a config with any problem is never half-applied.
+//
+// The member initializers below are the defaults: the loader leaves a field alone when its key
+// is absent (docs/configuration.md documents the same values; config_test.cpp checks them).
 #pragma once
 
 #include <cstdint>
@@ -118,6 +121,8 @@ struct LoadResult {
   bool ok() const { return config.has_value(); }
 };
 
+// Neither throws: every problem, including an unreadable file or a YAML syntax error, comes
+// back as a Diagnostic. Secrets (provisioning key/secret, access token) never appear in one.
 LoadResult load_file(const std::filesystem::path& path);
 // `name` is what diagnostics call the file.
 LoadResult load_string(const std::string& text, const std::string& name);
