@@ -543,4 +543,6 @@ TEST(Queue, EveryAcceptedRecordSurvivesKill9) {
     }
     EXPECT_EQ(q->queued_records(), present.size());
   }
+  std::printf("kill -9: %zu records accepted over 20 rounds, %zu of them announced for ack\n",
+              pushed.size(), maybe_acked.size());
 }
