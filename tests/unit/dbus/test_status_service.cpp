@@ -217,7 +217,12 @@ class StatusServiceTest : public ::testing::Test {
     };
     std::string err;
     service_ = StatusService::create(
-        loop_, tb::config::BusKind::Session, [this] { return status_; }, std::move(h), &err);
+        loop_, tb::config::BusKind::Session,
+        [this] {
+          if (snapshot_throws_) throw std::runtime_error("snapshot failed");
+          return status_;
+        },
+        std::move(h), &err);
     ASSERT_TRUE(service_) << err;
     ASSERT_TRUE(spin_until([this] { return name_answered_; }));
     ASSERT_TRUE(owned_) << name_error_;
@@ -351,7 +356,7 @@ class StatusServiceTest : public ::testing::Test {
   std::unique_ptr<StatusService> service_;
   int flushes_ = 0, reloads_ = 0;
   std::string reload_result_;
-  bool name_answered_ = false, owned_ = false;
+  bool name_answered_ = false, owned_ = false, snapshot_throws_ = false;
   std::string name_error_;
   std::vector<Change> changes_;
 };
@@ -543,6 +548,21 @@ TEST_F(StatusServiceTest, HandlerExceptionsBecomeErrorReplies) {
   ASSERT_TRUE(r);
   EXPECT_TRUE(sd_bus_message_is_method_error(r, tb::dbus::kErrorFailed));
   sd_bus_message_unref(r);
+}
+
+TEST_F(StatusServiceTest, ThrowingSnapshotNeverUnwindsIntoTheLoop) {
+  start_service();
+  snapshot_throws_ = true;
+  EXPECT_NO_THROW(service_->changed());
+  // A getter's failure becomes an error reply; the loop and the connection go on.
+  sd_bus_message* r =
+      call("org.freedesktop.DBus.Properties", "Get", "ss", tb::dbus::kInterface, "State");
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(sd_bus_message_is_method_error(r, nullptr));
+  sd_bus_message_unref(r);
+  snapshot_throws_ = false;
+  EXPECT_EQ(get_s("State"), "running");
+  EXPECT_TRUE(service_->connected());
 }
 
 TEST_F(StatusServiceTest, SecondOwnerIsToldTheNameIsTaken) {
