@@ -65,6 +65,11 @@ void coap_log_handler(coap_log_t level, const char* message) {
   try {
     std::string text = mask_secrets(message ? message : "");
     while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    // PDU dumps end in " :: 'payload'". Payloads carry secrets no token mask knows: the
+    // provisioning secret we send and the credentials the server answers (§4.1, §4.2). Keep the
+    // header, never the payload.
+    if (const auto pos = text.find(" :: "); pos != std::string::npos)
+      text = text.substr(0, pos) + " :: <payload not logged>";
     // libcoap uses syslog levels (coap_debug.h).
     if (level <= LOG_ERR) {
       spdlog::error("libcoap: {}", text);
