@@ -707,22 +707,18 @@ void parse_sources(Ctx& ctx, const Item& item, Config& out) {
                                             std::to_string(first->second) + ")");
       }
     }
-    if (types == kExec && source.timeout >= source.interval && !invalid(ctx, seen, "timeout") &&
+    // Without an explicit timeout a fast source gets one that fits its interval: the default
+    // (5s) would otherwise make every short interval an error.
+    if (types == kExec && seen.find("timeout") == seen.end() && source.timeout > source.interval)
+      source.timeout = source.interval;
+    if (types == kExec && source.timeout > source.interval && !invalid(ctx, seen, "timeout") &&
         !invalid(ctx, seen, "interval")) {
-      // A run that may last as long as the interval would overlap the next one.
+      // A run that may outlast the interval would overlap the next one.
       const auto timeout = seen.find("timeout");
-      const auto interval = seen.find("interval");
-      const Item* at = timeout != seen.end()    ? &timeout->second
-                       : interval != seen.end() ? &interval->second
-                                                : nullptr;
       const std::string message = path + ".timeout (" + format_duration(source.timeout) +
-                                  (timeout == seen.end() ? ", the default" : "") +
-                                  ") must be shorter than interval (" +
+                                  ") must not be longer than interval (" +
                                   format_duration(source.interval) + ")";
-      if (at)
-        ctx.error(at->where(), message);
-      else
-        ctx.error(node.Mark(), message);
+      ctx.error(timeout->second.where(), message);
     }
     if (types != 0) out.sources.push_back(std::move(source));
   }

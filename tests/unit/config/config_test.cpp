@@ -263,10 +263,15 @@ TEST(Errors, Sources) {
   expect_one(head + "  - name: a\n    type: exec\n    command: [x, {a: 1}]\n", 5, 18,
              "sources[0].command[1]: expected a string");
   expect_one(
-      head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n    timeout: 2s\n",
-      7, 14, "sources[0].timeout (2s) must be shorter than interval (2s)");
-  expect_one(head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n", 6, 15,
-             "timeout (5s, the default) must be shorter than interval (2s)");
+      head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n    timeout: 3s\n",
+      7, 14, "sources[0].timeout (3s) must not be longer than interval (2s)");
+  {
+    // Without an explicit timeout a short interval is the timeout.
+    auto r = tb::config::load_string(
+        head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n", "t.yaml");
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r.config->sources[0].timeout, tb::Millis(2000));
+  }
   // An invalid timeout is reported once, not again as "the default is too long".
   expect_one(head + "  - {name: a, type: exec, command: [x], interval: 1s, timeout: 1y}\n", 3, 64,
              "unknown duration unit");
