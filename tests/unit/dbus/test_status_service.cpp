@@ -14,7 +14,6 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -44,12 +43,25 @@ struct Iface {
   bool found = false;
 };
 
+// name="value" pairs of one tag. Hand-written rather than std::regex: g++ 12 with
+// -fsanitize=address reports a false -Wmaybe-uninitialized inside <regex>.
 std::map<std::string, std::string> attributes(const std::string& tag) {
   std::map<std::string, std::string> out;
-  static const std::regex re(R"re(([A-Za-z_:][-\w.:]*)\s*=\s*"([^"]*)")re");
-  for (auto it = std::sregex_iterator(tag.begin(), tag.end(), re); it != std::sregex_iterator();
-       ++it)
-    out[(*it)[1]] = (*it)[2];
+  std::size_t pos = tag.find_first_of(" \t\r\n");
+  while (pos != std::string::npos) {
+    const std::size_t eq = tag.find('=', pos);
+    if (eq == std::string::npos) break;
+    const std::size_t open = tag.find('"', eq);
+    if (open == std::string::npos) break;
+    const std::size_t close = tag.find('"', open + 1);
+    if (close == std::string::npos) break;
+    std::string name = tag.substr(pos, eq - pos);
+    const auto first = name.find_first_not_of(" \t\r\n");
+    const auto last = name.find_last_not_of(" \t\r\n");
+    name = first == std::string::npos ? "" : name.substr(first, last - first + 1);
+    out[name] = tag.substr(open + 1, close - open - 1);
+    pos = close + 1;
+  }
   return out;
 }
 
