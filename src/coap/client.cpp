@@ -456,8 +456,16 @@ struct Client::Impl {
     if (!session) return;
     coap_session_t* old = session;
     session = nullptr;
-    coap_session_release(old);
+    flush_and_release(old);
     rearm();
+  }
+
+  // coap_session_release() alone leaves the CONs libcoap still retransmits alive (its send queue
+  // holds a reference), so a request we gave up on could land seconds later, after the caller
+  // handled it as failed. Disconnecting first drops them; their nacks find no pending request.
+  void flush_and_release(coap_session_t* old) {
+    coap_session_disconnected(old, COAP_NACK_NOT_DELIVERABLE);
+    coap_session_release(old);
   }
 
   bool ensure_session(std::string* error) {
@@ -469,7 +477,7 @@ struct Client::Impl {
       // still queued on it is nacked now and fails as Network.
       coap_session_t* old = session;
       session = nullptr;
-      coap_session_release(old);
+      flush_and_release(old);
     }
     spdlog::debug("coap: new session to {}", remote_text);
     session_broken = false;

@@ -5,6 +5,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <map>
@@ -85,8 +86,10 @@ int Manager::run() {
     spdlog::critical("event loop failed: {}", std::strerror(-r));
     return kExitFailure;
   }
-  spdlog::info("tb-agent stopped; {} reading(s) stay queued for the next start",
-               queue_ ? queue_->queued_readings() : 0);
+  spdlog::info(
+      "tb-agent stopped: {} reading(s) delivered and {} dropped since start; {} stay queued for "
+      "the next start",
+      sent_readings_, dropped_readings(), queue_ ? queue_->queued_readings() : 0);
   return r == 0 ? kExitOk : r;
 }
 
@@ -187,9 +190,9 @@ int Manager::init() {
       spdlog::warn("queue limits reached: dropped the {} oldest reading(s)", n);
       update_status();
     }
-    limits_timer_->arm_in(Millis(60000));
-  }, Millis(5000));
-  limits_timer_->arm_in(Millis(60000));
+    limits_timer_->arm_in(limits_check_interval());
+  }, Millis(100));
+  limits_timer_->arm_in(limits_check_interval());
   status_timer_ = std::make_unique<Timer>(loop_, [this] { publish_status(); }, Millis(100));
   reap_timer_ = std::make_unique<Timer>(loop_, [this] { provisioner_.reset(); }, Millis(1));
   shutdown_timer_ = std::make_unique<Timer>(loop_, [this] {
@@ -280,6 +283,8 @@ void Manager::on_record(telemetry::Record record) {
     update_status();
     return;
   }
+  // One line per durable record: what the kill -9 tests hold the agent to.
+  spdlog::debug("queued {} reading(s) from '{}' ts={}", n, record.source, record.ts_ms);
   if (push_failing_) {
     spdlog::info("queueing readings works again");
     push_failing_ = false;
@@ -324,8 +329,10 @@ void Manager::begin_shutdown() {
   provisioning_ = false;
   update_status(true);
   shutdown_timer_->arm_in(cfg_.delivery.shutdown_timeout);
+  // One last attempt even while backing off: the server may be back and the wait is bounded by
+  // shutdown_timeout. Not while unauthorized — the server has said no to this token.
   if (uploader_->started() && queue_->queued_readings() > 0 &&
-      uploader_->state() == DeliveryState::Idle) {
+      uploader_->state() != DeliveryState::Unauthorized) {
     spdlog::info("shutdown: last flush of {} reading(s) (at most {})", queue_->queued_readings(),
                  format_duration(cfg_.delivery.shutdown_timeout));
     uploader_->flush_now();
@@ -457,6 +464,12 @@ std::string Manager::apply(const config::Config& next) {
 }
 
 void Manager::set_error(const std::string& error) { last_error_ = error; }
+
+Millis Manager::limits_check_interval() const {
+  // Often enough that a reading outlives queue.max_age by at most a tenth of it, at most once a
+  // minute and at least once a second.
+  return std::clamp(Millis(cfg_.queue.max_age.count() / 10), Millis(1000), Millis(60000));
+}
 
 std::uint64_t Manager::dropped_readings() const {
   return (queue_ ? queue_->dropped_readings() : 0) + push_dropped_readings_;

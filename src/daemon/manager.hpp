@@ -65,6 +65,7 @@ class Manager {
   void update_status(bool immediate = false);
   void publish_status();
   void set_error(const std::string& error);
+  Millis limits_check_interval() const;
   std::string state_name() const;
   dbus::Status snapshot() const;
   std::uint64_t dropped_readings() const;

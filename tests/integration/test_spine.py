@@ -273,3 +273,20 @@ def test_sigterm_drains_and_exits_zero(server, agents, tmp_path):
     assert agent.stop(signal.SIGTERM) == 0  # ...and the last flush on SIGTERM sends them
     produced = int(state.read_text())
     assert {v for _, v in values(server, "pump-7", "seq")} == set(range(1, produced + 1))
+
+
+def test_a_name_already_taken_is_a_final_failure(tmp_path, agents):
+    from agent import build_dir
+    from tbserver import TbServer
+    with TbServer(build_dir(), tmp_path / "srv", provision_key=PROVISION_KEY,
+                  provision_secret=PROVISION_SECRET, strategy="allow_create",
+                  devices={"pump-7": "SOMEONE_ELSES_TOKEN"}) as srv:
+        agent = agents(base_config(srv, tmp_path, []))
+        agent.start()
+        agent.wait_log("already exists or was already provisioned")
+        time.sleep(1.5)
+        # One request: a FAILURE on the first attempt cannot hide a lost answer of ours.
+        assert len([r for r in srv.records() if r.get("feature") == "provision"]) == 1
+        assert agent.credentials() is None
+        assert agent.running()
+        assert agent.stop() == 0
