@@ -78,10 +78,14 @@ int main(int argc, char** argv) {
   Args a;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
-    if (k == "--readings") a.readings = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (k == "--per-record") a.per_record = static_cast<unsigned>(std::atoi(argv[i + 1]));
-    else if (k == "--batch") a.batch = std::strtoull(argv[i + 1], nullptr, 10);
-    else if (k == "--server") a.server = argv[i + 1];
+    if (k == "--readings")
+      a.readings = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (k == "--per-record")
+      a.per_record = static_cast<unsigned>(std::atoi(argv[i + 1]));
+    else if (k == "--batch")
+      a.batch = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (k == "--server")
+      a.server = argv[i + 1];
   }
   spdlog::set_level(spdlog::level::err);
   char tmpl[] = "/tmp/tb-bench-drain-XXXXXX";
@@ -149,8 +153,7 @@ int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   up.start(client.get(), "BENCHTOKEN");
   const int r = sd_event_loop(loop);
-  const double wall =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double cpu = cpu_seconds() - cpu0;
 
   std::printf("drain: %llu readings (%u per record) in %llu requests of <= %llu bytes\n",

@@ -25,9 +25,9 @@ struct Position {
 };
 
 struct ServerConfig {
-  std::string host;               // required
-  std::uint16_t port = 5683;      // RFC 7252 §6.1 default coap port
-  Millis request_timeout = 30s;   // thingsboard-coap-api.md recommends 15–30 s
+  std::string host;              // required
+  std::uint16_t port = 5683;     // RFC 7252 §6.1 default coap port
+  Millis request_timeout = 30s;  // thingsboard-coap-api.md recommends 15–30 s
 };
 
 struct DeviceConfig {
@@ -37,8 +37,8 @@ struct DeviceConfig {
 struct ProvisioningConfig {
   bool present = false;
   std::string key;
-  std::string secret;        // from `secret` or read from `secret_file` (e.g. LoadCredential=)
-  std::string secret_file;   // where the secret came from, if a file
+  std::string secret;       // from `secret` or read from `secret_file` (e.g. LoadCredential=)
+  std::string secret_file;  // where the secret came from, if a file
 };
 
 struct CredentialsConfig {
@@ -77,10 +77,10 @@ struct DeliveryConfig {
   // Payload bytes per request. 1024 keeps every request in one datagram (ThingsBoard's
   // MAX_MESSAGE_SIZE, thingsboard-coap-api.md §1); larger values send batches with Block1.
   std::uint64_t max_batch_size = 1024;
-  Millis flush_interval = 1s;       // how long readings may wait to be batched
-  Millis backoff_initial = 1s;      // first retry ceiling
-  Millis backoff_max = 5min;        // retry ceiling cap
-  Millis shutdown_timeout = 5s;     // last flush on SIGTERM
+  Millis flush_interval = 1s;    // how long readings may wait to be batched
+  Millis backoff_initial = 1s;   // first retry ceiling
+  Millis backoff_max = 5min;     // retry ceiling cap
+  Millis shutdown_timeout = 5s;  // last flush on SIGTERM
 };
 
 enum class BusKind { System, Session, None };
@@ -116,7 +116,7 @@ struct Diagnostic {
 };
 
 struct LoadResult {
-  std::optional<Config> config;       // set only when diagnostics is empty
+  std::optional<Config> config;  // set only when diagnostics is empty
   std::vector<Diagnostic> diagnostics;
   bool ok() const { return config.has_value(); }
 };

@@ -45,8 +45,8 @@ std::optional<Credentials> load(const std::filesystem::path& state_dir, std::str
   c.device_name = string_field(*j, "deviceName");
   if (c.type != "ACCESS_TOKEN") {
     if (error)
-      *error = file.string() + ": credentialsType '" + c.type +
-               "' is not supported (only ACCESS_TOKEN)";
+      *error =
+          file.string() + ": credentialsType '" + c.type + "' is not supported (only ACCESS_TOKEN)";
     return std::nullopt;
   }
   if (c.value.empty()) {

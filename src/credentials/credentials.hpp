@@ -24,7 +24,7 @@ struct Credentials {
 struct PendingProvision {
   std::string device_name;
   std::string token;
-  std::uint32_t attempts = 0;       // requests sent so far
+  std::uint32_t attempts = 0;  // requests sent so far
   std::int64_t first_attempt_ms = 0;
 };
 

@@ -2,8 +2,8 @@
 
 #include <signal.h>
 
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdio>
 #include <iostream>
@@ -120,16 +120,15 @@ int cli_main(int argc, char** argv) {
   Args args;
   CLI::App app{"tb-agent: a ThingsBoard device agent over CoAP", "tb-agent"};
   app.set_version_flag("--version", std::string("tb-agent ") + TB_AGENT_VERSION);
-  app.add_option("-c,--config", args.config_path, "configuration file")
-      ->capture_default_str();
+  app.add_option("-c,--config", args.config_path, "configuration file")->capture_default_str();
   auto* check = app.add_flag("--check-config", args.check_config,
                              "validate the configuration, print OK or every problem, exit 0 or 78");
   auto* test = app.add_flag("--test", args.test,
                             "collect every source once and print the telemetry JSON; no network");
   check->excludes(test);
   app.add_option_function<std::string>(
-         "--state-dir", [&](const std::string& v) { args.overrides.state_dir = v; },
-         "override state_dir from the configuration");
+      "--state-dir", [&](const std::string& v) { args.overrides.state_dir = v; },
+      "override state_dir from the configuration");
   app.add_option_function<std::string>(
          "--log-level", [&](const std::string& v) { args.overrides.log_level = v; },
          "trace, debug, info, warning, error (overrides logging.level)")

@@ -124,8 +124,8 @@ int Manager::init() {
 
   // Credentials: configured token first, then the stored file, else provisioning.
   if (!cfg_.credentials.access_token.empty()) {
-    creds_ = credentials::Credentials{"ACCESS_TOKEN", cfg_.credentials.access_token,
-                                      cfg_.device.name};
+    creds_ =
+        credentials::Credentials{"ACCESS_TOKEN", cfg_.credentials.access_token, cfg_.device.name};
   } else {
     creds_ = credentials::load(cfg_.state_dir, &err);
     if (!creds_ && !err.empty()) {
@@ -185,21 +185,29 @@ int Manager::init() {
     }
   }
 
-  limits_timer_ = std::make_unique<Timer>(loop_, [this] {
-    if (const auto n = queue_->enforce_limits(wall_ms())) {
-      spdlog::warn("queue limits reached: dropped the {} oldest reading(s)", n);
-      update_status();
-    }
-    limits_timer_->arm_in(limits_check_interval());
-  }, Millis(100));
+  limits_timer_ = std::make_unique<Timer>(
+      loop_,
+      [this] {
+        if (const auto n = queue_->enforce_limits(wall_ms())) {
+          spdlog::warn("queue limits reached: dropped the {} oldest reading(s)", n);
+          update_status();
+        }
+        limits_timer_->arm_in(limits_check_interval());
+      },
+      Millis(100));
   limits_timer_->arm_in(limits_check_interval());
-  status_timer_ = std::make_unique<Timer>(loop_, [this] { publish_status(); }, Millis(100));
-  reap_timer_ = std::make_unique<Timer>(loop_, [this] { provisioner_.reset(); }, Millis(1));
-  shutdown_timer_ = std::make_unique<Timer>(loop_, [this] {
-    spdlog::warn("shutdown: last flush did not finish within {}; {} reading(s) stay queued",
-                 format_duration(cfg_.delivery.shutdown_timeout), queue_->queued_readings());
-    sd_event_exit(loop_, 0);
-  }, Millis(10), CLOCK_MONOTONIC);
+  status_timer_ = std::make_unique<Timer>(
+      loop_, [this] { publish_status(); }, Millis(100));
+  reap_timer_ = std::make_unique<Timer>(
+      loop_, [this] { provisioner_.reset(); }, Millis(1));
+  shutdown_timer_ = std::make_unique<Timer>(
+      loop_,
+      [this] {
+        spdlog::warn("shutdown: last flush did not finish within {}; {} reading(s) stay queued",
+                     format_duration(cfg_.delivery.shutdown_timeout), queue_->queued_readings());
+        sd_event_exit(loop_, 0);
+      },
+      Millis(10), CLOCK_MONOTONIC);
 
   if (cfg_.dbus.bus != config::BusKind::None) {
     dbus::Handlers h;
@@ -209,10 +217,9 @@ int Manager::init() {
       if (uploader_) uploader_->flush_now();
     };
     h.reload = [this] { return reload(); };
-    bus_ = dbus::StatusService::create(loop_, cfg_.dbus.bus, [this] { return snapshot(); },
-                                       std::move(h), &err);
-    if (!bus_)
-      spdlog::warn("D-Bus status is unavailable ({}); running without it", err);
+    bus_ = dbus::StatusService::create(
+        loop_, cfg_.dbus.bus, [this] { return snapshot(); }, std::move(h), &err);
+    if (!bus_) spdlog::warn("D-Bus status is unavailable ({}); running without it", err);
   }
   return kExitOk;
 }
@@ -380,7 +387,8 @@ std::string Manager::apply(const config::Config& next) {
   changed_only.sources.clear();
   for (const auto& sc : next.sources) {
     auto it = old_by_name.find(sc.name);
-    if (it == old_by_name.end() || !same_source(*it->second, sc)) changed_only.sources.push_back(sc);
+    if (it == old_by_name.end() || !same_source(*it->second, sc))
+      changed_only.sources.push_back(sc);
   }
   std::string err;
   if (!build_sources(changed_only, &fresh, &err)) return err;
@@ -446,8 +454,8 @@ std::string Manager::apply(const config::Config& next) {
   const bool retry_provisioning = failed_ && !creds_ && next.provisioning.present;
   cfg_ = next;
   if (token_changed) {
-    creds_ = credentials::Credentials{"ACCESS_TOKEN", next.credentials.access_token,
-                                      next.device.name};
+    creds_ =
+        credentials::Credentials{"ACCESS_TOKEN", next.credentials.access_token, next.device.name};
     provisioner_.reset();
     provisioning_ = false;
     failed_ = false;

@@ -90,8 +90,8 @@ class Manager {
   std::unique_ptr<Timer> reap_timer_;
 
   std::optional<credentials::Credentials> creds_;
-  std::string progress_;     // what provisioning is doing
-  DeliveryEvent delivery_;   // the uploader's last state
+  std::string progress_;    // what provisioning is doing
+  DeliveryEvent delivery_;  // the uploader's last state
   std::string last_error_;
   bool provisioning_ = false;
   bool failed_ = false;

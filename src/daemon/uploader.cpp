@@ -47,7 +47,8 @@ Uploader::Uploader(sd_event* loop, telemetry::Queue& queue, config::DeliveryConf
       drain_rate_(drain_rate),
       callbacks_(std::move(callbacks)),
       backoff_(delivery.backoff_initial, delivery.backoff_max),
-      send_timer_(loop, [this] { send_next(); }, Millis(1), CLOCK_MONOTONIC) {}
+      send_timer_(
+          loop, [this] { send_next(); }, Millis(1), CLOCK_MONOTONIC) {}
 
 Uploader::~Uploader() { pause(); }
 
@@ -124,9 +125,10 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
 
   if (outcome.answered() && outcome.response->code / 100 == 2) {
     if (!queue_.ack(batch, &err))
-      spdlog::error("delivered, but cannot remove the batch from the queue ({}); it will be sent "
-                    "again with the same timestamps",
-                    err);
+      spdlog::error(
+          "delivered, but cannot remove the batch from the queue ({}); it will be sent "
+          "again with the same timestamps",
+          err);
     consecutive_drops_ = 0;
     settle_suspect();
     backoff_.reset();
@@ -149,8 +151,9 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
     }
     if (consecutive_drops_ >= kMaxConsecutiveDrops) {
       queue_.release(batch);
-      retry("server refuses every payload (4.00); keeping the data — check the device profile "
-            "(it must use the DEFAULT or COAP transport with JSON payloads)");
+      retry(
+          "server refuses every payload (4.00); keeping the data — check the device profile "
+          "(it must use the DEFAULT or COAP transport with JSON payloads)");
       return;
     }
     ++consecutive_drops_;

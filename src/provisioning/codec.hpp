@@ -17,12 +17,12 @@ struct Request {
 std::string encode_request(const Request& request);
 
 enum class Verdict {
-  Success,      // 2.01 {"status":"SUCCESS",...}
-  NotFound,     // 4.00 {"status":"NOT_FOUND"}: wrong key/secret or provisioning disabled
-  Failure,      // 4.00 {"status":"FAILURE"}: name taken, already provisioned, token in use, ...
-  BadRequest,   // 4.00 with no status: the server could not read our request — not retryable
-  Retryable,    // 5.xx: core down, slow or rate limited — retry with backoff
-  Unexpected,   // anything else: not ThingsBoard's provisioning API (wrong host or path)
+  Success,     // 2.01 {"status":"SUCCESS",...}
+  NotFound,    // 4.00 {"status":"NOT_FOUND"}: wrong key/secret or provisioning disabled
+  Failure,     // 4.00 {"status":"FAILURE"}: name taken, already provisioned, token in use, ...
+  BadRequest,  // 4.00 with no status: the server could not read our request — not retryable
+  Retryable,   // 5.xx: core down, slow or rate limited — retry with backoff
+  Unexpected,  // anything else: not ThingsBoard's provisioning API (wrong host or path)
 };
 
 struct Answer {

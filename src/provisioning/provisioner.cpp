@@ -79,8 +79,8 @@ void Provisioner::send_request() {
   }
   progress_("provisioning device '" + pending_.device_name + "'");
   spdlog::info("provisioning device '{}' (attempt {})", pending_.device_name, pending_.attempts);
-  const std::string body = encode_request(
-      {options_.key, options_.secret, pending_.device_name, pending_.token});
+  const std::string body =
+      encode_request({options_.key, options_.secret, pending_.device_name, pending_.token});
   in_flight_ = client_.request(coap::Method::Post, {"api", "v1", "provision"}, body,
                                [this](const coap::Outcome& o) {
                                  in_flight_ = 0;

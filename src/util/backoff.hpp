@@ -1,5 +1,6 @@
 // Capped exponential backoff with full jitter (AWS architecture blog "Exponential Backoff And
-// Jitter"; Fluent Bit's scheduler does the same): delay = uniform(0, min(cap, initial * 2^attempt)).
+// Jitter"; Fluent Bit's scheduler does the same): delay = uniform(0, min(cap, initial *
+// 2^attempt)).
 #pragma once
 
 #include <cstdint>

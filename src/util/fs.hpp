@@ -2,11 +2,11 @@
 // fsync the directory (so the rename itself survives a power cut).
 #pragma once
 
+#include <sys/types.h>
 #include <filesystem>
 #include <optional>
 #include <string>
 #include <string_view>
-#include <sys/types.h>
 
 namespace tb {
 

@@ -4,10 +4,10 @@
 #include <systemd/sd-journal.h>
 
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -103,14 +103,13 @@ bool set_level(std::string_view level) {
 }
 
 bool setup(std::string_view level, Target target) {
-  const bool journal =
-      target == Target::Journal || (target == Target::Auto && stderr_is_journal());
+  const bool journal = target == Target::Journal || (target == Target::Auto && stderr_is_journal());
   std::shared_ptr<spdlog::logger> logger;
   if (journal) {
     logger = std::make_shared<spdlog::logger>("tb-agent", std::make_shared<JournalSink>());
   } else {
-    logger = std::make_shared<spdlog::logger>(
-        "tb-agent", std::make_shared<spdlog::sinks::stderr_sink_st>());
+    logger = std::make_shared<spdlog::logger>("tb-agent",
+                                              std::make_shared<spdlog::sinks::stderr_sink_st>());
     logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
   }
   spdlog::set_default_logger(logger);

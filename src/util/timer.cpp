@@ -10,8 +10,8 @@ Timer::Timer(sd_event* loop, std::function<void()> callback, Millis accuracy, cl
              int priority)
     : loop_(loop), callback_(std::move(callback)), clock_(clock) {
   const std::uint64_t acc = static_cast<std::uint64_t>(accuracy.count()) * 1000;
-  if (sd_event_add_time(loop_, &source_, clock_, UINT64_MAX, acc ? acc : 1, &Timer::on_fire,
-                        this) < 0) {
+  if (sd_event_add_time(loop_, &source_, clock_, UINT64_MAX, acc ? acc : 1, &Timer::on_fire, this) <
+      0) {
     source_ = nullptr;
     spdlog::critical("cannot create a timer on the event loop");
     return;

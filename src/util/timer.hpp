@@ -2,8 +2,8 @@
 // exception ever unwinds into sd-event.
 #pragma once
 
-#include <functional>
 #include <time.h>
+#include <functional>
 
 #include <systemd/sd-event.h>
 

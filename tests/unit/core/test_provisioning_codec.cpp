@@ -24,9 +24,10 @@ TEST(ProvisioningCodec, Success) {
 }
 
 TEST(ProvisioningCodec, NotFoundAndFailure) {
-  EXPECT_EQ(decode_answer(400, R"({"errorMsg":"Provision data was not found!","status":"NOT_FOUND"})")
-                .verdict,
-            Verdict::NotFound);
+  EXPECT_EQ(
+      decode_answer(400, R"({"errorMsg":"Provision data was not found!","status":"NOT_FOUND"})")
+          .verdict,
+      Verdict::NotFound);
   auto f = decode_answer(400, R"({"errorMsg":"Failed to provision device!","status":"FAILURE"})");
   EXPECT_EQ(f.verdict, Verdict::Failure);
   EXPECT_EQ(f.error_message, "Failed to provision device!");
