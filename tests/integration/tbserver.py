@@ -186,8 +186,17 @@ class TbServer:
 
         Each is a Point(key, ts, value, device): p[0], p[1], p[2] are key, ts and value as in a
         record's "points" list."""
-        return [Point(k, ts, v, d)
-                for d, k, ts, v in self.state()["points"] if device is None or d == device]
+        # From the request record, which is written before each answer is sent (the state file
+        # is saved at most every 100 ms); a point is stored when its request answered 2.01.
+        out = []
+        for r in self.records():
+            if r.get("feature") != "telemetry" or r.get("code") != "2.01" or not r.get("points"):
+                continue
+            d = r.get("device")
+            if device is not None and d != device:
+                continue
+            out.extend(Point(k, ts, v, d) for k, ts, v in r["points"])
+        return out
 
     def devices(self):
         """Device name -> access token (None once revoked)."""
