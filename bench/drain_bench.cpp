@@ -42,6 +42,23 @@ double cpu_seconds() {
          static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
+// One "Name:   123 kB" field of a /proc/self file, in KiB; -1 if absent.
+long proc_kib(const char* file, const char* field) {
+  FILE* f = std::fopen(file, "r");
+  if (!f) return -1;
+  char line[256];
+  long v = -1;
+  const std::size_t n = std::strlen(field);
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, field, n) == 0 && line[n] == ':') {
+      v = std::strtol(line + n + 1, nullptr, 10);
+      break;
+    }
+  }
+  std::fclose(f);
+  return v;
+}
+
 long peak_rss_kib() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
@@ -162,6 +179,13 @@ int main(int argc, char** argv) {
   std::printf("drain: %.2f s wall, %.0f readings/s, %.2f CPU s (agent side), peak RSS %.1f MiB\n",
               wall, static_cast<double>(backlog) / wall, cpu,
               static_cast<double>(peak_rss_kib()) / 1024.0);
+  // Peak RSS counts the shared libraries' file-backed pages (libcrypto, libstdc++, sqlite, ...),
+  // which other processes share and the kernel can evict; the agent's own memory is RssAnon.
+  std::printf(
+      "memory: VmHWM %ld KiB = RssAnon %ld KiB (private) + RssFile %ld KiB (shared "
+      "libraries, binary); Pss %ld KiB\n",
+      proc_kib("/proc/self/status", "VmHWM"), proc_kib("/proc/self/status", "RssAnon"),
+      proc_kib("/proc/self/status", "RssFile"), proc_kib("/proc/self/smaps_rollup", "Pss"));
   up.pause();
   client.reset();
   queue.reset();
