@@ -120,7 +120,7 @@ def test_server_outage_loses_nothing(server, agents, tmp_path):
     time.sleep(3)  # ~15 collections while the server is gone
     server.start()
     time.sleep(1)
-    agent.stop()
+    assert agent.stop() == 0
     produced = int(state.read_text())
     # Delivered after the server came back (the agent flushes on SIGTERM too).
     wait_until(lambda: len(values(server, "pump-7", "seq")) >= produced or None, timeout=2,
