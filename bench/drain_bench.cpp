@@ -192,6 +192,11 @@ int main(int argc, char** argv) {
   sd_event_unref(loop);
   kill(server, SIGTERM);
   waitpid(server, &status, 0);
+  rusage children{};
+  getrusage(RUSAGE_CHILDREN, &children);  // the fill child and the server
+  std::printf("server+fill CPU: %.2f s\n",
+              static_cast<double>(children.ru_utime.tv_sec + children.ru_stime.tv_sec) +
+                  static_cast<double>(children.ru_utime.tv_usec + children.ru_stime.tv_usec) / 1e6);
   fs::remove_all(dir);
   return r == 0 ? 0 : 1;
 }

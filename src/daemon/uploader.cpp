@@ -134,7 +134,12 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
     backoff_.reset();
     if (callbacks_.delivered) callbacks_.delivered(batch.readings);
     set_state(DeliveryState::Idle, "");
-    send_timer_.arm_in(rate_delay(batch.readings));
+    // Draining a backlog: go on at once (we run from the client's dispatcher, not inside libcoap,
+    // so a new request is fine here); a timer only when drain_rate asks for a pause.
+    if (const Millis pause = rate_delay(batch.readings); pause.count() > 0)
+      send_timer_.arm_in(pause);
+    else
+      send_next();
     return;
   }
 
