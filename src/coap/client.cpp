@@ -731,4 +731,16 @@ std::string code_string(int code) {
   return out;
 }
 
+std::string describe(const Outcome& o) {
+  if (o.answered()) return "server answered " + code_string(o.response->code);
+  switch (o.failure) {
+    case Failure::Timeout:
+      return "no answer from the server";
+    case Failure::Network:
+      return "network error" + (o.error.empty() ? std::string() : ": " + o.error);
+    default:
+      return o.error.empty() ? "request failed" : o.error;
+  }
+}
+
 }  // namespace tb::coap

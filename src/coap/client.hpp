@@ -96,5 +96,8 @@ class Client {
 
 // "2.01"
 std::string code_string(int code);
+// What happened, for logs and LastError: "server answered 5.00", "no answer from the server",
+// "network error: ICMP error (server unreachable)".
+std::string describe(const Outcome& outcome);
 
 }  // namespace tb::coap

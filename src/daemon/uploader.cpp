@@ -13,18 +13,6 @@ namespace {
 // would throw the whole queue away: keep the data and retry instead.
 constexpr unsigned kMaxConsecutiveDrops = 3;
 
-std::string describe(const coap::Outcome& o) {
-  if (o.answered()) return "server answered " + coap::code_string(o.response->code);
-  switch (o.failure) {
-    case coap::Failure::Timeout:
-      return "no answer from the server";
-    case coap::Failure::Network:
-      return "network error" + (o.error.empty() ? std::string() : ": " + o.error);
-    default:
-      return o.error.empty() ? "request failed" : o.error;
-  }
-}
-
 }  // namespace
 
 const char* delivery_state_name(DeliveryState s) {
@@ -182,7 +170,7 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
     send_timer_.arm_in(delivery_.backoff_max);
     return;
   }
-  retry(describe(outcome));
+  retry(coap::describe(outcome));
 }
 
 void Uploader::settle_suspect() {

@@ -8,22 +8,6 @@
 
 namespace tb::provisioning {
 
-namespace {
-
-std::string describe_failure(const coap::Outcome& o) {
-  if (o.answered()) return "server answered " + coap::code_string(o.response->code);
-  switch (o.failure) {
-    case coap::Failure::Timeout:
-      return "no answer from the server";
-    case coap::Failure::Network:
-      return "network error: " + o.error;
-    default:
-      return o.error.empty() ? "request failed" : o.error;
-  }
-}
-
-}  // namespace
-
 Provisioner::Provisioner(sd_event* loop, coap::Client& client, Options options,
                          std::function<void(const Result&)> done,
                          std::function<void(const std::string&)> progress)
@@ -90,7 +74,7 @@ void Provisioner::send_request() {
 
 void Provisioner::on_answer(const coap::Outcome& outcome) {
   if (!outcome.answered()) {
-    retry_later(describe_failure(outcome), false);
+    retry_later(coap::describe(outcome), false);
     return;
   }
   const Answer a = decode_answer(outcome.response->code, outcome.response->payload);
@@ -99,7 +83,7 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
       succeed(a.credentials_value);
       return;
     case Verdict::Retryable:
-      retry_later(describe_failure(outcome), false);
+      retry_later(coap::describe(outcome), false);
       return;
     case Verdict::NotFound:
       fail("provisioning refused (NOT_FOUND: " + a.error_message +
@@ -124,7 +108,7 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
       return;
     case Verdict::BadRequest:
     case Verdict::Unexpected:
-      fail("provisioning failed: " + describe_failure(outcome) + " (" + a.error_message +
+      fail("provisioning failed: " + coap::describe(outcome) + " (" + a.error_message +
            "); is server.host a ThingsBoard CoAP endpoint?");
       return;
   }
@@ -142,7 +126,7 @@ void Provisioner::verify_token() {
 
 void Provisioner::on_verify(const coap::Outcome& outcome) {
   if (!outcome.answered()) {
-    retry_later(describe_failure(outcome), true);
+    retry_later(coap::describe(outcome), true);
     return;
   }
   const int code = outcome.response->code;
@@ -156,9 +140,9 @@ void Provisioner::on_verify(const coap::Outcome& outcome) {
          "' exists already or was provisioned with other credentials; ask the ThingsBoard "
          "administrator to delete it or reset its provisionState, or set credentials.access_token");
   } else if (code / 100 == 5) {
-    retry_later(describe_failure(outcome), true);
+    retry_later(coap::describe(outcome), true);
   } else {
-    fail("cannot check the proposed token: " + describe_failure(outcome));
+    fail("cannot check the proposed token: " + coap::describe(outcome));
   }
 }
 
