@@ -177,7 +177,7 @@ class TbServer:
 
     def state(self):
         if not self.state_file.exists():
-            return {"devices": {}, "points": []}
+            return {"devices": {}}
         with open(self.state_file, encoding="utf-8") as f:
             return json.load(f)
 

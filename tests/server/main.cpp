@@ -249,9 +249,6 @@ class Server {
   void Notify(const std::string& dev, const json& changed);
   void LoadState();
   void SaveState();
-  static constexpr int64_t kPointsSaveMs = 100;
-  bool points_dirty_ = false;
-  int64_t last_save_ms_ = 0;
   void Record(const ordered_json& rec);
   void Log(const std::string& line, int level = 1) {
     if (opt_.verbosity >= level) std::cerr << line << std::endl;
@@ -269,7 +266,6 @@ class Server {
 
   std::map<std::string, Device> devices_;
   std::map<std::string, std::string> tokens_;       // token -> device name
-  json points_ = json::array();                     // [[device, key, ts, value], ...]
   std::map<std::string, Observer> attr_observers_;  // device -> observer (§2.3 one per device)
   std::map<std::string, Observer> rpc_observers_;
 
@@ -352,7 +348,6 @@ int Server::Run() {
     int64_t next = NextTimer();
     int timeout =
         next < 0 ? 1000 : static_cast<int>(std::clamp<int64_t>(next - SteadyMs(), 0, 1000));
-    if (points_dirty_) timeout = std::min(timeout, static_cast<int>(kPointsSaveMs));
     int n = poll(fds, stdin_open_ ? 2 : 1, timeout);
     if (n < 0 && errno != EINTR) {
       std::cerr << "tb-test-server: poll: " << std::strerror(errno) << std::endl;
@@ -361,7 +356,6 @@ int Server::Run() {
     if (n > 0 && (fds[0].revents & POLLIN)) OnReadable();
     if (n > 0 && stdin_open_ && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) OnStdin();
     Timers();
-    if (points_dirty_ && SteadyMs() - last_save_ms_ >= kPointsSaveMs) SaveState();
   }
   SaveState();
   return 0;
@@ -773,13 +767,11 @@ Reply Server::PostTelemetry(const std::string& dev, const Request& rq, ordered_j
   json pts = json::array();
   for (auto& pt : r.points) {
     pts.push_back(json::array({pt.key, pt.ts, pt.value}));
-    points_.push_back(json::array({dev, pt.key, pt.ts, pt.value}));
   }
   rec["points"] = pts;
   Count("points", static_cast<int64_t>(r.points.size()));
-  // Rewriting every point on every request made a long drain quadratic; Run() saves at most
-  // every kPointsSaveMs (and always on exit).
-  points_dirty_ = true;
+  // Points live in the request record (appended across restarts, read by tbserver.py), not in
+  // the state file: rewriting every point on every request made a long drain quadratic.
   rp.code = kCreated;  // §1: 2.01, empty payload, no Content-Format
   rp.success = true;
   Log("telemetry from " + dev + ": " + std::to_string(r.points.size()) + " point" +
@@ -1376,12 +1368,9 @@ void Server::LoadState() {
       devices_[it.key()] = dev;
     }
   }
-  if (j.contains("points") && j["points"].is_array()) points_ = j["points"];
 }
 
 void Server::SaveState() {
-  points_dirty_ = false;
-  last_save_ms_ = SteadyMs();
   if (opt_.state_file.empty()) return;
   json j;
   j["devices"] = json::object();
@@ -1391,7 +1380,6 @@ void Server::SaveState() {
                           {"client", d.client},
                           {"shared", d.shared}};
   }
-  j["points"] = points_;
   // Atomic rewrite: a reader (the Python helper) never sees a half-written file.
   std::string tmp = opt_.state_file + ".tmp";
   {
