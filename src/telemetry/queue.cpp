@@ -238,7 +238,10 @@ class SqliteQueue final : public Queue {
         {&insert_, "INSERT INTO records(ts, values_json, readings, bytes) VALUES(?, ?, ?, ?)"},
         {&oldest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id ASC"},
         {&newest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id DESC"},
-        {&delete_one_, "DELETE FROM records WHERE id = ? RETURNING id, readings, bytes"},
+        // Not DELETE … RETURNING: SQLite builds an ephemeral table for every RETURNING statement,
+        // which was most of the cost of an ack while draining a backlog.
+        {&select_one_, "SELECT readings, bytes FROM records WHERE id = ?"},
+        {&delete_one_, "DELETE FROM records WHERE id = ?"},
         {&delete_older_, "DELETE FROM records WHERE ts < ? RETURNING id, readings, bytes"},
         {&delete_upto_, "DELETE FROM records WHERE id <= ? RETURNING id, readings, bytes"},
         {&prefix_, "SELECT id, bytes FROM records ORDER BY id ASC"},
@@ -277,8 +280,8 @@ class SqliteQueue final : public Queue {
   }
 
   void disconnect() {
-    for (sqlite3_stmt** s : {&insert_, &oldest_, &newest_, &delete_one_, &delete_older_,
-                             &delete_upto_, &prefix_, &begin_, &commit_, &rollback_,
+    for (sqlite3_stmt** s : {&insert_, &oldest_, &newest_, &select_one_, &delete_one_,
+                             &delete_older_, &delete_upto_, &prefix_, &begin_, &commit_, &rollback_,
                              &sync_full_stmt_, &sync_normal_stmt_, &page_count_, &vacuum_}) {
       sqlite3_finalize(*s);
       *s = nullptr;
@@ -549,12 +552,21 @@ class SqliteQueue final : public Queue {
     int rc = SQLITE_DONE;
     if (set_sync(false, error) && (rc = step_simple(begin_)) == SQLITE_DONE) {
       for (const auto id : batch.ids) {
-        sqlite3_bind_int64(delete_one_, 1, id);
-        while ((rc = sqlite3_step(delete_one_)) == SQLITE_ROW) {
-          readings += static_cast<std::uint64_t>(sqlite3_column_int64(delete_one_, 1));
-          bytes += static_cast<std::uint64_t>(sqlite3_column_int64(delete_one_, 2));
+        // A record the limits already removed is simply not there: nothing to count.
+        sqlite3_bind_int64(select_one_, 1, id);
+        rc = sqlite3_step(select_one_);
+        const bool present = rc == SQLITE_ROW;
+        if (present) {
+          readings += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 0));
+          bytes += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 1));
           ++records;
+          rc = SQLITE_DONE;
         }
+        sqlite3_reset(select_one_);
+        if (rc != SQLITE_DONE) break;
+        if (!present) continue;
+        sqlite3_bind_int64(delete_one_, 1, id);
+        rc = sqlite3_step(delete_one_);
         sqlite3_reset(delete_one_);
         if (rc != SQLITE_DONE) break;
       }
@@ -586,6 +598,7 @@ class SqliteQueue final : public Queue {
   sqlite3_stmt* insert_ = nullptr;
   sqlite3_stmt* oldest_ = nullptr;
   sqlite3_stmt* newest_ = nullptr;
+  sqlite3_stmt* select_one_ = nullptr;
   sqlite3_stmt* delete_one_ = nullptr;
   sqlite3_stmt* delete_older_ = nullptr;
   sqlite3_stmt* delete_upto_ = nullptr;
