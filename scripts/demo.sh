@@ -76,5 +76,8 @@ echo "== what the server received"
 echo "stats" >&3
 sleep 0.3
 tail -n 1 "$server_log"
+echo "last telemetry payload received:"
+grep '"feature":"telemetry"' "$demo/requests.jsonl" | tail -n 1 |
+  python3 -c 'import json,sys; print(json.dumps(json.loads(json.loads(sys.stdin.read())["payload"]), indent=2))'
 echo "credentials stored in $demo/state/credentials.json:"
 ls -l "$demo/state/credentials.json"
