@@ -134,5 +134,8 @@ def test_properties_follow_the_agent_and_signals_arrive(server, agents, tmp_path
         changed = msg.get("payload", {}).get("data", [None, {}])[1]
         if "State" in changed:
             states.append(changed["State"]["data"])
-    for s in ("provisioning", "running", "retrying", "unauthorized"):
-        assert s in states, states
+    # "provisioning" was seen above with get-property; its signal can precede the monitor's
+    # registration on a loaded machine. The later transitions come seconds after start.
+    assert [s for s in states if s in ("retrying", "unauthorized")] == ["retrying", "unauthorized"]
+    assert "running" in states[: states.index("retrying")], states
+    assert "running" in states[states.index("retrying"):states.index("unauthorized")], states
