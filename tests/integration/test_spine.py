@@ -145,7 +145,7 @@ def test_5xx_is_retried_with_growing_jittered_delays(server, agents, tmp_path):
     gaps = [b["t"] - a["t"] for a, b in zip(failures, failures[1:])]
     # Capped exponential: no gap beyond the cap (plus scheduling slack); the ceiling grows, so
     # later gaps are on average longer than the first ones; full jitter: gaps are not all equal.
-    assert max(gaps) <= 1600 + 300, gaps
+    assert max(gaps) <= 1600 + 600, gaps  # the cap plus generous scheduling slack (ASan, CI)
     assert sum(gaps[-3:]) / 3 > sum(gaps[:2]) / 2, gaps
     assert len(set(gaps)) > 1
     assert "server answered 5.00" in agent.log()
