@@ -551,6 +551,16 @@ void Manager::publish_status() {
     text = "running: " + std::to_string(sent_readings_) + " reading(s) delivered";
   }
   notifier_.status(text);
+  if (state != logged_state_) {
+    // One journal entry per transition, with TB_STATE= so `journalctl TB_STATE=unauthorized`
+    // finds them; louder for the states an operator must look at.
+    log::FieldGuard field("TB_STATE", state);
+    const auto level = state == "failed"                                  ? spdlog::level::err
+                       : (state == "retrying" || state == "unauthorized") ? spdlog::level::warn
+                                                                          : spdlog::level::info;
+    spdlog::log(level, "state {} -> {}: {}", logged_state_, state, text);
+    logged_state_ = state;
+  }
   if (bus_) bus_->changed();
 }
 

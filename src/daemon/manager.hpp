@@ -93,6 +93,7 @@ class Manager {
   std::string progress_;    // what provisioning is doing
   DeliveryEvent delivery_;  // the uploader's last state
   std::string last_error_;
+  std::string logged_state_ = "starting";
   bool provisioning_ = false;
   bool failed_ = false;
   bool stopping_ = false;

@@ -51,7 +51,7 @@ class Agent:
             self.config = config
         self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
 
-    def start(self, *args, env=None, log_level="debug"):
+    def start(self, *args, env=None, log_level="debug", log_target="stderr"):
         assert self.proc is None or self.proc.poll() is not None, "agent already running"
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
@@ -60,7 +60,7 @@ class Agent:
             full_env.update(env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [str(self.binary), "--config", str(self.config_path), "--log-target=stderr",
+            [str(self.binary), "--config", str(self.config_path), f"--log-target={log_target}",
              f"--log-level={log_level}", *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=full_env)
         return self
