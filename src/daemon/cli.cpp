@@ -138,7 +138,7 @@ int cli_main(int argc, char** argv) {
       ->capture_default_str();
   app.footer(
       "Exit status: 0 clean stop, 78 invalid configuration, 1 any other fatal error.\n"
-      "See tb-agent(8) and tb-agent.yaml(5).");
+      "See tb-agent(8); every configuration key: configuration.md in the documentation.");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
