@@ -27,6 +27,7 @@ std::string server_string(const config::ServerConfig& s) {
   return s.host + ":" + std::to_string(s.port);
 }
 
+// Every field but `position`: a source that only moved within the file keeps running on reload.
 bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
   return a.name == b.name && a.type == b.type && a.interval == b.interval && a.path == b.path &&
          a.key == b.key && a.scale == b.scale && a.offset == b.offset && a.command == b.command &&

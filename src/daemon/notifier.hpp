@@ -14,7 +14,6 @@ class Notifier {
   void stopping();
   // Sends STATUS= only when the text changed.
   void status(const std::string& text);
-  const std::string& last_status() const { return status_; }
 
  private:
   std::string status_;

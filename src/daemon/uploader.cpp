@@ -29,8 +29,7 @@ const char* delivery_state_name(DeliveryState s) {
 
 Uploader::Uploader(sd_event* loop, telemetry::Queue& queue, config::DeliveryConfig delivery,
                    double drain_rate, Callbacks callbacks)
-    : loop_(loop),
-      queue_(queue),
+    : queue_(queue),
       delivery_(delivery),
       drain_rate_(drain_rate),
       callbacks_(std::move(callbacks)),

@@ -71,7 +71,6 @@ class Uploader {
   void set_state(DeliveryState s, const std::string& error, Millis retry_in = Millis(0));
   Millis rate_delay(std::uint64_t readings) const;
 
-  sd_event* loop_;
   telemetry::Queue& queue_;
   config::DeliveryConfig delivery_;
   double drain_rate_;

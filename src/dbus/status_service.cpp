@@ -149,10 +149,22 @@ struct StatusService::Impl {
 
   // --- C callbacks: each catches everything, nothing unwinds into sd-bus/sd-event. ---
 
+  // Runs a bus call's body; an exception becomes an io.tbagent.Agent1.Error.Failed reply.
+  template <typename Body>
+  static int guarded(sd_bus_error* error, Body&& body) noexcept {
+    try {
+      return body();
+    } catch (const std::exception& e) {
+      return sd_bus_error_set(error, kErrorFailed, e.what());
+    } catch (...) {
+      return sd_bus_error_set(error, kErrorFailed, "internal error");
+    }
+  }
+
   static int get_property(sd_bus*, const char*, const char*, const char* property,
                           sd_bus_message* reply, void* userdata, sd_bus_error* error) {
     auto* self = static_cast<Impl*>(userdata);
-    try {
+    return guarded(error, [&]() -> int {
       const Status& s = self->latest();
       const std::string_view p = property;
       if (p == "State") return sd_bus_message_append(reply, "s", s.state.c_str());
@@ -177,36 +189,24 @@ struct StatusService::Impl {
       }
       return sd_bus_error_setf(error, SD_BUS_ERROR_UNKNOWN_PROPERTY, "unknown property %s",
                                property);
-    } catch (const std::exception& e) {
-      return sd_bus_error_set(error, kErrorFailed, e.what());
-    } catch (...) {
-      return sd_bus_error_set(error, kErrorFailed, "internal error");
-    }
+    });
   }
 
   static int method_flush(sd_bus_message* m, void* userdata, sd_bus_error* error) {
     auto* self = static_cast<Impl*>(userdata);
-    try {
+    return guarded(error, [&] {
       if (self->handlers.flush) self->handlers.flush();
       return sd_bus_reply_method_return(m, "");
-    } catch (const std::exception& e) {
-      return sd_bus_error_set(error, kErrorFailed, e.what());
-    } catch (...) {
-      return sd_bus_error_set(error, kErrorFailed, "internal error");
-    }
+    });
   }
 
   static int method_reload(sd_bus_message* m, void* userdata, sd_bus_error* error) {
     auto* self = static_cast<Impl*>(userdata);
-    try {
+    return guarded(error, [&] {
       const std::string problems = self->handlers.reload ? self->handlers.reload() : "";
       if (!problems.empty()) return sd_bus_error_set(error, kErrorInvalidConfig, problems.c_str());
       return sd_bus_reply_method_return(m, "");
-    } catch (const std::exception& e) {
-      return sd_bus_error_set(error, kErrorFailed, e.what());
-    } catch (...) {
-      return sd_bus_error_set(error, kErrorFailed, "internal error");
-    }
+    });
   }
 
   static int on_name_reply(sd_bus_message* m, void* userdata, sd_bus_error*) {

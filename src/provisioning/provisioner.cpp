@@ -11,8 +11,7 @@ namespace tb::provisioning {
 Provisioner::Provisioner(sd_event* loop, coap::Client& client, Options options,
                          std::function<void(const Result&)> done,
                          std::function<void(const std::string&)> progress)
-    : loop_(loop),
-      client_(client),
+    : client_(client),
       options_(std::move(options)),
       done_(std::move(done)),
       progress_(std::move(progress)),

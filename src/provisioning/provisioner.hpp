@@ -54,7 +54,6 @@ class Provisioner {
   void succeed(const std::string& token);
   void fail(const std::string& error);
 
-  sd_event* loop_;
   coap::Client& client_;
   Options options_;
   std::function<void(const Result&)> done_;

@@ -93,8 +93,6 @@ std::optional<spdlog::level::level_enum> parse_level(std::string_view level) {
 
 }  // namespace
 
-bool valid_level(std::string_view level) { return parse_level(level).has_value(); }
-
 bool set_level(std::string_view level) {
   auto lvl = parse_level(level);
   if (!lvl) return false;
@@ -123,9 +121,5 @@ FieldGuard::FieldGuard(std::string name, std::string value) {
 }
 
 FieldGuard::~FieldGuard() { t_fields.pop_back(); }
-
-std::string redact(std::string_view secret) {
-  return "<redacted, " + std::to_string(secret.size()) + " chars>";
-}
 
 }  // namespace tb::log

@@ -13,7 +13,6 @@ enum class Target { Auto, Journal, Stderr };
 // level: trace, debug, info, warning, error, critical, off. Returns false on an unknown level.
 bool setup(std::string_view level, Target target = Target::Auto);
 bool set_level(std::string_view level);
-bool valid_level(std::string_view level);
 
 // Fields attached to every journal entry logged on this thread while the guard lives, e.g.
 // TB_SOURCE=room or TB_STATE=retrying (journalctl TB_SOURCE=room). Ignored on stderr.
@@ -24,8 +23,5 @@ class FieldGuard {
   FieldGuard(const FieldGuard&) = delete;
   FieldGuard& operator=(const FieldGuard&) = delete;
 };
-
-// Hides a secret for logs: "abcd…(20 chars)" is too much; we show only its length.
-std::string redact(std::string_view secret);
 
 }  // namespace tb::log

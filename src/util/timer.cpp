@@ -27,8 +27,7 @@ void Timer::arm_in(Millis delay) {
   std::uint64_t now = 0;
   sd_event_now(loop_, clock_, &now);
   const std::int64_t ms = delay.count() < 0 ? 0 : delay.count();
-  due_usec_ = now + static_cast<std::uint64_t>(ms) * 1000;
-  sd_event_source_set_time(source_, due_usec_);
+  sd_event_source_set_time(source_, now + static_cast<std::uint64_t>(ms) * 1000);
   sd_event_source_set_enabled(source_, SD_EVENT_ONESHOT);
 }
 
@@ -40,13 +39,6 @@ bool Timer::armed() const {
   int enabled = SD_EVENT_OFF;
   if (source_) sd_event_source_get_enabled(source_, &enabled);
   return enabled != SD_EVENT_OFF;
-}
-
-Millis Timer::remaining() const {
-  if (!armed()) return Millis(0);
-  std::uint64_t now = 0;
-  sd_event_now(loop_, clock_, &now);
-  return due_usec_ > now ? Millis((due_usec_ - now) / 1000) : Millis(0);
 }
 
 int Timer::on_fire(sd_event_source*, std::uint64_t, void* userdata) {

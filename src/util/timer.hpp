@@ -24,8 +24,6 @@ class Timer {
   void arm_in(Millis delay);
   void disarm();
   bool armed() const;
-  // Time left until it fires (zero when disarmed or due).
-  Millis remaining() const;
 
  private:
   static int on_fire(sd_event_source* s, std::uint64_t usec, void* userdata);
@@ -33,7 +31,6 @@ class Timer {
   std::function<void()> callback_;
   clockid_t clock_;
   sd_event_source* source_ = nullptr;
-  std::uint64_t due_usec_ = 0;
 };
 
 }  // namespace tb

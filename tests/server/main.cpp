@@ -235,6 +235,8 @@ class Server {
   void SendEmptyAck(const Peer& p, uint16_t mid);
   void SendRst(const Peer& p, uint16_t mid);
   uint16_t SendCon(const Peer& p, Message m, const std::string& what);
+  // 2.02 Deleted on an observation that ends, CON or NON like the registration (§2.3, §7).
+  void SendDeleted(const Observer& o, bool with_observe, const std::string& what);
   void SendRaw(const Peer& p, const std::string& bytes);
   void OnAckOrRst(const Message& m, const Peer& peer);
   void Timers();
@@ -860,17 +862,7 @@ Reply Server::Observe(const std::string& dev, Feature f, const Request& rq, orde
   if (old != table.end() &&
       (old->second.token != rq.msg.token || old->second.peer.key != rq.peer.key)) {
     // §2.3/§3.1: one subscription per device; the old one gets 2.02 Deleted.
-    Message m;
-    m.code = Code(2, 2);
-    m.token = old->second.token;
-    m.AddUint(kOptObserve, old->second.seq);
-    if (old->second.con) {
-      SendCon(old->second.peer, m, "2.02 to replaced observer");
-    } else {
-      m.type = MsgType::kNon;
-      m.mid = ++mid_;
-      SendRaw(old->second.peer, Encode(m));
-    }
+    SendDeleted(old->second, /*with_observe=*/true, "2.02 to replaced observer");
   }
   Observer o{rq.peer, rq.msg.token, rq.con, rq.msg.Uint(kOptContentFormat), 0};
   table[dev] = o;
@@ -1117,6 +1109,20 @@ void Server::SendRst(const Peer& p, uint16_t mid) {
   SendRaw(p, Encode(m));
 }
 
+void Server::SendDeleted(const Observer& o, bool with_observe, const std::string& what) {
+  Message m;
+  m.code = Code(2, 2);
+  m.token = o.token;
+  if (with_observe) m.AddUint(kOptObserve, o.seq);
+  if (o.con) {
+    SendCon(o.peer, m, what);
+  } else {
+    m.type = MsgType::kNon;
+    m.mid = ++mid_;
+    SendRaw(o.peer, Encode(m));
+  }
+}
+
 uint16_t Server::SendCon(const Peer& p, Message m, const std::string& what) {
   m.type = MsgType::kCon;
   m.mid = ++mid_;
@@ -1275,16 +1281,7 @@ std::string Server::Control(const std::string& line) {
     for (auto* table : {&attr_observers_, &rpc_observers_}) {
       auto o = table->find(it->second);
       if (o == table->end()) continue;
-      Message m;
-      m.code = Code(2, 2);
-      m.token = o->second.token;
-      if (o->second.con) {
-        SendCon(o->second.peer, m, "2.02 after revoke");
-      } else {
-        m.type = MsgType::kNon;
-        m.mid = ++mid_;
-        SendRaw(o->second.peer, Encode(m));
-      }
+      SendDeleted(o->second, /*with_observe=*/false, "2.02 after revoke");
       table->erase(o);
     }
     devices_[it->second].token.clear();
