@@ -220,6 +220,7 @@ int Manager::init() {
     h.reload = [this] { return reload(); };
     bus_ = dbus::StatusService::create(
         loop_, cfg_.dbus.bus, [this] { return snapshot(); }, std::move(h), &err);
+    // Only a setup failure lands here; a bus that is not (yet) reachable is retried by the service.
     if (!bus_) spdlog::warn("D-Bus status is unavailable ({}); running without it", err);
   }
   return kExitOk;

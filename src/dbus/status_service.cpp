@@ -3,7 +3,10 @@
 #include <spdlog/spdlog.h>
 #include <systemd/sd-bus.h>
 
+#include "util/backoff.hpp"
+
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <string_view>
@@ -17,14 +20,24 @@ namespace {
 // (interface.md allows rate-limiting counters).
 constexpr std::uint64_t kCounterIntervalUsec = 1'000'000;
 
+// When the bus is lost (dbus-daemon restarted or not up yet), connect again after up to 1 s,
+// the ceiling doubling to 1 min (full jitter, util/backoff.hpp): the status comes back on its own,
+// without restarting the agent, and a bus that stays away costs one attempt a minute.
+constexpr Millis kReconnectInitial{1000};
+constexpr Millis kReconnectMax{60'000};
+
 std::string errno_text(int r) { return std::strerror(r < 0 ? -r : r); }
 
 }  // namespace
 
 struct StatusService::Impl {
   sd_event* loop = nullptr;
+  config::BusKind kind = config::BusKind::System;
   sd_bus* bus = nullptr;
   sd_event_source* counter_timer = nullptr;
+  sd_event_source* reconnect_timer = nullptr;
+  Backoff reconnect_backoff{kReconnectInitial, kReconnectMax};
+  std::string last_connect_error;  // logged once per distinct error, not per attempt
   std::function<Status()> snapshot;
   Handlers handlers;
 
@@ -36,9 +49,13 @@ struct StatusService::Impl {
   Status emitted;
   std::uint64_t last_counter_emit = 0;  // CLOCK_MONOTONIC µs; 0 = never
   bool is_connected = false;
+  // The broker answered this connection's name request: it is up, not just opened. Only then is
+  // the reconnect backoff reset, so a broker that drops us right away is retried with backoff.
+  bool established = false;
 
   ~Impl() {
     sd_event_source_disable_unref(counter_timer);
+    sd_event_source_disable_unref(reconnect_timer);
     // Flushes the last PropertiesChanged (e.g. State=stopping) before closing. The bus is
     // detached from the loop on close, so no callback with `this` can run afterwards.
     if (bus) sd_bus_flush_close_unref(bus);
@@ -140,11 +157,80 @@ struct StatusService::Impl {
     emit(names);
   }
 
+  const char* bus_kind() const { return kind == config::BusKind::System ? "system" : "session"; }
+
+  // Opens the bus, serves the object on it and asks for the name (asynchronously: start-up never
+  // waits on the broker). On failure nothing is left half set up.
+  bool connect(std::string* error) {
+    auto fail = [&](const std::string& what, int r) {
+      *error = what + ": " + errno_text(r);
+      if (bus) bus = sd_bus_close_unref(bus);
+      return false;
+    };
+    const bool system = kind == config::BusKind::System;
+    int r = system ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
+    if (r < 0) {
+      bus = nullptr;
+      return fail(std::string("cannot connect to the ") + bus_kind() + " bus", r);
+    }
+    sd_bus_set_description(bus, "tb-agent-status");
+    // A lost bus must not stop the agent: telemetry matters more than its status display.
+    sd_bus_set_exit_on_disconnect(bus, 0);
+    r = sd_bus_add_object_vtable(bus, nullptr, kObjectPath, kInterface, Impl::vtable(), this);
+    if (r < 0) return fail("cannot register " + std::string(kObjectPath), r);
+    r = sd_bus_add_filter(bus, nullptr, &Impl::on_message, this);
+    if (r < 0) return fail("cannot add a bus filter", r);
+    r = sd_bus_attach_event(bus, loop, kBusPriority);
+    if (r < 0) return fail("cannot attach the bus to the event loop", r);
+    r = sd_bus_request_name_async(bus, nullptr, kBusName, 0, &Impl::on_name_reply, this);
+    if (r < 0) return fail("cannot request the name " + std::string(kBusName), r);
+    // Peers on the new connection read current values; they have heard nothing yet.
+    refresh();
+    emitted = current;
+    last_counter_emit = 0;
+    is_connected = true;
+    established = false;
+    return true;
+  }
+
+  void schedule_reconnect() {
+    const Millis delay = reconnect_backoff.next();
+    sd_event_source_set_time_relative(
+        reconnect_timer, static_cast<std::uint64_t>(
+                             std::chrono::duration_cast<std::chrono::microseconds>(delay).count()));
+    sd_event_source_set_enabled(reconnect_timer, SD_EVENT_ONESHOT);
+  }
+
+  // Called from sd-bus's dispatch of the Disconnected message: the bus is closed later, from the
+  // reconnect timer, never inside its own callback.
   void disconnected() {
     if (!is_connected) return;
     is_connected = false;
     sd_event_source_set_enabled(counter_timer, SD_EVENT_OFF);
-    spdlog::warn("D-Bus: connection to the bus lost; the agent keeps running without D-Bus status");
+    if (established)
+      spdlog::warn("D-Bus: connection to the {} bus lost; reconnecting (telemetry is not affected)",
+                   bus_kind());
+    else
+      spdlog::debug("D-Bus: the {} bus closed the connection before answering", bus_kind());
+    schedule_reconnect();
+  }
+
+  void reconnect() {
+    if (bus) bus = sd_bus_close_unref(bus);
+    std::string err;
+    if (connect(&err)) {
+      spdlog::debug("D-Bus: connection to the {} bus opened", bus_kind());
+      last_connect_error.clear();
+      return;
+    }
+    schedule_reconnect();
+    if (err != last_connect_error) {
+      spdlog::warn("D-Bus: {}; trying again, at least once a minute", err);
+      last_connect_error = err;
+    } else {
+      spdlog::debug("D-Bus: {}; next attempt within {} s", err,
+                    reconnect_backoff.ceiling().count() / 1000);
+    }
   }
 
   // --- C callbacks: each catches everything, nothing unwinds into sd-bus/sd-event. ---
@@ -213,6 +299,12 @@ struct StatusService::Impl {
     auto* self = static_cast<Impl*>(userdata);
     try {
       const sd_bus_error* e = sd_bus_message_get_error(m);
+      // The connection died before the broker answered: disconnected() reports and retries.
+      if (e && sd_bus_is_open(self->bus) <= 0) return 0;
+      if (!self->established) {
+        self->established = true;
+        self->reconnect_backoff.reset();
+      }
       std::string err;
       if (e) {
         err = std::string(e->name ? e->name : "error") + ": " + (e->message ? e->message : "");
@@ -253,14 +345,17 @@ struct StatusService::Impl {
     return 0;  // never consume: let sd-bus dispatch it normally
   }
 
-  static int on_counter_timer(sd_event_source*, std::uint64_t, void* userdata) {
+  // A timer's work, `what` naming it in the log if it throws: nothing unwinds into sd-event.
+  template <void (Impl::*Work)()>
+  static int on_timer(sd_event_source*, std::uint64_t, void* userdata) noexcept {
     auto* self = static_cast<Impl*>(userdata);
+    const char* what = Work == &Impl::reconnect ? "reconnecting" : "emitting counters";
     try {
-      self->counters_due();
+      (self->*Work)();
     } catch (const std::exception& e) {
-      spdlog::error("D-Bus: internal error emitting counters: {}", e.what());
+      spdlog::error("D-Bus: internal error {}: {}", what, e.what());
     } catch (...) {
-      spdlog::error("D-Bus: internal error emitting counters");
+      spdlog::error("D-Bus: internal error {}", what);
     }
     return 0;
   }
@@ -306,6 +401,7 @@ std::unique_ptr<StatusService> StatusService::create(sd_event* loop, config::Bus
 
   auto impl = std::make_unique<Impl>();
   impl->loop = loop;
+  impl->kind = kind;
   impl->snapshot = std::move(snapshot);
   impl->handlers = std::move(handlers);
   try {
@@ -315,34 +411,24 @@ std::unique_ptr<StatusService> StatusService::create(sd_event* loop, config::Bus
   }
   impl->emitted = impl->current;
 
-  const bool system = kind == config::BusKind::System;
-  int r = system ? sd_bus_open_system(&impl->bus) : sd_bus_open_user(&impl->bus);
-  if (r < 0) {
-    impl->bus = nullptr;
-    return fail(std::string("cannot connect to the ") + (system ? "system" : "session") +
-                " bus: " + errno_text(r));
-  }
-  sd_bus_set_description(impl->bus, "tb-agent-status");
-  // A lost bus must not stop the agent: telemetry matters more than its status display.
-  sd_bus_set_exit_on_disconnect(impl->bus, 0);
-
-  r = sd_bus_add_object_vtable(impl->bus, nullptr, kObjectPath, kInterface, Impl::vtable(),
-                               impl.get());
-  if (r < 0) return fail("cannot register " + std::string(kObjectPath) + ": " + errno_text(r));
-  r = sd_bus_add_filter(impl->bus, nullptr, &Impl::on_message, impl.get());
-  if (r < 0) return fail("cannot add a bus filter: " + errno_text(r));
-  r = sd_event_add_time(loop, &impl->counter_timer, CLOCK_MONOTONIC, UINT64_MAX, 10'000,
-                        &Impl::on_counter_timer, impl.get());
+  int r = sd_event_add_time(loop, &impl->counter_timer, CLOCK_MONOTONIC, UINT64_MAX, 10'000,
+                            &Impl::on_timer<&Impl::counters_due>, impl.get());
   if (r < 0) return fail("cannot create the counter timer: " + errno_text(r));
   sd_event_source_set_enabled(impl->counter_timer, SD_EVENT_OFF);
   sd_event_source_set_priority(impl->counter_timer, kBusPriority);
-  r = sd_bus_attach_event(impl->bus, loop, kBusPriority);
-  if (r < 0) return fail("cannot attach the bus to the event loop: " + errno_text(r));
-  // Asynchronous: start-up never waits on the broker, and the reply (or refusal by the bus
-  // policy) is logged when it arrives.
-  r = sd_bus_request_name_async(impl->bus, nullptr, kBusName, 0, &Impl::on_name_reply, impl.get());
-  if (r < 0) return fail("cannot request the name " + std::string(kBusName) + ": " + errno_text(r));
-  impl->is_connected = true;
+  r = sd_event_add_time(loop, &impl->reconnect_timer, CLOCK_MONOTONIC, UINT64_MAX, 100'000,
+                        &Impl::on_timer<&Impl::reconnect>, impl.get());
+  if (r < 0) return fail("cannot create the reconnect timer: " + errno_text(r));
+  sd_event_source_set_enabled(impl->reconnect_timer, SD_EVENT_OFF);
+
+  // A bus that is not there yet (dbus-daemon not started, or restarting) is not an error: the
+  // service keeps trying, as after a lost connection.
+  std::string err;
+  if (!impl->connect(&err)) {
+    spdlog::warn("D-Bus: {}; the agent runs without D-Bus status until it can connect", err);
+    impl->last_connect_error = err;
+    impl->schedule_reconnect();
+  }
   return std::unique_ptr<StatusService>(new StatusService(std::move(impl)));
 }
 

@@ -57,8 +57,9 @@ struct Handlers {
   // Returns the empty string on success, else every problem (the method call fails with
   // io.tbagent.Agent1.Error.InvalidConfig and this text).
   std::function<std::string()> reload;
-  // Optional: told once whether the bus name was acquired (error says why not). The object is
-  // served on the connection either way; only the well-known name is missing on failure.
+  // Optional: told, for each connection made (the first and every reconnect), whether the bus
+  // name was acquired (error says why not). The object is served on the connection either way;
+  // only the well-known name is missing on failure.
   std::function<void(bool owned, const std::string& error)> name_result;
 };
 
@@ -66,10 +67,12 @@ class StatusService {
  public:
   // Connects to `bus` (System: sd_bus_open_system, honouring DBUS_SYSTEM_BUS_ADDRESS; Session:
   // sd_bus_open_user, honouring DBUS_SESSION_BUS_ADDRESS), attaches it to `loop` at kBusPriority,
-  // registers the object and requests the name asynchronously. BusKind::None is a caller error
-  // (the daemon simply does not create the service): returns nullptr with *error set.
+  // registers the object and requests the name asynchronously. If the bus cannot be reached, or
+  // the connection is lost later (dbus-daemon restarted), it logs that and connects again with
+  // capped backoff (1 s doubling to 1 min); the rest of the daemon is unaffected.
   // `snapshot` is called on the loop thread, from changed() and from property getters.
-  // On nullptr, *error says why; the daemon then runs without D-Bus.
+  // Returns nullptr (with *error) only for BusKind::None, which is a caller error (the daemon
+  // simply does not create the service), and for failures to set up the loop's timers.
   static std::unique_ptr<StatusService> create(sd_event* loop, config::BusKind bus,
                                                std::function<Status()> snapshot, Handlers handlers,
                                                std::string* error);
@@ -79,7 +82,7 @@ class StatusService {
 
   // Something may have changed: emit PropertiesChanged for what did. Never throws.
   void changed();
-  // False once the bus connection is lost (the daemon keeps running without D-Bus).
+  // False while there is no bus connection (not made yet, or lost and not yet made again).
   bool connected() const;
 
  private:

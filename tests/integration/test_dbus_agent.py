@@ -139,3 +139,55 @@ def test_properties_follow_the_agent_and_signals_arrive(server, agents, tmp_path
     assert [s for s in states if s in ("retrying", "unauthorized")] == ["retrying", "unauthorized"]
     assert "running" in states[: states.index("retrying")], states
     assert "running" in states[states.index("retrying"):states.index("unauthorized")], states
+
+
+def test_status_comes_back_after_the_bus_restarts(server, agents, tmp_path):
+    """dbus-daemon restarted under a running agent: delivery never stops, and the agent serves
+    its status on the new bus by itself (as after `systemctl restart dbus`)."""
+    sock = tmp_path / "bus.sock"
+    conf = tmp_path / "bus.conf"
+    conf.write_text(BUS_CONFIG.format(socket=sock,
+                                      policy=source_dir() / "systemd" / "io.tbagent.Agent1.conf"))
+    # The address without the broker's guid, like the system bus's: a restarted broker has a new
+    # guid, and sd-bus refuses one that differs from the address's.
+    address = f"unix:path={sock}"
+
+    def start_bus():
+        d = subprocess.Popen([tool("dbus-daemon"), "--config-file", str(conf), "--nofork",
+                              "--print-address"], stdout=subprocess.PIPE, text=True)
+        assert d.stdout.readline().strip(), "dbus-daemon did not start"
+        return d
+
+    temp = tmp_path / "t"
+    temp.write_text("3\n")
+    agent = agents({
+        "server": server_config(server),
+        "device": {"name": "dbus-restart"},
+        "provisioning": {"key": PROVISION_KEY, "secret": PROVISION_SECRET},
+        "sources": [{"name": "room", "type": "file", "path": str(temp), "key": "v",
+                     "interval": "100ms"}],
+        "delivery": {"flush_interval": "100ms"},
+        "dbus": {"bus": "system"},
+    })
+    daemon = start_bus()
+    try:
+        agent.start(env={"DBUS_SYSTEM_BUS_ADDRESS": address})
+        wait_prop(address, "State", lambda v: v == "running", "== running")
+
+        daemon.terminate()
+        daemon.wait()
+        agent.wait_log("connection to the system bus lost")
+        before = len(server.points("dbus-restart"))
+        wait_until(lambda: len(server.points("dbus-restart")) > before + 5,
+                   what="telemetry while the bus is down")
+
+        daemon = start_bus()
+        # The first attempt comes within 1 s, the next within 2 s more (full jitter).
+        wait_prop(address, "State", lambda v: v == "running", "== running on the new bus")
+        wait_prop(address, "SentReadings", lambda v: v > before, f"> {before}")
+        assert busctl(address, "status", NAME, check=False).returncode == 0  # owns the name again
+        assert agent.running()
+        assert agent.stop() == 0
+    finally:
+        daemon.terminate()
+        daemon.wait()
