@@ -28,18 +28,23 @@ for _ in $(seq 100); do grep -q "listening on" "$server_log" 2>/dev/null && brea
 port=$(awk '/listening on/ {print $NF; exit}' "$server_log")
 echo "== tb-test-server listening on 127.0.0.1:$port (requests logged below)"
 
+# The machine's own health (built in), a program's JSON (exec) and, where there is one, a sysfs
+# file: one source of each type.
 sources='
   - name: host
-    type: exec
-    command: ["/bin/sh", "-c", "read l1 l5 l15 rest < /proc/loadavg; read up idle < /proc/uptime; printf \"{\\\"load1\\\": %s, \\\"load5\\\": %s, \\\"uptime_s\\\": %s}\" $l1 $l5 $up"]
+    type: system
     interval: 2s
+  - name: processes
+    type: exec
+    command: ["/bin/sh", "-c", "printf \"{\\\"processes\\\": %s}\" $(ls -d /proc/[0-9]* | wc -l)"]
+    interval: 5s
     timeout: 1s'
 if [[ -r /sys/class/thermal/thermal_zone0/temp ]]; then
   sources+='
-  - name: cpu-temp
+  - name: zone0
     type: file
     path: /sys/class/thermal/thermal_zone0/temp
-    key: cpu_temperature
+    key: zone0_temperature
     scale: 0.001
     interval: 5s'
 fi

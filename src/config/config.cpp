@@ -207,7 +207,8 @@ enum Need { Optional, Required };
 // Source types as bits, so a key can belong to several. Sections other than sources use kAll.
 constexpr unsigned kFile = 1;
 constexpr unsigned kExec = 2;
-constexpr unsigned kAll = kFile | kExec;
+constexpr unsigned kSystem = 4;
+constexpr unsigned kAll = kFile | kExec | kSystem;
 
 template <class T>
 struct Key {
@@ -231,8 +232,8 @@ struct WalkOptions {
 
 std::string type_names(unsigned types) {
   std::string out;
-  if (types & kFile) out = "file";
-  if (types & kExec) out += out.empty() ? "exec" : " and exec";
+  for (const auto& [bit, name] : {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}})
+    if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
   return out;
 }
 
@@ -636,6 +637,33 @@ void check_command(Ctx& ctx, const Item& item, SourceConfig& out) {
   if (ok) out.command = std::move(argv);
 }
 
+void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
+  std::string names;
+  for (auto m : kSystemMetrics) names += (names.empty() ? "" : ", ") + std::string(m);
+  if (!item.value.IsSequence() || item.value.size() == 0) {
+    ctx.error(item.where(), item.path + ": expected a non-empty list of " + names + ", not " +
+                                (item.value.IsSequence() ? "an empty list" : kind(item.value)));
+    return;
+  }
+  std::vector<std::string> metrics;
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node m = item.value[i];
+    const std::string path = item.path + "[" + std::to_string(i) + "]";
+    if (!m.IsScalar()) {
+      ctx.error(m.IsNull() ? item.value.Mark() : m.Mark(),
+                path + ": expected one of " + names + ", not " + kind(m));
+    } else if (std::find(kSystemMetrics.begin(), kSystemMetrics.end(), m.Scalar()) ==
+               kSystemMetrics.end()) {
+      ctx.error(m.Mark(), path + ": unknown metric " + shown(m.Scalar()) + " (use " + names + ")");
+    } else if (std::find(metrics.begin(), metrics.end(), m.Scalar()) != metrics.end()) {
+      ctx.error(m.Mark(), path + ": " + shown(m.Scalar()) + " is listed twice");
+    } else {
+      metrics.push_back(m.Scalar());
+    }
+  }
+  out.metrics = std::move(metrics);
+}
+
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
@@ -646,6 +674,8 @@ const Table<SourceConfig> kSource = {
     {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
     {"command", Required, check_command, kExec},
     {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec},
+    {"metrics", Optional, check_metrics, kSystem},
+    {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
 };
 
 // The type decides which keys are allowed, so it is read first. Returns the type bits for the
@@ -656,7 +686,7 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
   if (!type) return kAll;  // reported as a missing required key by the walk
   if (!type.IsScalar()) {
     ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
-              path + ".type: expected file or exec, not " + kind(type));
+              path + ".type: expected file, exec or system, not " + kind(type));
     return kAll;
   }
   const std::string& t = type.Scalar();
@@ -668,11 +698,16 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
     out.type = SourceType::Exec;
     return kExec;
   }
-  if (t == "system" || t == "plugin") {
+  if (t == "system") {
+    out.type = SourceType::System;
+    return kSystem;
+  }
+  if (t == "plugin") {
     ctx.error(type.Mark(), "source type '" + t + "' is not supported by this build yet");
     return 0;
   }
-  ctx.error(type.Mark(), path + ".type: unknown source type " + shown(t) + " (use file or exec)");
+  ctx.error(type.Mark(),
+            path + ".type: unknown source type " + shown(t) + " (use file, exec or system)");
   return kAll;
 }
 

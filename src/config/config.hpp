@@ -6,11 +6,13 @@
 // is absent (docs/configuration.md documents the same values; config_test.cpp checks them).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "util/clock.hpp"
@@ -45,7 +47,11 @@ struct CredentialsConfig {
   std::string access_token;  // empty = none configured
 };
 
-enum class SourceType { File, Exec };
+enum class SourceType { File, Exec, System };
+
+// What a `system` source can report (docs/sources.md lists the telemetry keys of each).
+inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
+    "cpu", "memory", "load", "uptime", "disk", "temperature"};
 
 struct SourceConfig {
   std::string name;
@@ -62,6 +68,10 @@ struct SourceConfig {
   // type: exec
   std::vector<std::string> command;  // argv; no shell
   Millis timeout = 5s;
+
+  // type: system
+  std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has
+  std::string disk_path = "/";       // the file system `disk` reports on
 };
 
 enum class DrainOrder { OldestFirst, NewestFirst };

@@ -1,10 +1,11 @@
-// The registry of source types: one row per type. A new built-in (`system`) or the dlopen adapter
-// (`plugin`) is one more row here once config knows the type.
+// The registry of source types: one row per type. The dlopen adapter (`plugin`) is one more row
+// here once config knows the type.
 #include <array>
 
 #include "sources/exec_source.hpp"
 #include "sources/file_source.hpp"
 #include "sources/source.hpp"
+#include "sources/system_source.hpp"
 
 namespace tb::sources {
 
@@ -22,6 +23,7 @@ struct TypeEntry {
 constexpr std::array kTypes{
     TypeEntry{config::SourceType::File, "file", &FileSource::create},
     TypeEntry{config::SourceType::Exec, "exec", &ExecSource::create},
+    TypeEntry{config::SourceType::System, "system", &SystemSource::create},
 };
 
 const TypeEntry* find(config::SourceType type) {

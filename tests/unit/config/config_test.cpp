@@ -82,7 +82,7 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_EQ(c.credentials.access_token, "ACCESS_TOKEN_VALUE");
   EXPECT_EQ(c.state_dir, "/srv/tb-agent");
 
-  ASSERT_EQ(c.sources.size(), 2u);
+  ASSERT_EQ(c.sources.size(), 3u);
   const SourceConfig& room = c.sources[0];
   EXPECT_EQ(room.name, "room");
   EXPECT_EQ(room.type, SourceType::File);
@@ -99,6 +99,11 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_EQ(sensors.command, (std::vector<std::string>{"/usr/local/bin/read-sensors", "--json"}));
   EXPECT_EQ(sensors.interval, 1min);
   EXPECT_EQ(sensors.timeout, 5s);
+  const SourceConfig& host = c.sources[2];
+  EXPECT_EQ(host.type, SourceType::System);
+  EXPECT_EQ(host.interval, 10s);
+  EXPECT_EQ(host.metrics, (std::vector<std::string>{"cpu", "memory", "disk"}));
+  EXPECT_EQ(host.disk_path, "/var");
 
   EXPECT_EQ(c.queue.max_size, 16ull << 20);
   EXPECT_EQ(c.queue.max_age, 48h);
@@ -239,13 +244,22 @@ TEST(Errors, Provisioning) {
 
 TEST(Errors, Sources) {
   const std::string head = "server: {host: h}\nsources:\n";
-  expect_one(head + "  - name: a\n    type: system\n", 4, 11,
-             "source type 'system' is not supported by this build yet");
+  expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, disks]\n", 5, 20,
+             "sources[0].metrics[1]: unknown metric 'disks' (use cpu, memory, load, uptime, "
+             "disk, temperature)");
+  expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, cpu]\n", 5, 20,
+             "sources[0].metrics[1]: 'cpu' is listed twice");
+  expect_one(head + "  - name: a\n    type: system\n    metrics: []\n", 5, 14,
+             "sources[0].metrics: expected a non-empty list");
+  expect_one(head + "  - name: a\n    type: system\n    disk_path: var\n", 5, 16,
+             "must be an absolute path");
+  expect_one(head + "  - name: a\n    type: system\n    key: k\n", 5, 5,
+             "sources[0].key: only file sources have this key, not system sources");
   // Keys that belong to the unsupported type are not piled on top.
   expect_one(head + "  - name: a\n    type: plugin\n    path: /x.so\n    options: {a: 1}\n", 4, 11,
              "source type 'plugin' is not supported by this build yet");
   expect_one(head + "  - name: a\n    type: fiel\n", 4, 11,
-             "unknown source type 'fiel' (use file or exec)");
+             "unknown source type 'fiel' (use file, exec or system)");
   expect_one(head + "  - name: a\n    path: /x\n", 3, 5, "sources[0]: missing required key 'type'");
   expect_one(head + "  - type: exec\n    command: [x]\n", 3, 5,
              "sources[0]: missing required key 'name'");

@@ -1,0 +1,341 @@
+#include "sources/system_source.hpp"
+
+#include <fcntl.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "sources/text.hpp"
+
+namespace tb::sources {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Reads at most `max` bytes of a /proc or /sys file (they are generated on read and answer at
+// once). nullopt + *error on failure.
+std::optional<std::string> read_small(const fs::path& path, std::size_t max, std::string* error) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) {
+    *error = "cannot open " + path.string() + ": " + std::strerror(errno);
+    return std::nullopt;
+  }
+  std::string out(max, '\0');
+  std::size_t len = 0;
+  while (len < max) {
+    const ssize_t n = ::read(fd, out.data() + len, max - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      *error = "cannot read " + path.string() + ": " + std::strerror(errno);
+      ::close(fd);
+      return std::nullopt;
+    }
+    if (n == 0) break;
+    len += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  out.resize(len);
+  return out;
+}
+
+std::optional<double> to_double(std::string_view s) {
+  s = trim(s);
+  double v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || !std::isfinite(v)) return std::nullopt;
+  return v;
+}
+
+std::optional<std::uint64_t> to_u64(std::string_view s) {
+  s = trim(s);
+  std::uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc()) return std::nullopt;
+  return v;
+}
+
+// Whitespace-separated fields of one line.
+std::vector<std::string_view> fields(std::string_view line) {
+  std::vector<std::string_view> out;
+  std::size_t i = 0;
+  while (i < line.size()) {
+    while (i < line.size() && (line[i] == ' ' || line[i] == '\t')) ++i;
+    const std::size_t start = i;
+    while (i < line.size() && line[i] != ' ' && line[i] != '\t') ++i;
+    if (i > start) out.push_back(line.substr(start, i - start));
+  }
+  return out;
+}
+
+// One decimal place is what a dashboard shows; the rest is noise in the database.
+double round1(double v) { return std::round(v * 10.0) / 10.0; }
+
+using Readings = std::vector<telemetry::Reading>;
+
+// /proc/meminfo: MemTotal and MemAvailable (kB; MemAvailable since Linux 3.14).
+bool read_memory(const fs::path& root, Readings& out, std::string* error) {
+  auto text = read_small(root / "proc/meminfo", 16384, error);
+  if (!text) return false;
+  std::optional<std::uint64_t> total, available;
+  std::string_view rest = *text;
+  while (!rest.empty()) {
+    const auto nl = rest.find('\n');
+    const std::string_view line = rest.substr(0, nl);
+    rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
+    const auto f = fields(line);
+    if (f.size() < 2) continue;
+    if (f[0] == "MemTotal:") total = to_u64(f[1]);
+    if (f[0] == "MemAvailable:") available = to_u64(f[1]);
+  }
+  if (!total || !available || *total == 0 || *available > *total) {
+    *error = "cannot find MemTotal and MemAvailable in " + (root / "proc/meminfo").string();
+    return false;
+  }
+  const auto total_b = static_cast<std::int64_t>(*total * 1024);
+  const auto available_b = static_cast<std::int64_t>(*available * 1024);
+  out.push_back({"memory_total", total_b});
+  out.push_back({"memory_available", available_b});
+  out.push_back({"memory_used_percent", round1(100.0 * static_cast<double>(*total - *available) /
+                                               static_cast<double>(*total))});
+  return true;
+}
+
+bool read_load(const fs::path& root, Readings& out, std::string* error) {
+  auto text = read_small(root / "proc/loadavg", 256, error);
+  if (!text) return false;
+  const auto f = fields(trim(*text));
+  std::optional<double> l1, l5, l15;
+  if (f.size() >= 3) l1 = to_double(f[0]), l5 = to_double(f[1]), l15 = to_double(f[2]);
+  if (!l1 || !l5 || !l15) {
+    *error = "cannot parse " + (root / "proc/loadavg").string() + ": '" + printable(*text) + "'";
+    return false;
+  }
+  out.push_back({"load_1", *l1});
+  out.push_back({"load_5", *l5});
+  out.push_back({"load_15", *l15});
+  return true;
+}
+
+bool read_uptime(const fs::path& root, Readings& out, std::string* error) {
+  auto text = read_small(root / "proc/uptime", 256, error);
+  if (!text) return false;
+  const auto f = fields(trim(*text));
+  const auto up = f.empty() ? std::nullopt : to_double(f[0]);
+  if (!up || *up < 0) {
+    *error = "cannot parse " + (root / "proc/uptime").string() + ": '" + printable(*text) + "'";
+    return false;
+  }
+  out.push_back({"uptime", static_cast<std::int64_t>(*up)});
+  return true;
+}
+
+bool read_disk(const std::string& path, Readings& out, std::string* error) {
+  struct statvfs st {};
+  if (::statvfs(path.c_str(), &st) != 0) {
+    *error = "cannot stat the file system of " + path + ": " + std::strerror(errno);
+    return false;
+  }
+  const auto unit = static_cast<std::uint64_t>(st.f_frsize ? st.f_frsize : st.f_bsize);
+  const std::uint64_t total = st.f_blocks * unit;
+  // What an unprivileged writer (the service user) can still use, as df shows it.
+  const std::uint64_t available = st.f_bavail * unit;
+  const std::uint64_t used = (st.f_blocks - st.f_bfree) * unit;
+  out.push_back({"disk_total", static_cast<std::int64_t>(total)});
+  out.push_back({"disk_available", static_cast<std::int64_t>(available)});
+  // df's Use%: used / (used + available), so the root reserve does not look free.
+  const std::uint64_t usable = used + available;
+  out.push_back(
+      {"disk_used_percent",
+       usable ? round1(100.0 * static_cast<double>(used) / static_cast<double>(usable)) : 0.0});
+  return true;
+}
+
+// The CPU's temperature in °C: the thermal zone whose type names the CPU or package
+// (x86_pkg_temp, cpu-thermal, soc_thermal, …), else the first zone. False with an empty *error
+// when the machine has no thermal zones at all (VMs, many servers).
+bool read_temperature(const fs::path& root, Readings& out, std::string* error) {
+  const fs::path dir = root / "sys/class/thermal";
+  std::error_code ec;
+  std::vector<fs::path> zones;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().filename().string().rfind("thermal_zone", 0) == 0) zones.push_back(e.path());
+  if (zones.empty()) {
+    error->clear();
+    return false;
+  }
+  std::sort(zones.begin(), zones.end());
+  fs::path chosen = zones.front();
+  for (const auto& z : zones) {
+    std::string ignored;
+    auto type = read_small(z / "type", 128, &ignored);
+    if (!type) continue;
+    std::string t(trim(*type));
+    std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (t.find("cpu") != std::string::npos || t.find("pkg") != std::string::npos ||
+        t.find("soc") != std::string::npos) {
+      chosen = z;
+      break;
+    }
+  }
+  auto text = read_small(chosen / "temp", 64, error);
+  if (!text) return false;
+  const auto milli = to_double(*text);
+  if (!milli) {
+    *error = "cannot parse " + (chosen / "temp").string() + ": '" + printable(*text) + "'";
+    return false;
+  }
+  out.push_back({"cpu_temperature", round1(*milli / 1000.0)});
+  return true;
+}
+
+}  // namespace
+
+std::optional<SystemSource::CpuTimes> SystemSource::parse_proc_stat(std::string_view text) {
+  const std::string_view line = text.substr(0, text.find('\n'));
+  const auto f = fields(line);
+  // cpu user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
+  // counted in user/nice, so it is not added again.
+  if (f.size() < 5 || f[0] != "cpu") return std::nullopt;
+  CpuTimes t;
+  for (std::size_t i = 1; i < f.size() && i <= 8; ++i) {
+    const auto v = to_u64(f[i]);
+    if (!v) return std::nullopt;
+    t.total += *v;
+    if (i == 4 || i == 5) t.idle += *v;
+  }
+  return t;
+}
+
+SourcePtr SystemSource::create(sd_event* loop, const config::SourceConfig& config,
+                               std::string* error) {
+  return create_with_root(loop, config, "/", error);
+}
+
+SourcePtr SystemSource::create_with_root(sd_event* loop, const config::SourceConfig& config,
+                                         std::filesystem::path root, std::string* error) {
+  for (const auto& m : config.metrics) {
+    if (std::find(config::kSystemMetrics.begin(), config::kSystemMetrics.end(), m) ==
+        config::kSystemMetrics.end()) {
+      *error = "unknown metric '" + m + "'";
+      return nullptr;
+    }
+  }
+  if (config.disk_path.empty() || config.disk_path.front() != '/') {
+    *error = "disk_path must be an absolute path";
+    return nullptr;
+  }
+  return SourcePtr(new SystemSource(loop, config, std::move(root)));
+}
+
+SystemSource::SystemSource(sd_event* loop, config::SourceConfig config, std::filesystem::path root)
+    : Source(loop, std::move(config), "system"), root_(std::move(root)) {}
+
+SystemSource::~SystemSource() { cancel(); }
+
+bool SystemSource::wants(std::string_view metric) const {
+  return config_.metrics.empty() ||
+         std::find(config_.metrics.begin(), config_.metrics.end(), metric) != config_.metrics.end();
+}
+
+void SystemSource::begin() {
+  if (wants("cpu") && !previous_cpu_) {
+    // The first collection: take a sample now and measure over a short window.
+    std::string error;
+    auto text = read_small(root_ / "proc/stat", 4096, &error);
+    if (text) previous_cpu_ = parse_proc_stat(*text);
+    if (previous_cpu_) {
+      const int r =
+          sd_event_add_time_relative(loop_, &cpu_window_, CLOCK_MONOTONIC,
+                                     static_cast<std::uint64_t>(kFirstCpuWindow.count()) * 1000,
+                                     1000, &SystemSource::on_cpu_window, this);
+      if (r >= 0) {
+        sd_event_source_set_priority(cpu_window_, kCollectionPriority);
+        return;
+      }
+    }
+  }
+  finish_collection();
+}
+
+int SystemSource::on_cpu_window(sd_event_source*, std::uint64_t, void* userdata) {
+  auto* self = static_cast<SystemSource*>(userdata);
+  self->cpu_window_ = sd_event_source_disable_unref(self->cpu_window_);
+  try {
+    self->finish_collection();
+  } catch (const std::exception& e) {
+    self->complete({std::nullopt, std::string("internal error: ") + e.what()});
+  }
+  return 0;
+}
+
+void SystemSource::cancel() { cpu_window_ = sd_event_source_disable_unref(cpu_window_); }
+
+void SystemSource::finish_collection() {
+  telemetry::Record rec;
+  rec.source = config_.name;
+  std::vector<std::string> problems;
+  auto attempt = [&](std::string_view metric, auto&& read) {
+    if (!wants(metric)) return;
+    std::string error;
+    if (!read(error) && !error.empty()) problems.push_back(error);
+  };
+
+  attempt("cpu", [&](std::string& error) {
+    auto text = read_small(root_ / "proc/stat", 4096, &error);
+    if (!text) return false;
+    const auto now = parse_proc_stat(*text);
+    if (!now) {
+      error = "cannot parse the cpu line of " + (root_ / "proc/stat").string();
+      return false;
+    }
+    const auto before = previous_cpu_;
+    previous_cpu_ = now;
+    // Counters only grow; a smaller value means a different /proc (container moved, tests).
+    if (!before || now->total <= before->total || now->idle < before->idle) {
+      error.clear();  // no interval to measure over yet: the next collection has one
+      return false;
+    }
+    const double busy =
+        static_cast<double>((now->total - before->total) - (now->idle - before->idle));
+    const double pct = 100.0 * busy / static_cast<double>(now->total - before->total);
+    rec.readings.push_back({"cpu_usage", round1(std::clamp(pct, 0.0, 100.0))});
+    return true;
+  });
+  attempt("memory", [&](std::string& error) { return read_memory(root_, rec.readings, &error); });
+  attempt("load", [&](std::string& error) { return read_load(root_, rec.readings, &error); });
+  attempt("uptime", [&](std::string& error) { return read_uptime(root_, rec.readings, &error); });
+  attempt("disk",
+          [&](std::string& error) { return read_disk(config_.disk_path, rec.readings, &error); });
+  attempt("temperature", [&](std::string& error) {
+    if (read_temperature(root_, rec.readings, &error)) return true;
+    // No thermal zones is normal unless the config asked for the temperature by name.
+    if (error.empty() && !config_.metrics.empty())
+      error = "no thermal zones in " + (root_ / "sys/class/thermal").string();
+    return false;
+  });
+  rec.ts_ms = wall_ms();
+
+  // A metric that cannot be read makes the collection an error (counted, logged, on D-Bus):
+  // keys that silently go missing would look like a healthy source.
+  if (!problems.empty()) {
+    std::string all;
+    for (const auto& p : problems) all += (all.empty() ? "" : "; ") + p;
+    complete({std::nullopt, all});
+    return;
+  }
+  if (rec.readings.empty()) {
+    complete({std::nullopt, "nothing to report yet (cpu usage needs a second sample)"});
+    return;
+  }
+  complete({std::move(rec), {}});
+}
+
+}  // namespace tb::sources
