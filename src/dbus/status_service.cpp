@@ -167,8 +167,7 @@ struct StatusService::Impl {
       if (bus) bus = sd_bus_close_unref(bus);
       return false;
     };
-    const bool system = kind == config::BusKind::System;
-    int r = system ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
+    int r = kind == config::BusKind::System ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
     if (r < 0) {
       bus = nullptr;
       return fail(std::string("cannot connect to the ") + bus_kind() + " bus", r);
@@ -184,8 +183,8 @@ struct StatusService::Impl {
     if (r < 0) return fail("cannot attach the bus to the event loop", r);
     r = sd_bus_request_name_async(bus, nullptr, kBusName, 0, &Impl::on_name_reply, this);
     if (r < 0) return fail("cannot request the name " + std::string(kBusName), r);
-    // Peers on the new connection read current values; they have heard nothing yet.
-    refresh();
+    // Peers on the new connection have heard nothing yet: what they can read (getters always
+    // snapshot afresh) is their starting point, and the next changed() signals what differs.
     emitted = current;
     last_counter_emit = 0;
     is_connected = true;
@@ -409,7 +408,6 @@ std::unique_ptr<StatusService> StatusService::create(sd_event* loop, config::Bus
   } catch (const std::exception& e) {
     return fail(std::string("snapshot failed: ") + e.what());
   }
-  impl->emitted = impl->current;
 
   int r = sd_event_add_time(loop, &impl->counter_timer, CLOCK_MONOTONIC, UINT64_MAX, 10'000,
                             &Impl::on_timer<&Impl::counters_due>, impl.get());

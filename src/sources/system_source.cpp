@@ -1,8 +1,6 @@
 #include "sources/system_source.hpp"
 
-#include <fcntl.h>
 #include <sys/statvfs.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -13,6 +11,7 @@
 #include <vector>
 
 #include "sources/text.hpp"
+#include "util/fs.hpp"
 
 namespace tb::sources {
 
@@ -20,30 +19,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Reads at most `max` bytes of a /proc or /sys file (they are generated on read and answer at
-// once). nullopt + *error on failure.
-std::optional<std::string> read_small(const fs::path& path, std::size_t max, std::string* error) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-  if (fd < 0) {
-    *error = "cannot open " + path.string() + ": " + std::strerror(errno);
-    return std::nullopt;
-  }
-  std::string out(max, '\0');
-  std::size_t len = 0;
-  while (len < max) {
-    const ssize_t n = ::read(fd, out.data() + len, max - len);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      *error = "cannot read " + path.string() + ": " + std::strerror(errno);
-      ::close(fd);
-      return std::nullopt;
-    }
-    if (n == 0) break;
-    len += static_cast<std::size_t>(n);
-  }
-  ::close(fd);
-  out.resize(len);
-  return out;
+// A /proc or /sys file, whole (they are generated on read and answer at once); a missing one is
+// an error here too.
+std::optional<std::string> read_kernel_file(const fs::path& path, std::string* error) {
+  auto text = read_file(path, error);
+  if (!text && error->empty()) *error = "cannot open " + path.string() + ": no such file";
+  return text;
 }
 
 std::optional<double> to_double(std::string_view s) {
@@ -82,7 +63,7 @@ using Readings = std::vector<telemetry::Reading>;
 
 // /proc/meminfo: MemTotal and MemAvailable (kB; MemAvailable since Linux 3.14).
 bool read_memory(const fs::path& root, Readings& out, std::string* error) {
-  auto text = read_small(root / "proc/meminfo", 16384, error);
+  auto text = read_kernel_file(root / "proc/meminfo", error);
   if (!text) return false;
   std::optional<std::uint64_t> total, available;
   std::string_view rest = *text;
@@ -109,7 +90,7 @@ bool read_memory(const fs::path& root, Readings& out, std::string* error) {
 }
 
 bool read_load(const fs::path& root, Readings& out, std::string* error) {
-  auto text = read_small(root / "proc/loadavg", 256, error);
+  auto text = read_kernel_file(root / "proc/loadavg", error);
   if (!text) return false;
   const auto f = fields(trim(*text));
   std::optional<double> l1, l5, l15;
@@ -125,7 +106,7 @@ bool read_load(const fs::path& root, Readings& out, std::string* error) {
 }
 
 bool read_uptime(const fs::path& root, Readings& out, std::string* error) {
-  auto text = read_small(root / "proc/uptime", 256, error);
+  auto text = read_kernel_file(root / "proc/uptime", error);
   if (!text) return false;
   const auto f = fields(trim(*text));
   const auto up = f.empty() ? std::nullopt : to_double(f[0]);
@@ -175,7 +156,7 @@ bool read_temperature(const fs::path& root, Readings& out, std::string* error) {
   fs::path chosen = zones.front();
   for (const auto& z : zones) {
     std::string ignored;
-    auto type = read_small(z / "type", 128, &ignored);
+    auto type = read_kernel_file(z / "type", &ignored);
     if (!type) continue;
     std::string t(trim(*type));
     std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -185,7 +166,7 @@ bool read_temperature(const fs::path& root, Readings& out, std::string* error) {
       break;
     }
   }
-  auto text = read_small(chosen / "temp", 64, error);
+  auto text = read_kernel_file(chosen / "temp", error);
   if (!text) return false;
   const auto milli = to_double(*text);
   if (!milli) {
@@ -249,7 +230,7 @@ void SystemSource::begin() {
   if (wants("cpu") && !previous_cpu_) {
     // The first collection: take a sample now and measure over a short window.
     std::string error;
-    auto text = read_small(root_ / "proc/stat", 4096, &error);
+    auto text = read_kernel_file(root_ / "proc/stat", &error);
     if (text) previous_cpu_ = parse_proc_stat(*text);
     if (previous_cpu_) {
       const int r =
@@ -289,7 +270,7 @@ void SystemSource::finish_collection() {
   };
 
   attempt("cpu", [&](std::string& error) {
-    auto text = read_small(root_ / "proc/stat", 4096, &error);
+    auto text = read_kernel_file(root_ / "proc/stat", &error);
     if (!text) return false;
     const auto now = parse_proc_stat(*text);
     if (!now) {
