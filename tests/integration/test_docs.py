@@ -42,10 +42,27 @@ EXTERNAL = {
 }
 
 
+def candidate_names():
+    """The repository's files under SCANNED: git's list (tracked and not ignored), or, outside a
+    git checkout (a release tarball), every file but build trees and hidden directories."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                              "--", *SCANNED], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout
+        return set(out.splitlines())
+    except (OSError, subprocess.CalledProcessError):
+        names = set()
+        for top in SCANNED:
+            if (ROOT / top).is_file():
+                names.add(top)
+            for folder, dirs, files in os.walk(ROOT / top):
+                dirs[:] = [d for d in dirs if not d.startswith((".", "build", "__pycache__"))]
+                names |= {str((Path(folder) / f).relative_to(ROOT)) for f in files}
+        return names
+
+
 def scanned_files():
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--",
-                          *SCANNED], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    for name in sorted(set(out.splitlines()) - NOT_SCANNED):
+    for name in sorted(candidate_names() - NOT_SCANNED):
         path = ROOT / name
         if not path.is_file():
             continue  # deleted in the work tree
