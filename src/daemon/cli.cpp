@@ -1,7 +1,6 @@
 #include "daemon/cli.hpp"
 
 #include <signal.h>
-#include <sys/types.h>
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
