@@ -10,8 +10,12 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from agent import Agent, server_config, wait_until
 from conftest import PROVISION_KEY, PROVISION_SECRET
+from test_dbus_agent import bus, busctl, wait_prop  # noqa: F401 (bus is a fixture)
+from test_dbus_policy import IFACE, NAME, PATH
 
 
 def provisioned(server, **extra):
@@ -33,6 +37,27 @@ def test_check_config_refuses_latin1_with_its_position(tmp_path):
     r = a.run_once("--check-config", timeout=30)
     assert r.returncode == 78, (r.stdout, r.stderr)
     assert f"{a.config_path}:4:12: not valid UTF-8" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the policy lets root own")
+def test_a_refused_reload_with_a_long_multibyte_value_keeps_the_bus_working(server, agents, bus):
+    """The refused reload's message quotes a value cut at 60 bytes: cut inside a character, it
+    made LastError unreadable, PropertiesChanged fail and Reload() callers wait for nothing."""
+    agent = agents(provisioned(server, dbus={"bus": "system"}))
+    agent.start(env={"DBUS_SYSTEM_BUS_ADDRESS": bus})
+    wait_prop(bus, "State", lambda v: v == "running", "== running")
+    value = "a" + "\u00e9" * 40  # byte 60 of the quoted value falls inside an 'é'
+    agent.config["server"]["port"] = value
+    agent.write_config()
+    r = busctl(bus, "--timeout=10", "call", NAME, PATH, IFACE, "Reload", check=False)
+    assert r.returncode != 0
+    assert "must be an integer from 1 to 65535, not 'a\u00e9" in r.stderr, r.stderr
+    wait_prop(bus, "LastError", lambda v: "reload refused" in v and "\u00e9...'" in v,
+              "names the refused reload")
+    r = busctl(bus, "--json=short", "call", "--timeout=10", NAME, PATH,
+               "org.freedesktop.DBus.Properties", "GetAll", "s", IFACE, check=False)
+    assert r.returncode == 0, r.stderr
+    assert agent.stop() == 0
 
 
 # --- 7: a reload applies every key of a system source --------------------------------------
