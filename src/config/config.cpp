@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "util/units.hpp"
+#include "util/utf8.hpp"
 
 namespace tb::config {
 
@@ -55,17 +56,32 @@ Position to_position(const YAML::Mark& m) {
 }
 
 // Reads a whole (small) file. On failure returns false and a sentence in *error.
+// Only regular files: a FIFO without a writer would block the open (and a read) forever, which
+// would hang --check-config and, through a reload, the whole loop; a device or socket is no
+// config file either. O_NONBLOCK makes the open of a FIFO return at once so fstat can tell.
+// Symlinks are followed: /run/credentials/… entries are commonly symlinked.
 bool read_file(const std::filesystem::path& path, std::size_t max, std::string* out,
                std::string* error) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) {
     *error = std::string("cannot open: ") + std::strerror(errno);
     return false;
   }
   struct stat st {};
-  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
+    *error = std::string("cannot stat: ") + std::strerror(errno);
     ::close(fd);
-    *error = "is a directory, not a file";
+    return false;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    *error = S_ISDIR(st.st_mode) ? "is a directory, not a file"
+                                 : "is not a regular file (a FIFO, socket or device?)";
+    return false;
+  }
+  if (static_cast<std::uint64_t>(st.st_size) > max) {
+    ::close(fd);
+    *error = "is larger than " + format_size(max) + "; is it the right file?";
     return false;
   }
   out->clear();
@@ -166,13 +182,16 @@ const char* kind(const YAML::Node& n) {
 
 // Users' values quoted back in messages, cut short and without control characters.
 std::string shown(std::string_view s) {
+  // Cut on a character boundary: half a character would make the message invalid UTF-8, and
+  // messages travel on to D-Bus (LastError, Reload's error) and the journal.
+  const std::string_view cut = utf8::prefix(s, 60);
   std::string out = "'";
-  for (std::size_t i = 0; i < s.size() && i < 60; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    out += (c < 0x20 || c == 0x7f) ? '?' : static_cast<char>(c);
+  for (const char ch : cut) {
+    const auto c = static_cast<unsigned char>(ch);
+    out += (c < 0x20 || c == 0x7f) ? '?' : ch;
   }
-  if (s.size() > 60) out += "...";
-  return out + "'";
+  if (cut.size() < s.size()) out += "...";
+  return utf8::sanitized(out + "'");
 }
 
 // Whether an unknown key is worth quoting back. A "key" with spaces or punctuation is usually
@@ -385,8 +404,9 @@ std::string number_text(double d) {
   return buf;
 }
 
+// `lo_nonzero`: when set, 0 is allowed and any other value must be at least it.
 template <class T>
-Setter<T> number(double T::*field, double lo, double hi) {
+Setter<T> number(double T::*field, double lo, double hi, double lo_nonzero = 0) {
   return [=](Ctx& ctx, const Item& item, T& out) {
     auto v = scalar(ctx, item, "a number");
     if (!v) return;
@@ -398,8 +418,10 @@ Setter<T> number(double T::*field, double lo, double hi) {
       ctx.error(item.where(), item.path + ": must be a number, not " + shown(*v));
       return;
     }
-    if (d < lo || d > hi) {
-      ctx.error(item.where(), item.path + ": must be from " + number_text(lo) + " to " +
+    if (d < lo || d > hi || (lo_nonzero > 0 && d != 0 && d < lo_nonzero)) {
+      const std::string zero = lo_nonzero > 0 ? number_text(lo) + " or " : "";
+      ctx.error(item.where(), item.path + ": must be " + zero + "from " +
+                                  number_text(lo_nonzero > 0 ? lo_nonzero : lo) + " to " +
                                   number_text(hi) + ", not " + shown(*v));
       return;
     }
@@ -524,6 +546,12 @@ void read_secret_file(Ctx& ctx, const Item& item, ProvisioningConfig& out) {
     ctx.error(item.where(), item.path + ": " + shown(*v) + " is empty");
     return;
   }
+  // It goes into a JSON request, which must be UTF-8. Where it goes wrong is not shown: the
+  // position would be part of the secret.
+  if (!utf8::valid(secret)) {
+    ctx.error(item.where(), item.path + ": " + shown(*v) + " is not UTF-8 text");
+    return;
+  }
   out.secret = std::move(secret);
   out.secret_file = *v;
 }
@@ -560,7 +588,9 @@ const Table<QueueConfig> kQueue = {
     {"order", Optional,
      choice(&QueueConfig::order, {{"oldest_first", DrainOrder::OldestFirst},
                                   {"newest_first", DrainOrder::NewestFirst}})},
-    {"drain_rate", Optional, number(&QueueConfig::drain_rate, 0, 1e9)},
+    // 0 = unlimited. Otherwise at least one reading in 1000 s (the pause after a batch is
+    // readings / rate, and a smaller rate would make it days long or overflow) and at most 1e9/s.
+    {"drain_rate", Optional, number(&QueueConfig::drain_rate, 0, 1e9, 0.001)},
 };
 
 const Table<DeliveryConfig> kDelivery = {
@@ -833,8 +863,36 @@ std::optional<Position> first_content(const std::string& text) {
   return std::nullopt;
 }
 
+// A YAML stream is UTF-8 (YAML 1.2 §5.2), and every string of the config ends up in JSON or on
+// D-Bus, which refuse anything else. One diagnostic per line with a bad byte, at most a few; the
+// bytes are not shown (they could be part of a secret).
+bool check_utf8(Ctx& ctx, const std::string& text) {
+  constexpr int kMaxReported = 5;
+  int reported = 0;
+  int line = 1;
+  for (std::size_t at = 0; at < text.size() && reported < kMaxReported;) {
+    const std::size_t nl = text.find('\n', at);
+    const std::size_t end = nl == std::string::npos ? text.size() : nl;
+    const std::string_view rest(text.data() + at, end - at);
+    if (const std::size_t bad = utf8::invalid_at(rest); bad != std::string_view::npos) {
+      // The column counts characters, as an editor shows it.
+      int column = 1;
+      for (std::size_t i = at; i < at + bad; ++i)
+        if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80) ++column;
+      ctx.error(Position{line, column},
+                "not valid UTF-8 text (Latin-1 or another encoding?); save the file as UTF-8");
+      ++reported;
+    }
+    if (nl == std::string::npos) break;
+    at = nl + 1;
+    ++line;
+  }
+  return reported == 0;
+}
+
 LoadResult load(const std::string& text, const std::string& name) {
   Ctx ctx(name);
+  if (!check_utf8(ctx, text)) return finish(ctx, std::nullopt);
   YAML::Node root;
   std::vector<YAML::Mark> documents;
   try {

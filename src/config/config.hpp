@@ -53,11 +53,13 @@ enum class SourceType { File, Exec, System };
 inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
     "cpu", "memory", "load", "uptime", "disk", "temperature"};
 
-struct SourceConfig {
+// Everything that decides what a source does. A reload keeps a running source exactly when its
+// settings compare equal, so every setting must live here: the defaulted == compares them all,
+// and a new field cannot be forgotten (issue 8: metrics and disk_path once were).
+struct SourceSettings {
   std::string name;
   SourceType type = SourceType::File;
   Millis interval = 30s;
-  Position position;  // of the list item, for runtime messages that point back into the file
 
   // type: file
   std::string path;
@@ -72,7 +74,20 @@ struct SourceConfig {
   // type: system
   std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has
   std::string disk_path = "/";       // the file system `disk` reports on
+
+  bool operator==(const SourceSettings&) const = default;
 };
+
+// A source as configured: its settings, and where it is written. Nothing but the position goes
+// here: a source that only moved within the file keeps running on reload.
+struct SourceConfig : SourceSettings {
+  Position position;  // of the list item, for runtime messages that point back into the file
+};
+
+// Whether a reload may keep a source running: equal settings, wherever each is written.
+inline bool same_settings(const SourceConfig& a, const SourceConfig& b) {
+  return static_cast<const SourceSettings&>(a) == static_cast<const SourceSettings&>(b);
+}
 
 enum class DrainOrder { OldestFirst, NewestFirst };
 

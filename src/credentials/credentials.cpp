@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <limits>
+
 #include "util/fs.hpp"
 
 namespace tb::credentials {
@@ -32,6 +34,31 @@ std::string string_field(const json& j, const char* name) {
   return (it != j.end() && it->is_string()) ? it->get<std::string>() : std::string();
 }
 
+// dump() throws type_error.316 on a string that is not UTF-8; a device name from an older
+// version's config could be one. Such bytes are written as U+FFFD instead.
+std::string dump(const json& j) {
+  return j.dump(2, ' ', false, json::error_handler_t::replace) + "\n";
+}
+
+// A number field of the record, or nullopt when it is absent, not a number or out of range —
+// never an exception (j.value() throws type_error.302 on `null` or "3").
+template <class T>
+std::optional<T> number_field(const json& j, const char* name) {
+  auto it = j.find(name);
+  if (it == j.end() || !it->is_number_integer()) return std::nullopt;
+  if (it->is_number_unsigned()) {
+    const auto v = it->get<std::uint64_t>();
+    if (v > static_cast<std::uint64_t>(std::numeric_limits<T>::max())) return std::nullopt;
+    return static_cast<T>(v);
+  }
+  const auto v = it->get<std::int64_t>();
+  if (v < static_cast<std::int64_t>(std::numeric_limits<T>::min()) ||
+      (v > 0 &&
+       static_cast<std::uint64_t>(v) > static_cast<std::uint64_t>(std::numeric_limits<T>::max())))
+    return std::nullopt;
+  return static_cast<T>(v);
+}
+
 }  // namespace
 
 std::optional<Credentials> load(const std::filesystem::path& state_dir, std::string* error) {
@@ -43,6 +70,12 @@ std::optional<Credentials> load(const std::filesystem::path& state_dir, std::str
   c.type = string_field(*j, "credentialsType");
   c.value = string_field(*j, "credentialsValue");
   c.device_name = string_field(*j, "deviceName");
+  for (const char* name : {"credentialsType", "credentialsValue"}) {
+    if (auto it = j->find(name); it == j->end() || !it->is_string()) {
+      if (error) *error = file.string() + ": " + name + " is missing or not a string";
+      return std::nullopt;
+    }
+  }
   if (c.type != "ACCESS_TOKEN") {
     if (error)
       *error =
@@ -60,7 +93,7 @@ bool save(const std::filesystem::path& state_dir, const Credentials& creds, std:
   json j = {{"credentialsType", creds.type},
             {"credentialsValue", creds.value},
             {"deviceName", creds.device_name}};
-  return write_file_atomic(state_dir / kCredentialsFile, j.dump(2) + "\n", 0600, error);
+  return write_file_atomic(state_dir / kCredentialsFile, dump(j), 0600, error);
 }
 
 std::optional<PendingProvision> load_pending(const std::filesystem::path& state_dir,
@@ -68,15 +101,25 @@ std::optional<PendingProvision> load_pending(const std::filesystem::path& state_
   if (error) error->clear();
   auto j = load_json(state_dir / kPendingFile, error);
   if (!j) return std::nullopt;
+  const std::string file = (state_dir / kPendingFile).string();
   PendingProvision p;
   p.device_name = string_field(*j, "deviceName");
   p.token = string_field(*j, "token");
-  p.attempts = j->value("attempts", 0u);
-  p.first_attempt_ms = j->value("firstAttemptMs", std::int64_t{0});
   if (p.token.empty()) {
-    if (error) *error = (state_dir / kPendingFile).string() + ": token is missing";
+    if (error) *error = file + ": token is missing or not a string";
     return std::nullopt;
   }
+  // The token is what matters: it may be registered already. An unreadable count must not make
+  // a FAILURE look final (that needs attempts > 1 to check the token), so it counts as one
+  // request sent: the next is the second, and a FAILURE to it checks the token.
+  const auto attempts = number_field<std::uint32_t>(*j, "attempts");
+  const auto first = number_field<std::int64_t>(*j, "firstAttemptMs");
+  p.attempts = attempts.value_or(1);
+  p.first_attempt_ms = first.value_or(0);
+  if (error && (!attempts || !first))
+    *error = file + ": " + (!attempts ? "attempts" : "firstAttemptMs") +
+             " is missing or not a whole number; keeping the proposed token" +
+             (!attempts ? " and counting one request as sent" : "");
   return p;
 }
 
@@ -86,7 +129,7 @@ bool save_pending(const std::filesystem::path& state_dir, const PendingProvision
             {"token", pending.token},
             {"attempts", pending.attempts},
             {"firstAttemptMs", pending.first_attempt_ms}};
-  return write_file_atomic(state_dir / kPendingFile, j.dump(2) + "\n", 0600, error);
+  return write_file_atomic(state_dir / kPendingFile, dump(j), 0600, error);
 }
 
 void remove_pending(const std::filesystem::path& state_dir) {

@@ -33,6 +33,9 @@ std::optional<Credentials> load(const std::filesystem::path& state_dir, std::str
 // Atomic (temp file, fsync, rename), mode 0600.
 bool save(const std::filesystem::path& state_dir, const Credentials& creds, std::string* error);
 
+// nullopt with *error empty: no record; with *error set: unreadable (no token), to be ignored.
+// A record with its token but an unreadable count comes back with *error set as a warning:
+// attempts is then 1 (a request may have been sent), so a FAILURE still checks the token.
 std::optional<PendingProvision> load_pending(const std::filesystem::path& state_dir,
                                              std::string* error);
 bool save_pending(const std::filesystem::path& state_dir, const PendingProvision& pending,

@@ -1,6 +1,7 @@
 #include "daemon/cli.hpp"
 
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
@@ -223,6 +224,12 @@ int test_sources(const Args& args) {
 }  // namespace
 
 int cli_main(int argc, char** argv) {
+  // A closed stdout/stderr pipe (`tb-agent | head`, a log reader that went away) must be a
+  // failed write, not death by SIGPIPE before the last flush. Ignored before anything is written.
+  ::signal(SIGPIPE, SIG_IGN);
+  // Every file the agent creates (queue.db and its -wal/-shm, temporary files) is for its own
+  // user only, whatever umask it was started with; systemd's UMask= in the unit says the same.
+  ::umask(0077);
   Args args;
   CLI::App app{"tb-agent: a ThingsBoard device agent over CoAP", "tb-agent"};
   app.set_version_flag("--version", std::string("tb-agent ") + TB_AGENT_VERSION);

@@ -2,10 +2,12 @@
 
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <exception>
 #include <map>
@@ -14,6 +16,7 @@
 #include "util/fs.hpp"
 #include "util/log.hpp"
 #include "util/units.hpp"
+#include "util/utf8.hpp"
 
 namespace tb::daemon {
 
@@ -27,11 +30,10 @@ std::string server_string(const config::ServerConfig& s) {
   return s.host + ":" + std::to_string(s.port);
 }
 
-// Every field but `position`: a source that only moved within the file keeps running on reload.
+// Every setting, by construction (config::SourceSettings), but not the position: a source that
+// only moved within the file keeps running on reload.
 bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
-  return a.name == b.name && a.type == b.type && a.interval == b.interval && a.path == b.path &&
-         a.key == b.key && a.scale == b.scale && a.offset == b.offset && a.command == b.command &&
-         a.timeout == b.timeout;
+  return config::same_settings(a, b);
 }
 
 std::string join_diagnostics(const std::vector<config::Diagnostic>& diags) {
@@ -122,6 +124,11 @@ int Manager::init() {
     spdlog::critical("{}", err);
     return kExitFailure;
   }
+  // The agent's own files are 0600 (umask 0077 at start), but a directory others may enter
+  // still shows which files exist; an operator-made state_dir is not changed behind their back.
+  if (struct stat st{}; ::stat(cfg_.state_dir.c_str(), &st) == 0 && (st.st_mode & 0077) != 0)
+    spdlog::warn("state_dir {} is accessible to other users (mode {:04o}); chmod 700 it",
+                 cfg_.state_dir.string(), st.st_mode & 07777);
 
   // Credentials: configured token first, then the stored file, else provisioning.
   if (!cfg_.credentials.access_token.empty()) {
@@ -154,6 +161,14 @@ int Manager::init() {
   if (!queue_) {
     spdlog::critical("cannot open the telemetry queue: {}", err);
     return kExitFailure;
+  }
+  // SQLite creates a database 0644 whatever the umask (it fchmods a new file to its default
+  // mode) and gives -wal/-shm the database's mode: make them the agent's alone, also when an
+  // older version left them readable. Telemetry is the operator's business, not every user's.
+  for (const char* name : {"queue.db", "queue.db-wal", "queue.db-shm"}) {
+    const auto file = cfg_.state_dir / name;
+    if (::chmod(file.c_str(), 0600) != 0 && errno != ENOENT)
+      spdlog::warn("cannot make {} private: {}", file.string(), std::strerror(errno));
   }
   if (queue_->queued_readings() > 0)
     spdlog::info("{} reading(s) queued from before", queue_->queued_readings());
@@ -372,7 +387,12 @@ std::string Manager::reload() {
   }
   if (!problems.empty()) {
     spdlog::error("reload refused, still running on the previous configuration:\n{}", problems);
-    set_error("reload refused, still running on the previous configuration: " + problems);
+    // LastError is a D-Bus string: bounded, cut on a character boundary, valid UTF-8.
+    constexpr std::size_t kMaxErrorBytes = 4096;
+    std::string error = "reload refused, still running on the previous configuration: " + problems;
+    if (error.size() > kMaxErrorBytes)
+      error = std::string(utf8::prefix(error, kMaxErrorBytes)) + "...";
+    set_error(utf8::sanitized(error));
   } else {
     spdlog::info("configuration reloaded");
   }

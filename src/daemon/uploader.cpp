@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "util/units.hpp"
 
 namespace tb::daemon {
@@ -83,8 +85,13 @@ void Uploader::reconfigure(const config::DeliveryConfig& delivery, double drain_
 }
 
 Millis Uploader::rate_delay(std::uint64_t readings) const {
-  if (drain_rate_ <= 0) return Millis(0);
-  return Millis(static_cast<std::int64_t>(1000.0 * static_cast<double>(readings) / drain_rate_));
+  if (!(drain_rate_ > 0)) return Millis(0);  // 0 = unlimited (NaN too, defensively)
+  // Clamped in double before the conversion: a huge quotient (a tiny rate, a big batch) does not
+  // fit an int64 and converting it would be undefined behaviour. The config allows rates down to
+  // 0.001/s; a pause longer than a day is capped there.
+  constexpr double kMaxPauseMs = 24.0 * 3600 * 1000;
+  const double ms = 1000.0 * static_cast<double>(readings) / drain_rate_;
+  return Millis(static_cast<std::int64_t>(std::min(ms, kMaxPauseMs)));
 }
 
 void Uploader::send_next() {

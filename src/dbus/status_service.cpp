@@ -4,6 +4,7 @@
 #include <systemd/sd-bus.h>
 
 #include "util/backoff.hpp"
+#include "util/utf8.hpp"
 
 #include <cerrno>
 #include <chrono>
@@ -27,6 +28,22 @@ constexpr Millis kReconnectInitial{1000};
 constexpr Millis kReconnectMax{60'000};
 
 std::string errno_text(int r) { return std::strerror(r < 0 ? -r : r); }
+
+// sd-bus refuses a message with a string that is not UTF-8, and with it the whole GetAll, the
+// PropertiesChanged signal or the method reply. A status string can come from anywhere (a device
+// name in an old credentials.json, a source's error quoting a file, a plugin), so every string is
+// made valid here, at the boundary: bad bytes become U+FFFD.
+void make_valid(std::string& s) {
+  if (!utf8::valid(s)) s = utf8::sanitized(s);
+}
+
+Status valid_utf8(Status s) {
+  for (std::string* f : {&s.state, &s.device_name, &s.server, &s.last_error}) make_valid(*f);
+  for (auto& row : s.sources) {
+    for (std::string* f : {&row.name, &row.type, &row.last_error}) make_valid(*f);
+  }
+  return s;
+}
 
 }  // namespace
 
@@ -64,14 +81,14 @@ struct StatusService::Impl {
   const Status& latest() {
     std::uint64_t it = 0;
     if (sd_event_get_iteration(loop, &it) < 0 || it != current_iteration) {
-      current = snapshot();
+      current = valid_utf8(snapshot());
       current_iteration = it;
     }
     return current;
   }
 
   void refresh() {
-    current = snapshot();
+    current = valid_utf8(snapshot());
     std::uint64_t it = UINT64_MAX;
     sd_event_get_iteration(loop, &it);
     current_iteration = it;
@@ -243,7 +260,7 @@ struct StatusService::Impl {
     try {
       return body();
     } catch (const std::exception& e) {
-      return sd_bus_error_set(error, kErrorFailed, e.what());
+      return sd_bus_error_set(error, kErrorFailed, utf8::sanitized(e.what()).c_str());
     } catch (...) {
       return sd_bus_error_set(error, kErrorFailed, "internal error");
     }
@@ -292,7 +309,8 @@ struct StatusService::Impl {
   static int method_reload(sd_bus_message* m, void* userdata, sd_bus_error* error) {
     auto* self = static_cast<Impl*>(userdata);
     return guarded(error, [&] {
-      const std::string problems = self->handlers.reload ? self->handlers.reload() : "";
+      const std::string problems =
+          utf8::sanitized(self->handlers.reload ? self->handlers.reload() : "");
       if (!problems.empty()) return sd_bus_error_set(error, kErrorInvalidConfig, problems.c_str());
       return sd_bus_reply_method_return(m, "");
     });

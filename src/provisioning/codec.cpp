@@ -12,7 +12,9 @@ std::string encode_request(const Request& r) {
             {"deviceName", r.device_name},
             {"credentialsType", "ACCESS_TOKEN"}};
   if (!r.token.empty()) j["token"] = r.token;
-  return j.dump();
+  // The config refuses non-UTF-8 text, so nothing is replaced in practice; but dump() would
+  // throw (type_error.316) on a bad byte, and an exception is no way to fail a request.
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 Answer decode_answer(int code, const std::string& payload) {

@@ -25,6 +25,7 @@ Provisioner::~Provisioner() {
 void Provisioner::start() {
   std::string err;
   auto pending = credentials::load_pending(options_.state_dir, &err);
+  if (pending && !err.empty()) spdlog::warn("provisioning record: {}", err);
   if (pending && pending->device_name == options_.device_name) {
     pending_ = *pending;
     spdlog::info(
@@ -32,7 +33,15 @@ void Provisioner::start() {
         "is kept so a lost answer can be recovered)",
         pending_.device_name, pending_.attempts);
   } else {
-    if (!err.empty()) spdlog::warn("ignoring unreadable provisioning record: {}", err);
+    // Ignoring it proposes a fresh token. If an earlier request did register the device, the
+    // server answers FAILURE to the first new request and the agent stops in state `failed`
+    // (it never provisions the device twice): the operator resolves it.
+    if (!pending && !err.empty())
+      spdlog::warn(
+          "ignoring unreadable provisioning record: {}; proposing a new token (if an earlier "
+          "request registered the device, the server refuses this one and provisioning stops "
+          "for the operator)",
+          err);
     if (pending)
       spdlog::info("device name changed from '{}' to '{}': starting provisioning afresh",
                    pending->device_name, options_.device_name);

@@ -3,10 +3,14 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <fstream>
+#include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -189,13 +193,66 @@ TEST(Errors, WrongTypesAndRanges) {
   expect_one("server:\n  host: h\nstate_dir: var/lib\n", 3, 12,
              "state_dir: must be an absolute path");
   expect_one("server:\n  host: h\nqueue:\n  drain_rate: -1\n", 4, 15,
-             "queue.drain_rate: must be from 0");
+             "queue.drain_rate: must be 0 or from 0.001 to 1e+09");
   expect_one("server:\n  host: h\nqueue:\n  drain_rate: fast\n", 4, 15, "must be a number");
   expect_one("server:\n  host: h\nqueue:\n  max_size: -5MiB\n", 4, 13, "negative");
   expect_one("server:\n  host: h\nqueue:\n  order: random\n", 4, 10, "oldest_first, newest_first");
   expect_one("server:\n  host: h\nlogging:\n  level: verbose\n", 4, 10,
              "trace, debug, info, warning, error");
   expect_one("server:\n  host: h\ndbus:\n  bus: user\n", 4, 8, "system, session, none");
+}
+
+// Issue 8 #10: a tiny rate passed and overflowed the pause computation (readings / rate).
+TEST(Errors, DrainRateRange) {
+  const std::string head = "server:\n  host: h\nqueue:\n  drain_rate: ";
+  expect_one(head + "1e-300\n", 4, 15, "must be 0 or from 0.001 to 1e+09, not '1e-300'");
+  expect_one(head + "0.0009\n", 4, 15, "must be 0 or from 0.001");
+  expect_one(head + "2e9\n", 4, 15, "must be 0 or from 0.001");
+  for (const char* ok : {"0", "0.001", "0.5", "1e9"}) {
+    const auto r = load(head + ok + "\n");
+    EXPECT_TRUE(r.ok()) << ok << ": " << all(r);
+  }
+}
+
+// Issue 8 #6: bytes that are not UTF-8 passed the check and later broke JSON and D-Bus.
+TEST(Errors, NotUtf8IsRefusedWithItsPosition) {
+  // 0xE9 is Latin-1 'é'; column counts characters ("ü" before it is one).
+  expect_one("server:\n  host: h\ndevice:\n  name: pump-\xC3\xBC\xE9\n", 4, 15, "not valid UTF-8");
+  // In a key, a comment, a truncated sequence, an overlong form, a surrogate: all refused.
+  expect_one("server:\n  host: h\n  po\xE9rt: 1\n", 3, 5, "not valid UTF-8");
+  expect_one("server:\n  host: h # caf\xE9\n", 2, 16, "not valid UTF-8");
+  expect_one("server:\n  host: h\ndevice: {name: \"\xE2\x82\"}\n", 3, 17, "not valid UTF-8");
+  expect_one("server:\n  host: h\ndevice: {name: \"\xC0\xAF\"}\n", 3, 17, "not valid UTF-8");
+  expect_one("server:\n  host: h\ndevice: {name: \"\xED\xA0\x80\"}\n", 3, 17, "not valid UTF-8");
+  // One per line, every line.
+  const auto r = load("server:\n  host: \xE9\ndevice: {name: \"\xE9\xE9\"}\n");
+  ASSERT_EQ(r.diagnostics.size(), 2u) << all(r);
+  EXPECT_EQ(r.diagnostics[1].to_string(),
+            "test.yaml:3:17: not valid UTF-8 text (Latin-1 or another encoding?); save the file "
+            "as UTF-8");
+  // Valid multi-byte text is fine.
+  const auto ok = load("server:\n  host: h\ndevice:\n  name: \"K\xC3\xBChlraum \xE2\x84\x96 3\"\n");
+  ASSERT_TRUE(ok.ok()) << all(ok);
+  EXPECT_EQ(ok.config->device.name, "K\xC3\xBChlraum \xE2\x84\x96 3");
+}
+
+// A quoted value is cut at 60 bytes; the cut must not split a character, or the message (and
+// LastError on D-Bus after a refused reload) is not UTF-8.
+TEST(Errors, QuotedValuesAreCutOnCharacterBoundaries) {
+  std::string value = "a";
+  for (int i = 0; i < 40; ++i) value += "\xC3\xA9";  // 'é', two bytes: byte 60 splits one
+  const auto r = load("server:\n  host: h\n  port: \"" + value + "\"\n");
+  ASSERT_EQ(r.diagnostics.size(), 1u) << all(r);
+  const std::string& m = r.diagnostics[0].message;
+  EXPECT_THAT(m, HasSubstr("not 'a\xC3\xA9"));
+  EXPECT_THAT(m, HasSubstr("\xC3\xA9...'"));
+  for (std::size_t i = 0; i < m.size(); ++i) {
+    // Every lead byte 0xC3 is followed by its continuation byte.
+    if (static_cast<unsigned char>(m[i]) == 0xC3) {
+      ASSERT_LT(i + 1, m.size()) << m;
+      EXPECT_EQ(static_cast<unsigned char>(m[i + 1]), 0xA9) << m;
+    }
+  }
 }
 
 TEST(Errors, DeliveryLimits) {
@@ -398,6 +455,37 @@ TEST(Secrets, SecretFileProblems) {
   expect_one(head + "/tmp\n", 4, 16, "is a directory");
   TempFile empty("\n");
   expect_one(head + empty.path() + "\n", 4, 16, "is empty");
+  TempFile latin1(
+      "s\xE9"
+      "cret\n");
+  expect_one(head + latin1.path() + "\n", 4, 16, "is not UTF-8 text");
+  expect_one(head + "/dev/null\n", 4, 16, "is not a regular file");
+}
+
+// Issue 8 #9: a FIFO without a writer blocked open(2) forever: --check-config hung, and a reload
+// would have hung the loop. It must be refused at once.
+TEST(Secrets, SecretFileFifoWithoutWriterIsRefusedPromptly) {
+  char dir[] = "/tmp/tb-config-test-XXXXXX";
+  ASSERT_TRUE(mkdtemp(dir));
+  const std::string fifo = std::string(dir) + "/secret";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  // Run in a child, so that the old, blocking code fails this test instead of hanging it.
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    alarm(10);
+    const auto r =
+        load("server: {host: h}\nprovisioning:\n  key: k\n  secret_file: " + fifo + "\n");
+    const bool refused =
+        r.diagnostics.size() == 1 &&
+        r.diagnostics[0].message.find("is not a regular file") != std::string::npos;
+    _exit(refused ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(WIFEXITED(status)) << "the load hung (killed by SIGALRM) or crashed";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "not refused as 'is not a regular file'";
 }
 
 TEST(Secrets, NeverInDiagnostics) {
@@ -428,6 +516,89 @@ dbus: {bus: "TOKEN-SECRET-4"}
   EXPECT_THAT(text, HasSubstr("mutually exclusive"));
   EXPECT_THAT(text, HasSubstr("dbus.bus: must be one of system, session, none, not '<redacted>'"));
   EXPECT_THAT(text, HasSubstr("credentials: unknown key (known keys: access_token)"));
+}
+
+}  // namespace
+}  // namespace tb::config
+
+namespace tb::config {
+namespace {
+
+// --- reload: which sources a reload restarts --------------------------------------------------
+
+// The keys the loader knows for a source of `type`, as its "unknown key" message lists them.
+std::vector<std::string> source_keys(const std::string& type) {
+  const auto r = load("server: {host: h}\nsources:\n  - {name: s, type: " + type + ", zzz: 1}\n");
+  std::vector<std::string> keys;
+  for (const auto& d : r.diagnostics) {
+    const auto at = d.message.find("(known keys: ");
+    if (at == std::string::npos) continue;
+    std::string list = d.message.substr(at + 13, d.message.size() - at - 14);
+    for (std::size_t b = 0; b <= list.size();) {
+      const std::size_t e = std::min(list.find(", ", b), list.size());
+      keys.push_back(list.substr(b, e - b));
+      b = e + 2;
+    }
+  }
+  return keys;
+}
+
+// Issue 8 #7: a reload compared sources field by field and forgot metrics and disk_path, so a
+// changed system source kept running with its old keys. Every key of every type must count;
+// the list of keys comes from the loader itself, so a key added later without a line here fails.
+TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
+  struct Type {
+    std::string name;
+    std::map<std::string, std::pair<std::string, std::string>> values;  // key → (before, after)
+  };
+  const std::vector<Type> types = {
+      {"file",
+       {{"name", {"s", "t"}},
+        {"interval", {"1s", "2s"}},
+        {"path", {"/a", "/b"}},
+        {"key", {"k", "l"}},
+        {"scale", {"1", "2"}},
+        {"offset", {"0", "1"}}}},
+      {"exec",
+       {{"name", {"s", "t"}},
+        {"interval", {"10s", "20s"}},
+        {"command", {"[/bin/true]", "[/bin/true, x]"}},
+        {"timeout", {"1s", "2s"}}}},
+      {"system",
+       {{"name", {"s", "t"}},
+        {"interval", {"1s", "2s"}},
+        {"metrics", {"[load]", "[memory]"}},
+        {"disk_path", {"/", "/tmp"}}}},
+  };
+  auto source = [](const LoadResult& r) {
+    EXPECT_TRUE(r.ok()) << all(r);
+    return r.ok() ? r.config->sources.at(0) : SourceConfig{};
+  };
+  for (const auto& type : types) {
+    std::set<std::string> covered{"type"};  // the type is checked below
+    for (const auto& [k, v] : type.values) covered.insert(k);
+    for (const auto& k : source_keys(type.name))
+      EXPECT_TRUE(covered.count(k)) << type.name << " source key '" << k << "' is not tested here";
+
+    auto text = [&](const std::string& changed, bool after, const std::string& lead = "") {
+      std::string out = "server: {host: h}\nsources:\n" + lead + "  - type: " + type.name + "\n";
+      for (const auto& [k, v] : type.values)
+        out += "    " + k + ": " + (k == changed && after ? v.second : v.first) + "\n";
+      return out;
+    };
+    const SourceConfig base = source(load(text("", false)));
+    // Moved within the file: the same settings (the source keeps running).
+    const SourceConfig moved = source(load(text("", false, "\n\n")));
+    EXPECT_NE(moved.position.line, base.position.line);
+    EXPECT_TRUE(same_settings(base, moved)) << type.name;
+    for (const auto& [k, v] : type.values) {
+      const SourceConfig changed = source(load(text(k, true)));
+      EXPECT_FALSE(same_settings(base, changed)) << type.name << "." << k << " changed";
+    }
+  }
+  SourceConfig file, exec;
+  exec.type = SourceType::Exec;
+  EXPECT_FALSE(same_settings(file, exec));
 }
 
 }  // namespace

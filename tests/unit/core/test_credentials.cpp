@@ -61,6 +61,76 @@ TEST(Credentials, PendingProvisionRoundTrip) {
   fs::remove_all(dir);
 }
 
+// Issue 8 #8: `"attempts": null` or `"3"` threw type_error.302 out of load_pending and killed
+// every start. The token is kept (it may be registered); the count is taken as one request sent.
+TEST(Credentials, PendingRecordWithWrongTypesNeverThrows) {
+  const auto dir = temp_dir();
+  std::string err;
+  for (const char* attempts : {"null", "\"3\"", "-1", "1.5", "[]", "5000000000"}) {
+    SCOPED_TRACE(attempts);
+    std::ofstream(dir / kPendingFile, std::ios::trunc)
+        << R"({"deviceName":"dev","token":"tok123","attempts":)" << attempts
+        << R"(,"firstAttemptMs":17})";
+    std::optional<PendingProvision> p;
+    ASSERT_NO_THROW(p = load_pending(dir, &err));
+    ASSERT_TRUE(p);
+    EXPECT_EQ(p->token, "tok123");
+    EXPECT_EQ(p->attempts, 1u);
+    EXPECT_EQ(p->first_attempt_ms, 17);
+    EXPECT_NE(err.find("attempts is missing or not a whole number"), std::string::npos) << err;
+  }
+  std::ofstream(dir / kPendingFile, std::ios::trunc)
+      << R"({"deviceName":"dev","token":"tok123","attempts":2,"firstAttemptMs":"soon"})";
+  auto p = load_pending(dir, &err);
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p->attempts, 2u);
+  EXPECT_NE(err.find("firstAttemptMs"), std::string::npos) << err;
+  // Without a usable token the record is unreadable: ignored, with a reason.
+  for (const char* record : {R"({"token":null,"attempts":1})", R"({"token":7})", "[1,2]", "{"}) {
+    std::ofstream(dir / kPendingFile, std::ios::trunc) << record;
+    ASSERT_NO_THROW(p = load_pending(dir, &err));
+    EXPECT_FALSE(p) << record;
+    EXPECT_FALSE(err.empty()) << record;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Credentials, WrongTypesAreAClearErrorNotAnException) {
+  const auto dir = temp_dir();
+  std::string err;
+  for (const char* record :
+       {R"({"credentialsType":null,"credentialsValue":"t"})",
+        R"({"credentialsType":"ACCESS_TOKEN","credentialsValue":42})",
+        R"({"credentialsType":"ACCESS_TOKEN","credentialsValue":"t","deviceName":[]})"}) {
+    std::ofstream(dir / kCredentialsFile, std::ios::trunc) << record;
+    std::optional<Credentials> c;
+    ASSERT_NO_THROW(c = load(dir, &err)) << record;
+    if (std::string(record).find("deviceName") != std::string::npos) {
+      ASSERT_TRUE(c) << err;  // the name is informational only
+      EXPECT_EQ(c->device_name, "");
+    } else {
+      EXPECT_FALSE(c) << record;
+      EXPECT_NE(err.find("is missing or not a string"), std::string::npos) << err;
+    }
+  }
+  fs::remove_all(dir);
+}
+
+// A device name that is not UTF-8 made dump() throw type_error.316 at the end of provisioning.
+TEST(Credentials, SavingANonUtf8NameNeverThrows) {
+  const auto dir = temp_dir();
+  std::string err;
+  bool saved = false;
+  ASSERT_NO_THROW(saved = save(dir, {"ACCESS_TOKEN", "tok", "pump-\xE9"}, &err));
+  ASSERT_TRUE(saved) << err;
+  auto c = load(dir, &err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_EQ(c->device_name, "pump-\xEF\xBF\xBD");
+  ASSERT_NO_THROW(saved = save_pending(dir, {"pump-\xE9", "tok", 1, 0}, &err));
+  EXPECT_TRUE(saved) << err;
+  fs::remove_all(dir);
+}
+
 TEST(Credentials, GeneratedTokensAreRandomAlphanumerics) {
   std::set<std::string> seen;
   for (int i = 0; i < 200; ++i) {

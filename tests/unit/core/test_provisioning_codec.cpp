@@ -16,6 +16,14 @@ TEST(ProvisioningCodec, RequestCarriesKeySecretNameAndOurToken) {
   EXPECT_EQ(j["token"], "tok");
 }
 
+// Issue 8 #6: a device name that is not UTF-8 made dump() throw type_error.316 (a restart loop).
+TEST(ProvisioningCodec, RequestWithANonUtf8NameNeverThrows) {
+  std::string body;
+  ASSERT_NO_THROW(body = encode_request({"K", "S", "pump-\xE9", "tok"}));
+  const auto j = nlohmann::json::parse(body);
+  EXPECT_EQ(j["deviceName"], "pump-\xEF\xBF\xBD");
+}
+
 TEST(ProvisioningCodec, Success) {
   auto a = decode_answer(
       201, R"({"credentialsValue":"abc","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"})");

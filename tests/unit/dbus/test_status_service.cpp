@@ -495,6 +495,43 @@ TEST_F(StatusServiceTest, FlushAndReloadReachTheirHandlers) {
   EXPECT_EQ(reloads_, 2);
 }
 
+// Issue 8 #6: a string that is not UTF-8 (a device name from an old credentials.json, a source
+// error quoting a file, half a character cut off a reload message) made sd-bus refuse GetAll,
+// every PropertiesChanged and the Reload reply. Such bytes now arrive as U+FFFD.
+TEST_F(StatusServiceTest, InvalidUtf8NeverBreaksTheBus) {
+  const std::string kBad = "pump-\xE9";            // Latin-1 'é'
+  const std::string kShown = "pump-\xEF\xBF\xBD";  // U+FFFD in its place
+  status_.device_name = kBad;
+  status_.sources[0].last_error = "cannot parse '\xFF\xFE'";
+  start_service();
+  watch_changes();
+
+  EXPECT_EQ(get_s("DeviceName"), kShown);
+  sd_bus_message* r = call("org.freedesktop.DBus.Properties", "GetAll", "s", tb::dbus::kInterface);
+  ASSERT_TRUE(r);
+  ASSERT_FALSE(sd_bus_message_is_method_error(r, nullptr)) << sd_bus_message_get_error(r)->message;
+  sd_bus_message_unref(r);
+
+  // A refused reload's message cut in the middle of 'é'.
+  status_.state = "failed";
+  status_.last_error = "reload refused: not 'a\xC3";
+  service_->changed();
+  ASSERT_TRUE(spin_until([this] { return !changes_.empty(); }));
+  EXPECT_EQ(changes_[0].values.at("State"), "failed");
+  EXPECT_EQ(changes_[0].values.at("LastError"), "reload refused: not 'a\xEF\xBF\xBD");
+  EXPECT_EQ(get_s("LastError"), "reload refused: not 'a\xEF\xBF\xBD");
+
+  // Reload callers get their (error) reply.
+  reload_result_ = "/etc/tb-agent.yaml:3:9: not 'a\xC3...'";
+  r = call(tb::dbus::kInterface, "Reload");
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(sd_bus_message_is_method_error(r, tb::dbus::kErrorInvalidConfig));
+  EXPECT_STREQ(sd_bus_message_get_error(r)->message,
+               "/etc/tb-agent.yaml:3:9: not 'a\xEF\xBF\xBD...'");
+  sd_bus_message_unref(r);
+  EXPECT_TRUE(service_->connected());
+}
+
 TEST_F(StatusServiceTest, HandlerExceptionsBecomeErrorReplies) {
   tb::dbus::Handlers h;
   h.flush = [] { throw std::runtime_error("boom"); };
