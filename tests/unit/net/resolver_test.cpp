@@ -1,27 +1,20 @@
 #include "net/resolver.hpp"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sched.h>
 #include <signal.h>
-#include <sys/mount.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <memory>
 #include <optional>
 #include <string>
 
 #include <gtest/gtest.h>
 
+#include "private_dns.hpp"
 #include "util/timer.hpp"
 
-namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using tb::Millis;
 using tb::net::Resolution;
@@ -51,9 +44,6 @@ class ResolverTest : public ::testing::Test {
   void TearDown() override {
     ticker_.reset();
     sd_event_unref(loop_);
-    if (dns_fd_ >= 0) close(dns_fd_);
-    std::error_code ec;
-    if (!dns_dir_.empty()) fs::remove_all(dns_dir_, ec);
   }
 
   // Runs the loop until `done` or the deadline; returns whether `done` became true.
@@ -67,51 +57,12 @@ class ResolverTest : public ::testing::Test {
     return true;
   }
 
-  // A private mount namespace whose /etc/resolv.conf names a local UDP socket that never answers,
-  // and whose nsswitch.conf asks only files and dns: nothing leaves the machine, and every name
-  // not in /etc/hosts hangs until the lookup gives up.
-  bool hang_dns(std::string* why) {
-    if (geteuid() != 0) {
-      *why = "needs root (a private mount namespace, port 53)";
-      return false;
-    }
-    if (unshare(CLONE_NEWNS) != 0 || mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr)) {
-      *why = std::string("cannot make a private mount namespace: ") + std::strerror(errno);
-      return false;
-    }
-    dns_fd_ = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(53);
-    const unsigned pid = static_cast<unsigned>(getpid());
-    const std::string ip = "127.77." + std::to_string((pid >> 8) & 0xff) + "." +
-                           std::to_string(1 + (pid & 0xff) % 250);
-    inet_pton(AF_INET, ip.c_str(), &a.sin_addr);
-    if (bind(dns_fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-      *why = "cannot bind " + ip + ":53: " + std::strerror(errno);
-      return false;
-    }
-    const fs::path dir = fs::temp_directory_path() / ("tb-resolver-" + std::to_string(pid));
-    fs::create_directories(dir);
-    dns_dir_ = dir;
-    std::ofstream(dir / "resolv.conf")
-        << "nameserver " << ip << "\noptions timeout:30 attempts:1\n";
-    std::ofstream(dir / "nsswitch.conf") << "hosts: files dns\n";
-    for (const char* name : {"resolv.conf", "nsswitch.conf"}) {
-      const std::string src = (dir / name).string(), dst = std::string("/etc/") + name;
-      if (mount(src.c_str(), dst.c_str(), nullptr, MS_BIND, nullptr) != 0) {
-        *why = "cannot bind-mount " + dst + ": " + std::strerror(errno);
-        return false;
-      }
-    }
-    return true;
-  }
+  bool hang_dns(std::string* why) { return dns_.setup(why); }
 
   sd_event* loop_ = nullptr;
   std::unique_ptr<tb::Timer> ticker_;
   int ticks_ = 0;
-  int dns_fd_ = -1;
-  fs::path dns_dir_;
+  tb::testing::PrivateDns dns_;
 };
 
 bool gone(pid_t pid) {
@@ -149,8 +100,7 @@ TEST_F(ResolverTest, AnUnknownNameFailsWithAReason) {
   std::string why;
   // Without our own resolv.conf the lookup would ask the machine's DNS servers.
   if (!hang_dns(&why)) GTEST_SKIP() << why;
-  close(dns_fd_);  // nothing listens: the query is refused at once (ICMP port unreachable)
-  dns_fd_ = -1;
+  dns_.refuse();  // nothing listens: the query is refused at once (ICMP port unreachable)
   Resolver r(loop_);
   std::optional<Resolution> got;
   r.resolve("name.invalid", 5683, 20s, [&](Resolution res) { got = std::move(res); });
