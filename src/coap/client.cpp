@@ -539,10 +539,12 @@ struct Client::Impl {
   }
 
   // Asks for the server's address, unless a lookup is already running. Its answer sends or fails
-  // every request waiting for it.
+  // every request waiting for it. The lookup gets 90 % of request_timeout, so a request that waits
+  // for a hanging DNS server fails saying so rather than as a plain timeout.
   void resolve() {
     if (resolver->busy()) return;
-    resolver->resolve(endpoint.host, endpoint.port, options.request_timeout,
+    const Millis limit = std::max<Millis>(options.request_timeout * 9 / 10, Millis(100));
+    resolver->resolve(endpoint.host, endpoint.port, limit,
                       [this](net::Resolution r) { on_resolved(std::move(r)); });
   }
 

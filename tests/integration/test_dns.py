@@ -1,4 +1,4 @@
-# ctest-labels: integration
+# ctest-labels: integration dbus
 """Name resolution never stops the agent (issue 8, items 4 and 5): the real tb-agent runs in a
 private mount namespace (`unshare --mount`) whose /etc/resolv.conf names a local UDP socket that
 never answers and whose /etc/hosts the test rewrites. Nothing leaves the machine. Root only."""
@@ -15,6 +15,8 @@ import pytest
 from agent import build_dir, wait_until
 from conftest import PROVISION_KEY, PROVISION_SECRET
 from tbserver import TbServer
+from test_dbus_agent import bus, busctl, wait_prop  # noqa: F401 (bus is a fixture)
+from test_dbus_policy import IFACE, NAME, PATH
 from test_service import NotifyListener
 from test_spine import counter_script
 
@@ -113,17 +115,21 @@ def start_in_ns(agent, dns, env=None):
 
 
 def test_a_reload_to_a_name_whose_dns_never_answers_does_not_stop_the_loop(
-        server, agents, tmp_path, dns, notify):
-    cfg = dns_config(server, tmp_path, "127.0.0.1")
+        server, agents, tmp_path, dns, notify, bus):
+    cfg = dns_config(server, tmp_path, "127.0.0.1", dbus={"bus": "system"})
     agent = agents(cfg)
-    start_in_ns(agent, dns, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    start_in_ns(agent, dns, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000",
+                                 "DBUS_SYSTEM_BUS_ADDRESS": bus})
     wait_until(lambda: len(seq_ts(server)) >= 3, what="first readings delivered")
+    wait_prop(bus, "State", lambda v: v == "running", "running")
 
     cfg["server"]["host"] = "tb.example.com"  # the DNS server never answers
     agent.write_config(cfg)
     n_ready = len(notify.having("READY"))
-    agent.send_signal(signal.SIGHUP)
-    # The reload is done at once: it does not wait for the name (it waited 40 s and more).
+    # Reload() answers at once: it does not wait for the name (it waited 40 s and more).
+    t0 = time.monotonic()
+    busctl(bus, "--timeout=30", "call", NAME, PATH, IFACE, "Reload")
+    assert time.monotonic() - t0 < 5
     wait_until(lambda: len(notify.having("READY")) > n_ready, timeout=5,
                what="READY=1 after the reload")
     agent.wait_log("server changed to tb.example.com", timeout=5)
@@ -134,6 +140,9 @@ def test_a_reload_to_a_name_whose_dns_never_answers_does_not_stop_the_loop(
     time.sleep(6)
     assert len(notify.having("WATCHDOG")) >= pings + 4
     assert len(queued_ts(agent)) >= queued + 10
+    # The bus is served meanwhile, and says why nothing is delivered once the lookup gives up.
+    wait_prop(bus, "LastError", lambda v: "cannot resolve tb.example.com" in v,
+              "names the lookup", timeout=30)
     # Another reload is handled at once too, and back on a reachable address everything queued
     # meanwhile arrives.
     cfg["server"]["host"] = "127.0.0.1"
@@ -165,15 +174,17 @@ def test_an_unresolvable_name_at_start_collects_and_delivers_once_it_resolves(
     assert agent.stop() == 0
 
 
-def test_provisioning_waits_for_the_name(server, agents, tmp_path, dns):
+def test_provisioning_waits_for_the_name(server, agents, tmp_path, dns, bus):
     dns.close()
-    cfg = dns_config(server, tmp_path, "tb.test")
+    cfg = dns_config(server, tmp_path, "tb.test", dbus={"bus": "system"})
     del cfg["credentials"]
     cfg["device"] = {"name": "dns-2"}
     cfg["provisioning"] = {"key": PROVISION_KEY, "secret": PROVISION_SECRET}
     agent = agents(cfg)
-    start_in_ns(agent, dns)
+    start_in_ns(agent, dns, env={"DBUS_SYSTEM_BUS_ADDRESS": bus})
     agent.wait_log("cannot resolve tb.test", timeout=15)
+    wait_prop(bus, "State", lambda v: v == "provisioning", "provisioning")
+    wait_prop(bus, "LastError", lambda v: "cannot resolve tb.test" in v, "names the lookup")
     wait_until(lambda: len(queued_ts(agent)) >= 5, what="readings queued while provisioning")
     assert agent.running()
     assert agent.credentials() is None
@@ -181,4 +192,5 @@ def test_provisioning_waits_for_the_name(server, agents, tmp_path, dns):
     wait_until(agent.credentials, timeout=30, what="provisioned once the name resolves")
     wanted = set(queued_ts(agent))
     wait_until(lambda: wanted <= seq_ts(server, "dns-2"), timeout=30, what="every queued reading")
+    wait_prop(bus, "State", lambda v: v == "running", "running")
     assert agent.stop() == 0
