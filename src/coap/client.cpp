@@ -20,6 +20,8 @@
 #include <coap3/coap.h>
 #include <spdlog/spdlog.h>
 
+#include "net/resolver.hpp"
+
 namespace tb::coap {
 
 namespace {
@@ -193,6 +195,18 @@ struct Client::Impl {
   std::unordered_map<std::string, RequestId> by_token;
   std::unordered_map<std::string, RequestId> by_rtag;
   std::deque<Ready> ready;
+  // Name resolution (docs/coap.md, "Resolving the server's name"): every new session starts from
+  // a fresh answer, so a changed DNS record is picked up after a failure. Requests made while the
+  // answer is pending wait here (they are in `pending` too, with their timeout running).
+  struct AwaitingAddress {
+    RequestId id = 0;
+    Method method = Method::Get;
+    std::vector<std::string> path;
+    std::string payload;
+  };
+  std::unique_ptr<net::Resolver> resolver;
+  bool fresh_address = false;  // `remote` is an answer no session has used yet
+  std::deque<AwaitingAddress> awaiting_address;
   RequestId next_id = 1;
   bool destroying = false;
   std::set<std::string> secrets_used;  // registered with the log masker until we are gone
@@ -203,6 +217,7 @@ struct Client::Impl {
   ~Impl() {
     destroying = true;
     *alive = false;
+    resolver.reset();  // kills a running lookup; its answer would find nobody
     for (auto& [id, p] : pending) {
       sd_event_source_disable_unref(p.timeout);
     }
@@ -491,6 +506,7 @@ struct Client::Impl {
     }
     spdlog::debug("coap: new session to {}", remote_text);
     session_broken = false;
+    fresh_address = false;
     session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
     if (!session) {
       if (error) *error = "cannot create a CoAP session to " + remote_text;
@@ -527,6 +543,49 @@ struct Client::Impl {
     coap_session_set_mtu(session,
                          static_cast<unsigned>(std::max<std::size_t>(kDefaultMtu, needed)));
   }
+
+  bool session_usable() const {
+    return session && !session_broken && coap_session_get_state(session) != COAP_SESSION_STATE_NONE;
+  }
+
+  // Asks for the server's address, unless a lookup is already running. Its answer sends or fails
+  // every request waiting for it. The lookup gets 90 % of request_timeout, so a request that waits
+  // for a hanging DNS server fails saying so rather than as a plain timeout.
+  void resolve() {
+    if (resolver->busy()) return;
+    const Millis limit = std::max<Millis>(options.request_timeout * 9 / 10, Millis(100));
+    resolver->resolve(endpoint.host, endpoint.port, limit,
+                      [this](net::Resolution r) { on_resolved(std::move(r)); });
+  }
+
+  // From the loop (the resolver's event source), never inside libcoap.
+  void on_resolved(net::Resolution r) {
+    std::deque<AwaitingAddress> waiting;
+    waiting.swap(awaiting_address);
+    if (!r.ok()) {
+      const std::string why = "cannot resolve " + endpoint.host + ": " + r.error;
+      spdlog::debug("coap: {}", why);
+      for (auto& w : waiting) complete(w.id, failure(Failure::Network, why));
+      return;
+    }
+    const net::Address& a = r.addresses.front();
+    coap_address_init(&remote);
+    remote.size = a.length;
+    std::memcpy(&remote.addr, &a.storage, a.length);
+    char buf[INET6_ADDRSTRLEN + 16] = {};
+    coap_print_addr(&remote, reinterpret_cast<unsigned char*>(buf), sizeof(buf) - 1);
+    if (remote_text != buf) spdlog::debug("coap: {} is {}", endpoint.host, buf);
+    remote_text = buf;
+    fresh_address = true;
+    for (auto& w : waiting) {
+      auto node = pending.extract(w.id);  // gone if it timed out or was canceled meanwhile
+      if (!node) continue;
+      send(std::move(node.mapped()), w.method, w.path, std::move(w.payload));
+    }
+  }
+
+  RequestId send(Pending p, Method method, const std::vector<std::string>& path,
+                 std::string payload);
 
   // Fails a request from the loop, never synchronously.
   RequestId fail_later(Pending p, Failure f, std::string error) {
@@ -565,31 +624,9 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   impl->endpoint = endpoint;
   impl->options = options;
 
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_DGRAM;
-  hints.ai_flags = AI_ADDRCONFIG;
-  addrinfo* res = nullptr;
-  const std::string port = std::to_string(endpoint.port);
-  const int gai = getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &res);
-  if (gai != 0 || !res) {
-    // AI_ADDRCONFIG hides loopback-only hosts on machines without a configured address; retry
-    // without it before giving up.
-    hints.ai_flags = 0;
-    if (res) freeaddrinfo(res);
-    res = nullptr;
-    const int gai2 = getaddrinfo(endpoint.host.c_str(), port.c_str(), &hints, &res);
-    if (gai2 != 0 || !res) {
-      return fail("cannot resolve " + endpoint.host + ": " + gai_strerror(gai2));
-    }
-  }
-  coap_address_init(&impl->remote);
-  impl->remote.size = res->ai_addrlen;
-  std::memcpy(&impl->remote.addr, res->ai_addr, res->ai_addrlen);
-  freeaddrinfo(res);
-  char buf[INET6_ADDRSTRLEN + 16] = {};
-  coap_print_addr(&impl->remote, reinterpret_cast<unsigned char*>(buf), sizeof(buf) - 1);
-  impl->remote_text = buf;
+  // No lookup here: create() never blocks. The first request resolves the name on the loop.
+  impl->remote_text = endpoint.host + ":" + std::to_string(endpoint.port);
+  impl->resolver = std::make_unique<net::Resolver>(loop);
 
   impl->ctx = coap_new_context(nullptr);
   if (!impl->ctx) return fail("cannot create a libcoap context");
@@ -618,8 +655,6 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   sd_event_source_set_description(impl->coap_timer, "coap-timer");
   sd_event_source_set_description(impl->dispatcher, "coap-dispatch");
 
-  std::string session_error;
-  if (!impl->ensure_session(&session_error)) return fail(session_error);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
@@ -653,6 +688,20 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
                          std::string("sd_event_add_time: ") + std::strerror(-r));
   }
 
+  if (!im.session_usable() && !im.fresh_address) {
+    // A new session needs the server's address first (again after a failure: it may have moved).
+    im.awaiting_address.push_back({id, method, path, std::move(payload)});
+    im.pending.emplace(id, std::move(p));
+    im.resolve();
+    return id;
+  }
+  return im.send(std::move(p), method, path, std::move(payload));
+}
+
+RequestId Client::Impl::send(Pending p, Method method, const std::vector<std::string>& path,
+                             std::string payload) {
+  Impl& im = *this;
+  const RequestId id = p.id;
   std::string error;
   if (!im.ensure_session(&error)) return im.fail_later(std::move(p), Failure::Network, error);
 

@@ -66,7 +66,11 @@ enum class Method { Get, Post };
 
 class Client {
  public:
-  // Resolves host once; the session is re-created after network failures.
+  // Never blocks: the host name is resolved on the loop (net::Resolver) before the first request,
+  // and again whenever a new session is needed after a failure or a timeout, so a changed DNS
+  // answer is picked up. Requests made meanwhile wait for the answer within their
+  // request_timeout; a failed lookup fails them as Failure::Network, "cannot resolve HOST: why".
+  // Fails (nullptr, *error) only for invalid options or when the loop refuses a source.
   static std::unique_ptr<Client> create(sd_event* loop, const Endpoint& endpoint,
                                         const ClientOptions& options, std::string* error);
   ~Client();

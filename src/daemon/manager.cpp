@@ -289,6 +289,8 @@ void Manager::start_provisioning() {
       },
       [this](const std::string& msg) {
         progress_ = msg;
+        // A retry says why (a timeout, 5.00, a name that does not resolve): that is LastError too.
+        if (msg.rfind("provisioning: retrying", 0) == 0) set_error(msg);
         update_status(true);
       });
   update_status(true);

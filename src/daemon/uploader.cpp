@@ -118,11 +118,29 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
   std::string err;
 
   if (outcome.answered() && outcome.response->code / 100 == 2) {
-    if (!queue_.ack(batch, &err))
-      spdlog::error(
-          "delivered, but cannot remove the batch from the queue ({}); it will be sent "
-          "again with the same timestamps",
-          err);
+    if (!queue_.ack(batch, &err)) {
+      // A local fault (the state disk is full, read-only, ...): the server has the batch but the
+      // queue still holds it. Sending on at once would resend it in a storm; counting it would
+      // count it again when it is resent. So: keep it queued, count nothing, back off like any
+      // failure and resend later (at-least-once: same ts, ThingsBoard overwrites the point).
+      queue_.release(batch);
+      if (!ack_failing_)
+        spdlog::error(
+            "delivered {} reading(s), but cannot remove them from the queue ({}); they stay "
+            "queued and will be sent again with the same timestamps once the queue can be "
+            "written; delivery pauses until then",
+            batch.readings, err);
+      ack_failing_ = true;
+      const Millis delay = backoff_.next();
+      set_state(DeliveryState::Retrying, "cannot remove delivered readings from the queue: " + err,
+                delay, /*log=*/false);
+      send_timer_.arm_in(delay);
+      return;
+    }
+    if (ack_failing_) {
+      spdlog::info("removing delivered readings from the queue works again");
+      ack_failing_ = false;
+    }
     consecutive_drops_ = 0;
     settle_suspect();
     backoff_.reset();
@@ -190,11 +208,11 @@ void Uploader::retry(const std::string& why) {
   send_timer_.arm_in(delay);
 }
 
-void Uploader::set_state(DeliveryState s, const std::string& error, Millis retry_in) {
+void Uploader::set_state(DeliveryState s, const std::string& error, Millis retry_in, bool log) {
   const bool changed = s != state_ || error != last_error_;
   state_ = s;
   last_error_ = error;
-  if (s == DeliveryState::Retrying)
+  if (s == DeliveryState::Retrying && log)
     spdlog::warn("delivery failed ({}); retrying in {}", error, format_duration(retry_in));
   if ((changed || s == DeliveryState::Retrying) && callbacks_.state_changed)
     callbacks_.state_changed({s, error, retry_in});

@@ -68,7 +68,9 @@ class Uploader {
   void on_outcome(const coap::Outcome& outcome);
   void retry(const std::string& why);
   void settle_suspect();
-  void set_state(DeliveryState s, const std::string& error, Millis retry_in = Millis(0));
+  // `log`: false where the caller logs once per episode itself (an ack failure).
+  void set_state(DeliveryState s, const std::string& error, Millis retry_in = Millis(0),
+                 bool log = true);
   Millis rate_delay(std::uint64_t readings) const;
 
   telemetry::Queue& queue_;
@@ -88,6 +90,9 @@ class Uploader {
   bool single_record_mode_ = false;
   std::size_t suspects_left_ = 0;  // records of the refused batch not yet settled
   unsigned consecutive_drops_ = 0;
+  // The server took a batch but the queue could not remove it (disk full): a local fault episode,
+  // logged once, retried with backoff, ended by the next successful ack.
+  bool ack_failing_ = false;
   std::uint64_t generation_ = 0;
 };
 

@@ -138,3 +138,64 @@ def test_a_full_state_dir_is_reported_and_recovers(server, agents, tmp_path):
         assert agent.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(state)])
+
+
+RECOVERED = "removing delivered readings from the queue works again"
+
+
+def ack_errors(log):
+    return sum(1 for line in log.splitlines() if " error " in line and "cannot remove" in line)
+
+
+def test_a_full_disk_at_ack_pauses_delivery_instead_of_a_resend_storm(server, agents, tmp_path):
+    """Issue 8 item 2: the server takes a batch but the full state disk cannot remove it from the
+    queue. The batch stays queued and is sent again only after a backoff; nothing is counted as
+    delivered twice; one log line for the episode; delivery recovers when space returns."""
+    state = tmp_path / "small"
+    state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        script, counter_state = counter_script(tmp_path)
+        cfg = durable_config(server, tmp_path, script)
+        cfg["state_dir"] = str(state)
+        agent = agents(cfg)
+        agent.start()
+        wait_until(lambda: len(seq_points(server)) >= 3, what="first readings")
+        server.command("drop-all on")  # readings pile up in the queue...
+        time.sleep(1)
+        filler = state / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=1024"],
+                       capture_output=True)  # ...until the disk is full
+        agent.wait_log("cannot queue readings", timeout=20)
+        telemetry = lambda: sum(1 for r in server.records() if r.get("feature") == "telemetry")
+        delivered = len(seq_points(server))
+        server.command("drop-all off")  # the server takes everything; the queue cannot forget it
+        wait_until(lambda: len(seq_points(server)) > delivered, timeout=20,
+                   what="the server taking a batch")
+        before = telemetry()
+        time.sleep(5)
+        during = telemetry() - before
+        # backoff_max is 500 ms: about ten resends in 5 s, never thousands.
+        assert during <= 60, f"{during} telemetry requests in 5 s while the disk was full"
+        assert agent.running()
+        # One error line per episode; an episode ends with the first ack that works.
+        log = agent.log()
+        assert ack_errors(log) == 1 + log.count(RECOVERED), "one error line per episode"
+        assert "delivery failed (cannot remove" not in log
+        filler.unlink()
+        agent.wait_log(RECOVERED, timeout=20)
+        agent.wait_log("queueing readings works again", timeout=20)
+        n = len(seq_points(server))
+        wait_until(lambda: len(seq_points(server)) > n + 3, what="delivery after space returns")
+        assert agent.stop() == 0
+        produced = int(counter_state.read_text())
+        log = agent.log()
+        m = re.search(r"(\d+) reading\(s\) delivered and", log)
+        assert m, log[-2000:]
+        # Three readings per run; each counted once, when the queue forgot it.
+        assert int(m.group(1)) <= 3 * produced, (m.group(0), produced)
+        assert ack_errors(log) == log.count(RECOVERED) >= 1
+    finally:
+        subprocess.run(["umount", "-l", str(state)])

@@ -8,6 +8,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -27,6 +28,8 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <systemd/sd-event.h>
+
+#include "../net/private_dns.hpp"
 
 namespace tb::coap {
 namespace {
@@ -952,12 +955,12 @@ TEST_F(CoapClientTest, ThrowingCallbackDoesNotEscape) {
   EXPECT_TRUE(call(*client_, Method::Post, {"piggy"}, "x").answered());
 }
 
-TEST(CoapClientCreate, BadHostAndOptions) {
+TEST(CoapClientCreate, AnyHostAndBadOptions) {
   sd_event* loop = nullptr;
   ASSERT_GE(sd_event_new(&loop), 0);
   std::string error;
-  EXPECT_FALSE(Client::create(loop, Endpoint{"no-such-host.invalid", 5683}, {}, &error));
-  EXPECT_FALSE(error.empty());
+  // Names are resolved on the loop before the first request, never in create() (CoapClientDns).
+  EXPECT_TRUE(Client::create(loop, Endpoint{"no-such-host.invalid", 5683}, {}, &error)) << error;
   ClientOptions bad;
   bad.block_size = 1000;
   EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, bad, &error));
@@ -975,6 +978,104 @@ TEST(CoapClientCreate, BadHostAndOptions) {
   }
   ok.reset();
   sd_event_unref(loop);
+}
+
+// ---- names: resolved on the loop (issue 8, items 4 and 5) ----
+
+class CoapClientDns : public CoapClientTest {
+ protected:
+  void SetUp() override {
+    // As in the agent: the resolver's child is watched with sd_event_add_child.
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    ASSERT_EQ(sigprocmask(SIG_BLOCK, &mask, nullptr), 0);
+    std::string why;
+    if (!dns_.setup(&why)) GTEST_SKIP() << why;
+    CoapClientTest::SetUp();
+  }
+  std::unique_ptr<Client> make_named(const std::string& host, ClientOptions opts = {}) {
+    std::string error;
+    auto c = Client::create(loop_, Endpoint{host, relay_->port()}, opts, &error);
+    EXPECT_TRUE(c) << error;
+    return c;
+  }
+  tb::testing::PrivateDns dns_;
+};
+
+TEST_F(CoapClientDns, CreateNeverBlocksAndARequestWaitsForTheNameWithinItsTimeout) {
+  ClientOptions opts;
+  opts.request_timeout = 1500ms;
+  const auto t0 = std::chrono::steady_clock::now();
+  client_ = make_named("tb.example.com", opts);  // the DNS server never answers
+  ASSERT_TRUE(client_);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s) << "create() must not resolve";
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_FALSE(o.answered());
+  // The lookup gives up first (90 % of request_timeout) and says why.
+  EXPECT_EQ(o.failure, Failure::Network);
+  EXPECT_EQ(o.error, "cannot resolve tb.example.com: no answer within 1s350ms");
+  EXPECT_GE(took, 1300ms);
+  EXPECT_LT(took, 8s) << "bounded by request_timeout, not by the resolver's 30 s";
+  EXPECT_EQ(relay_->where([](auto&) { return true; }).size(), 0u);
+}
+
+TEST_F(CoapClientDns, AnUnresolvableNameFailsTheRequestAsNetwork) {
+  dns_.refuse();
+  client_ = make_named("name.invalid");
+  ASSERT_TRUE(client_);
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  EXPECT_FALSE(o.answered());
+  EXPECT_EQ(o.failure, Failure::Network);
+  EXPECT_EQ(o.error.rfind("cannot resolve name.invalid: ", 0), 0u) << o.error;
+  EXPECT_NE(describe(o).find("cannot resolve name.invalid"), std::string::npos);
+}
+
+TEST_F(CoapClientDns, RequestsMadeWhileResolvingAreSentOnceTheAnswerArrives) {
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  std::vector<int> calls(3, 0);
+  std::vector<Outcome> outs(3);
+  for (int i = 0; i < 3; ++i) {
+    client_->request(Method::Post, {"piggy"}, "x", [&, i](const Outcome& o) {
+      ++calls[i];
+      outs[i] = o;
+    });
+  }
+  EXPECT_EQ(client_->in_flight(), 3u);
+  ASSERT_TRUE(run_until([&] { return calls[0] && calls[1] && calls[2]; }, 10s));
+  run_for(50ms);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(calls[i], 1);
+    ASSERT_TRUE(outs[i].answered()) << outs[i].error;
+    EXPECT_EQ(outs[i].response->code, 201);
+  }
+}
+
+TEST_F(CoapClientDns, TheNameIsResolvedAgainAfterANetworkFailure) {
+  // The name first points where nobody listens (ICMP port unreachable), then moves.
+  dns_.set_hosts("127.0.0.3 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  const Outcome down = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  EXPECT_EQ(down.failure, Failure::Network) << down.error;
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  const Outcome up = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(up.answered()) << up.error;
+  EXPECT_EQ(up.response->code, 201);
+}
+
+TEST_F(CoapClientDns, DestroyingTheClientWhileResolvingCallsNothing) {
+  client_ = make_named("tb.example.com");
+  ASSERT_TRUE(client_);
+  int calls = 0;
+  client_->request(Method::Post, {"piggy"}, "x", [&](const Outcome&) { ++calls; });
+  run_for(200ms);
+  client_.reset();
+  run_for(200ms);
+  EXPECT_EQ(calls, 0);
 }
 
 TEST_F(CoapClientTest, AccessTokenNeverReachesTheLog) {
