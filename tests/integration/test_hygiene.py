@@ -86,7 +86,7 @@ def test_reload_applies_system_metrics_and_disk_path(server, agents):
     agent.config["sources"][0] = dict(source, metrics=["memory"])
     agent.write_config()
     agent.send_signal(signal.SIGHUP)
-    agent.wait_log("source 'host' (re)started")
+    agent.wait_log("source 'host' changed: restarted")
     reloaded = len(server.records())
     wait_until(lambda: any(p.key == "memory_total" for p in server.points("gateway-1")),
                timeout=20, what=f"memory readings\n{agent.log()[-2000:]}")
