@@ -185,3 +185,69 @@ def test_provisioning_against_an_endless_block2_retries_and_stores_the_real_toke
     assert "server's answer exceeds 16.0 KiB (Block2)" in agent.log()
     assert "provisioning: retrying" in agent.log()
     assert agent.stop() == 0
+
+
+# ---- the switches on the wire (raw CoAP, so what tb-test-server sends is checked directly) ----
+
+def test_switch_block2_on_the_wire(server):
+    from test_tbserver import ACK, BLOCK1, POST, Raw, code_str, opt_uint
+    BLOCK2, SIZE2 = 23, 28
+    raw = Raw(server.port)
+    try:
+        path = f"/api/v1/{TOKEN}/telemetry"
+        server.check("block2 endless")
+        raw.request(POST, path, b'{"a":1}')
+        m = raw.recv()
+        assert (m["type"], code_str(m["code"])) == (ACK, "2.01")  # piggybacked
+        assert opt_uint(m, BLOCK2) == 0x8 | 6 and len(m["payload"]) == 1024
+        assert opt_uint(m, SIZE2) is None
+        assert [p[0] for p in server.points(DEVICE)] == ["a"]  # processed as usual
+        raw.request(POST, path, b'{"a":2}', options=[(BLOCK2, (1000 << 4 | 2).to_bytes(2, "big"))])
+        m = raw.recv()
+        assert opt_uint(m, BLOCK2) == (1000 << 4) | 0x8 | 2 and len(m["payload"]) == 64
+        assert len(server.points(DEVICE)) == 1  # a block request is not processed
+        server.check("block2 huge-size2")
+        raw.request(POST, path, b'{"a":3}')
+        assert opt_uint(raw.recv(), SIZE2) == 2**32 - 1
+        server.check("block2 off")
+        raw.request(POST, path, b'{"a":4}')
+        m = raw.recv()
+        assert code_str(m["code"]) == "2.01" and opt_uint(m, BLOCK2) is None
+        raw.ack(m)
+        assert [r["hostile"] for r in server.hostile_records()] == [
+            "block2 endless", "block2 endless", "block2 huge-size2"]
+        assert server.stats()["hostile_answers"] == 3
+        assert server.command("block2 sometimes").startswith("error usage")
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("mode,bad_block,block1", [
+    ("no-block1", 0, None),
+    ("last-block", 1, (1 << 4) | 0x8 | 6),
+    ("wild-num", 0, (1000 << 4) | 0x8 | 6),
+    ("szx7", 0, 0x8 | 7),
+])
+def test_switch_continue_on_the_wire(server, mode, bad_block, block1):
+    from test_tbserver import ACK, BLOCK1, POST, Raw, code_str, opt_uint, uint_opt
+    raw = Raw(server.port)
+    try:
+        server.check(f"continue {mode}")
+        body = b'{"blob":"' + b"y" * 1500 + b'"}'
+        for num in range(bad_block + 1):
+            more = num == 0
+            raw.request(POST, f"/api/v1/{TOKEN}/telemetry", body[num * 1024:(num + 1) * 1024],
+                        token=b"\x07", options=[(BLOCK1, uint_opt((num << 4) | (8 if more else 0) | 6))])
+            m = raw.recv()
+            assert (m["type"], code_str(m["code"])) == (ACK, "2.31")
+        assert opt_uint(m, BLOCK1) == block1
+        assert server.points(DEVICE) == []
+        assert server.hostile_records(f"continue {mode}")[0]["block_num"] == bad_block
+        if mode == "no-block1":  # a plain request gets it too
+            raw.request(POST, f"/api/v1/{TOKEN}/telemetry", b'{"a":1}')
+            m = raw.recv()
+            assert code_str(m["code"]) == "2.31" and opt_uint(m, BLOCK1) is None
+        server.check("continue off")
+        assert server.command("continue maybe").startswith("error usage")
+    finally:
+        raw.close()
