@@ -187,6 +187,27 @@ def test_provisioning_against_an_endless_block2_retries_and_stores_the_real_toke
     assert agent.stop() == 0
 
 
+def test_provisioning_retries_after_a_final_continue(server, agents, tmp_path):
+    # A 2.31 to the provisioning request is no answer: retried, not a final failure.
+    server.check("continue no-block1")
+    script, _ = counter_script(tmp_path)
+    cfg = telemetry_config(server, script, backoff_initial="200ms")
+    del cfg["credentials"]
+    cfg["device"] = {"name": "prov-continue"}
+    cfg["provisioning"] = {"key": PROVISION_KEY, "secret": PROVISION_SECRET}
+    agent = agents(cfg)
+    agent.start()
+    wait_until(lambda: len(server.hostile_records("continue no-block1")) >= 2, timeout=20,
+               what="two provisioning requests answered 2.31")
+    assert agent.running(), "a 2.31 to provisioning ended the agent"
+    server.check("continue off")
+    wait_until(lambda: agent.credentials(), timeout=20, what="credentials")
+    assert agent.credentials()["credentialsValue"] == server.devices()["prov-continue"]
+    assert "server answered 2.31 Continue and no final answer" in agent.log()
+    assert "provisioning failed" not in agent.log()
+    assert agent.stop() == 0
+
+
 # ---- the switches on the wire (raw CoAP, so what tb-test-server sends is checked directly) ----
 
 def test_switch_block2_on_the_wire(server):

@@ -793,7 +793,9 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
       return rp;
     }
   } else if (p.feature == Feature::kProvision) {
-    return Provision(rq, rec);  // §4: no authentication
+    if (!rq.block1_final && continue_mode_ == ContinueMode::kNoBlock1)
+      return *HostileContinue(Block{}, rec);  // "continue no-block1": nothing provisioned
+    return Provision(rq, rec);                // §4: no authentication
   }
   const std::string* dev = DeviceByToken(p.token);
   if (!dev) {
