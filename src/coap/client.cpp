@@ -21,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "net/resolver.hpp"
+#include "util/units.hpp"
 
 namespace tb::coap {
 
@@ -173,6 +174,7 @@ struct Client::Impl {
     Callback callback;
     sd_event_source* timeout = nullptr;
     std::string log_path;
+    std::string body;  // Block2 blocks received so far (RFC 7959 §2.4), at most max_response_body
   };
   struct Ready {
     Callback callback;
@@ -188,6 +190,9 @@ struct Client::Impl {
   coap_session_t* session = nullptr;
   bool session_broken = false;
   bool recycle_when_idle = false;
+  // Set inside a libcoap callback when an exchange libcoap is still driving (a Block2 transfer it
+  // keeps asking blocks for) was given up: the session is dropped as soon as libcoap returns.
+  bool drop_session_after_io = false;
   sd_event_source* io = nullptr;
   sd_event_source* coap_timer = nullptr;
   sd_event_source* dispatcher = nullptr;
@@ -255,6 +260,14 @@ struct Client::Impl {
 
   void process() {
     coap_io_process(ctx, COAP_IO_NO_WAIT);
+    if (drop_session_after_io) {
+      // libcoap has no call to stop one Block2 transfer: it asks for the next block before our
+      // handler sees the current one, and again for every answer. Only dropping the session
+      // (which also fails whatever else was in flight on it) stops it.
+      drop_session_after_io = false;
+      recycle_session();  // rearms
+      return;
+    }
     rearm();
   }
 
@@ -380,42 +393,124 @@ struct Client::Impl {
     return static_cast<Impl*>(coap_get_app_data(coap_session_get_context(s)));
   }
 
+  // Gives up on an exchange from inside a libcoap callback because of what the server sent.
+  // `libcoap_continues`: libcoap may already have asked for another block of it.
+  void protocol_error(RequestId id, std::string why, bool libcoap_continues) {
+    spdlog::warn("coap: {}", why);
+    complete(id, failure(Failure::Protocol, std::move(why)));
+    if (libcoap_continues) drop_session_after_io = true;
+  }
+
   static coap_response_t on_response(coap_session_t* s, const coap_pdu_t* /*sent*/,
                                      const coap_pdu_t* received, const coap_mid_t) noexcept {
     try {
       Impl* self = from(s);
       if (!self || self->destroying) return COAP_RESPONSE_OK;
-      const coap_bin_const_t token = coap_pdu_get_token(received);
-      auto it = self->by_token.find(token_key(token));
-      if (it == self->by_token.end()) {
-        // Late answer to a timed-out or canceled request (or a stray): ACK it so the server stops
-        // retransmitting, and ignore it.
-        spdlog::debug("coap: response with unknown token ignored");
-        return COAP_RESPONSE_OK;
-      }
-      Response r;
-      const coap_pdu_code_t code = coap_pdu_get_code(received);
-      r.code = (code >> 5) * 100 + (code & 0x1f);
-      size_t len = 0, offset = 0, total = 0;
-      const uint8_t* data = nullptr;
-      // With COAP_BLOCK_SINGLE_BODY a Block2 answer arrives here reassembled (offset 0).
-      if (coap_get_data_large(received, &len, &data, &offset, &total) && data) {
-        r.payload.assign(reinterpret_cast<const char*>(data), len);
-      }
-      coap_opt_iterator_t opt_iter;
-      if (coap_opt_t* cf = coap_check_option(received, COAP_OPTION_CONTENT_FORMAT, &opt_iter)) {
-        r.content_format =
-            static_cast<int>(coap_decode_var_bytes(coap_opt_value(cf), coap_opt_length(cf)));
-      }
-      Outcome o;
-      o.response = std::move(r);
-      self->complete(it->second, std::move(o));
+      self->on_response(received);
     } catch (...) {
       spdlog::error("coap: response handler failed");
     }
     // OK makes libcoap ACK a CON response, including one that arrives before any ACK of our
     // request (thingsboard-coap-api.md §8).
     return COAP_RESPONSE_OK;
+  }
+
+  // libcoap (block mode COAP_BLOCK_USE_LIBCOAP without SINGLE_BODY) hands us every Block2 block
+  // with the request's own token, after it has already asked for the next one; we reassemble
+  // and cap the body here. Block1 2.31 Continues that carry on a transfer never reach us.
+  void on_response(const coap_pdu_t* received) {
+    const coap_bin_const_t token = coap_pdu_get_token(received);
+    auto it = by_token.find(token_key(token));
+    if (it == by_token.end()) {
+      // Late answer to a timed-out or canceled request (or a stray): ACK it so the server stops
+      // retransmitting, and ignore it.
+      spdlog::debug("coap: response with unknown token ignored");
+      return;
+    }
+    const RequestId id = it->second;
+    Pending& p = pending.at(id);
+    const coap_pdu_code_t code = coap_pdu_get_code(received);
+    const int code_num = (code >> 5) * 100 + (code & 0x1f);
+    coap_opt_iterator_t opt_iter;
+    // libcoap only follows Block2 on 2.xx answers; an error answer is taken as it comes.
+    const coap_opt_t* block_opt =
+        code_num / 100 == 2 ? coap_check_option(received, COAP_OPTION_BLOCK2, &opt_iter) : nullptr;
+    // Block option value: NUM << 4 | M << 3 | SZX (RFC 7959 §2.2).
+    const unsigned block_value =
+        block_opt ? coap_decode_var_bytes(coap_opt_value(block_opt), coap_opt_length(block_opt))
+                  : 0;
+    const bool more = block_opt && (block_value & 0x8) != 0;
+
+    if (code_num == 231) {
+      // libcoap consumes every 2.31 that continues our Block1 transfer; one that reaches us
+      // ended it (no Block1, on the last block, a block number past the body, SZX 7). The
+      // server has not confirmed the whole request (RFC 7959 §2.3 "2.31 Continue"; §2.9.1).
+      protocol_error(id,
+                     "protocol error: server answered 2.31 Continue and no final answer"
+                     " (request not confirmed)",
+                     more);
+      return;
+    }
+    const std::size_t cap = options.max_response_body;
+    if (coap_opt_t* size2 = coap_check_option(received, COAP_OPTION_SIZE2, &opt_iter)) {
+      // RFC 7959 §4: the size of the whole answer; refuse at once rather than wait for it.
+      const std::uint64_t announced =
+          coap_decode_var_bytes8(coap_opt_value(size2), coap_opt_length(size2));
+      if (announced > cap) {
+        protocol_error(id,
+                       "protocol error: server announces a " + std::to_string(announced) +
+                           "-byte answer (Size2), over the " + format_size(cap) + " limit",
+                       true);
+        return;
+      }
+    }
+    std::size_t len = 0;
+    const uint8_t* data = nullptr;
+    if (!coap_get_data(received, &len, &data) || !data) len = 0;
+
+    Response r;
+    r.code = code_num;
+    if (block_opt) {
+      const unsigned szx = block_value & 0x7;
+      const std::uint64_t num = block_value >> 4;
+      if (szx == 7) {  // reserved on UDP (BERT is for TCP, RFC 8323 §6)
+        protocol_error(id, "protocol error: server sent Block2 with the reserved SZX 7", true);
+        return;
+      }
+      const std::size_t block = std::size_t{1} << (szx + 4);
+      if (num * block != p.body.size()) {
+        // libcoap asks for blocks in order; anything else is a server that restarts or skips.
+        protocol_error(
+            id, "protocol error: server sent Block2 block " + std::to_string(num) + " out of order",
+            true);
+        return;
+      }
+      if (more && len != block) {  // RFC 7959 §2.2: every non-final block is full size
+        protocol_error(id, "protocol error: server sent a short non-final Block2 block", true);
+        return;
+      }
+      if (p.body.size() + len > cap) {
+        protocol_error(
+            id, "protocol error: server's answer exceeds " + format_size(cap) + " (Block2)", true);
+        return;
+      }
+      p.body.append(reinterpret_cast<const char*>(data), len);
+      if (more) return;  // libcoap has asked for the next block already
+      r.payload = std::move(p.body);
+    } else {
+      if (len > cap) {
+        protocol_error(id, "protocol error: server's answer exceeds " + format_size(cap), false);
+        return;
+      }
+      r.payload.assign(reinterpret_cast<const char*>(data), len);
+    }
+    if (coap_opt_t* cf = coap_check_option(received, COAP_OPTION_CONTENT_FORMAT, &opt_iter)) {
+      r.content_format =
+          static_cast<int>(coap_decode_var_bytes(coap_opt_value(cf), coap_opt_length(cf)));
+    }
+    Outcome o;
+    o.response = std::move(r);
+    complete(id, std::move(o));
   }
 
   static void on_nack(coap_session_t* s, const coap_pdu_t* sent, const coap_nack_reason_t reason,
@@ -617,6 +712,9 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   if (options.max_retransmit < 1 || options.max_retransmit > 20) {
     return fail("max_retransmit must be between 1 and 20");
   }
+  if (options.max_response_body < 1024) {
+    return fail("max_response_body must be at least 1 KiB");  // one full block (SZX 6)
+  }
   setup_libcoap_once();
 
   auto impl = std::make_unique<Impl>();
@@ -631,9 +729,11 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   impl->ctx = coap_new_context(nullptr);
   if (!impl->ctx) return fail("cannot create a libcoap context");
   coap_set_app_data(impl->ctx, impl.get());
-  // libcoap does RFC 7959 both ways: Block1 for our large bodies, and Block2 reassembly of large
-  // answers into one body before our response handler sees it.
-  coap_context_set_block_mode(impl->ctx, COAP_BLOCK_USE_LIBCOAP | COAP_BLOCK_SINGLE_BODY);
+  // libcoap does RFC 7959 both ways: Block1 for our large bodies, and it asks for the blocks of
+  // large answers (Block2). Not COAP_BLOCK_SINGLE_BODY: libcoap would then hold an answer of any
+  // size (or its Size2) and keep asking for blocks until request_timeout; on_response sees each
+  // block instead and caps the body at max_response_body.
+  coap_context_set_block_mode(impl->ctx, COAP_BLOCK_USE_LIBCOAP);
   coap_register_response_handler(impl->ctx, &Impl::on_response);
   coap_register_nack_handler(impl->ctx, &Impl::on_nack);
 
@@ -797,6 +897,7 @@ std::string describe(const Outcome& o) {
       return "no answer from the server";
     case Failure::Network:
       return "network error" + (o.error.empty() ? std::string() : ": " + o.error);
+    case Failure::Protocol:  // the error says "protocol error: ..."
     default:
       return o.error.empty() ? "request failed" : o.error;
   }

@@ -36,6 +36,12 @@ struct ClientOptions {
   // rejects them.
   Millis ack_timeout = 2s;
   unsigned max_retransmit = 4;
+  // Largest answer body accepted, Block2 included (RFC 7959 §2.4). ThingsBoard's answers are
+  // small (a provisioning answer is ~100 bytes, attribute answers a few KiB), so 16 KiB is
+  // plenty; it bounds what a hostile server can make us hold, and the number of block requests
+  // of one exchange (16 with 1024-byte blocks, at most 1024 with 16-byte ones). A larger answer,
+  // or a Size2 above it, ends the exchange with Failure::Protocol. At least 1024 (create()).
+  std::size_t max_response_body = 16 * 1024;
 };
 
 // CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
@@ -50,6 +56,9 @@ enum class Failure {
   Timeout,   // no (final) response within request_timeout
   Network,   // could not send / ICMP unreachable / session failed
   Canceled,  // cancel() or cancel_all(); destroying the Client calls no callbacks at all
+  Protocol,  // the server's answer breaks the protocol or our limits: a body over
+             // max_response_body, a bad Block2 sequence, or a 2.31 Continue that ends the
+             // exchange with no final answer (RFC 7959 §2.3). Worth retrying later.
 };
 
 struct Outcome {
@@ -101,7 +110,8 @@ class Client {
 // "2.01"
 std::string code_string(int code);
 // What happened, for logs and LastError: "server answered 5.00", "no answer from the server",
-// "network error: ICMP error (server unreachable)".
+// "network error: ICMP error (server unreachable)", "protocol error: server answered 2.31
+// Continue and no final answer".
 std::string describe(const Outcome& outcome);
 
 }  // namespace tb::coap

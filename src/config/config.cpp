@@ -514,6 +514,7 @@ const Table<ServerConfig> kServer = {
     {"host", Required, text(&ServerConfig::host, check_host)},
     {"port", Optional, integer(&ServerConfig::port, 1, 65535)},
     {"request_timeout", Optional, duration(&ServerConfig::request_timeout, 100ms, 10min)},
+    {"max_response_size", Optional, size(&ServerConfig::max_response_size, 1 << 10, 16 << 20)},
 };
 
 const Table<DeviceConfig> kDevice = {

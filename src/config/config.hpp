@@ -30,6 +30,8 @@ struct ServerConfig {
   std::string host;              // required
   std::uint16_t port = 5683;     // RFC 7252 §6.1 default coap port
   Millis request_timeout = 30s;  // thingsboard-coap-api.md recommends 15–30 s
+  // Largest answer body accepted (Block2 included); ThingsBoard's answers are a few KiB at most.
+  std::uint64_t max_response_size = 16 << 10;
 };
 
 struct DeviceConfig {

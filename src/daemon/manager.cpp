@@ -174,7 +174,10 @@ int Manager::init() {
     spdlog::info("{} reading(s) queued from before", queue_->queued_readings());
 
   client_ = coap::Client::create(loop_, {cfg_.server.host, cfg_.server.port},
-                                 {cfg_.server.request_timeout, 1024}, &err);
+                                 {.request_timeout = cfg_.server.request_timeout,
+                                  .block_size = 1024,
+                                  .max_response_body = cfg_.server.max_response_size},
+                                 &err);
   if (!client_) {
     spdlog::critical("cannot set up CoAP to {}: {}", server_string(cfg_.server), err);
     return kExitFailure;
@@ -424,10 +427,14 @@ std::string Manager::apply(const config::Config& next) {
   std::unique_ptr<coap::Client> new_client;
   const bool server_changed = next.server.host != cfg_.server.host ||
                               next.server.port != cfg_.server.port ||
-                              next.server.request_timeout != cfg_.server.request_timeout;
+                              next.server.request_timeout != cfg_.server.request_timeout ||
+                              next.server.max_response_size != cfg_.server.max_response_size;
   if (server_changed) {
     new_client = coap::Client::create(loop_, {next.server.host, next.server.port},
-                                      {next.server.request_timeout, 1024}, &err);
+                                      {.request_timeout = next.server.request_timeout,
+                                       .block_size = 1024,
+                                       .max_response_body = next.server.max_response_size},
+                                      &err);
     if (!new_client) return "cannot set up CoAP to " + server_string(next.server) + ": " + err;
   }
 

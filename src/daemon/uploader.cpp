@@ -117,7 +117,9 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
   batch_ = {};
   std::string err;
 
-  if (outcome.answered() && outcome.response->code / 100 == 2) {
+  // thingsboard-coap-api.md §1: telemetry is stored when the server answers 2.01 Created, and
+  // only then.
+  if (outcome.answered() && outcome.response->code == 201) {
     if (!queue_.ack(batch, &err)) {
       // A local fault (the state disk is full, read-only, ...): the server has the batch but the
       // queue still holds it. Sending on at once would resend it in a storm; counting it would
@@ -152,6 +154,14 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
       send_timer_.arm_in(pause);
     else
       send_next();
+    return;
+  }
+
+  if (outcome.answered() && outcome.response->code / 100 == 2) {
+    // Any other 2.xx is not ThingsBoard's answer to telemetry: keep the readings and retry.
+    queue_.release(batch);
+    retry("protocol error: server answered " + coap::code_string(outcome.response->code) +
+          " to telemetry, expected 2.01 Created; readings kept");
     return;
   }
 

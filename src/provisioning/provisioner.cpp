@@ -85,6 +85,13 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
     retry_later(coap::describe(outcome), false);
     return;
   }
+  if (const int code = outcome.response->code; code / 100 == 2 && code != 201) {
+    // §4.2: success is 2.01; another 2.xx is a protocol error, not a refusal. Retry.
+    retry_later("protocol error: server answered " + coap::code_string(code) +
+                    " to the provisioning request, expected 2.01 Created",
+                false);
+    return;
+  }
   const Answer a = decode_answer(outcome.response->code, outcome.response->payload);
   switch (a.verdict) {
     case Verdict::Success:
@@ -149,6 +156,10 @@ void Provisioner::on_verify(const coap::Outcome& outcome) {
          "administrator to delete it or reset its provisionState, or set credentials.access_token");
   } else if (code / 100 == 5) {
     retry_later(coap::describe(outcome), true);
+  } else if (code / 100 == 2) {
+    retry_later("protocol error: server answered " + coap::code_string(code) +
+                    " to the attribute request, expected 2.05 Content",
+                true);
   } else {
     fail("cannot check the proposed token: " + coap::describe(outcome));
   }

@@ -198,6 +198,12 @@ class TbServer:
             out.extend(Point(k, ts, v, d) for k, ts, v in r["points"])
         return out
 
+    def hostile_records(self, switch=None):
+        """Records of requests answered by a hostile switch ("block2 ...", "continue ..."), or
+        only those of one switch, e.g. hostile_records("block2 endless")."""
+        return [r for r in self.records()
+                if "hostile" in r and (switch is None or r["hostile"] == switch)]
+
     def devices(self):
         """Device name -> access token (None once revoked)."""
         return {name: d["token"] for name, d in self.state()["devices"].items()}

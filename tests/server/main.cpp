@@ -108,6 +108,26 @@ const char* FramingName(Framing f) {
   }
   return "?";
 }
+// Hostile answers (not ThingsBoard behaviour; for the agent's defences, see docs/test-server.md
+// "Hostile answers").
+enum class Block2Mode { kOff, kEndless, kHugeSize2 };
+enum class ContinueMode { kOff, kNoBlock1, kLastBlock, kWildNum, kSzx7 };
+const std::map<std::string, Block2Mode> kBlock2Modes = {{"off", Block2Mode::kOff},
+                                                        {"endless", Block2Mode::kEndless},
+                                                        {"huge-size2", Block2Mode::kHugeSize2}};
+const std::map<std::string, ContinueMode> kContinueModes = {
+    {"off", ContinueMode::kOff},
+    {"no-block1", ContinueMode::kNoBlock1},
+    {"last-block", ContinueMode::kLastBlock},
+    {"wild-num", ContinueMode::kWildNum},
+    {"szx7", ContinueMode::kSzx7}};
+template <class M>
+std::string ModeName(const std::map<std::string, M>& modes, M m) {
+  for (const auto& [name, v] : modes)
+    if (v == m) return name;
+  return "?";
+}
+
 std::optional<Framing> ParseFraming(const std::string& s) {
   if (s == "piggyback") return Framing::kPiggyback;
   if (s == "separate") return Framing::kSeparate;
@@ -155,6 +175,11 @@ struct Reply {
   bool success = false;  // §8: 2.0x of telemetry/attributes/claim/rpc -> separate CON framing
   bool none = false;     // no response at all (only the empty ACK after the piggyback timeout)
   bool lost = false;     // lose-provision-reply: processed, nothing sent
+  // Hostile switches: a Block1 value other than the usual echo, or none at all; Block2 and Size2.
+  std::optional<uint32_t> block1;
+  bool no_block1 = false;
+  std::optional<uint32_t> block2;
+  std::optional<uint32_t> size2;
 };
 
 struct Exchange {
@@ -218,6 +243,8 @@ class Server {
   void OnDuplicate(Exchange& ex, const Request& rq);
   void Process(Request& rq, const std::string& exkey, ordered_json& rec);
   std::optional<Reply> HandleBlock1(Request& rq, ordered_json& rec);
+  std::optional<Reply> HostileContinue(const Block& b, ordered_json& rec);
+  Reply EndlessBlock(uint32_t num, uint8_t szx, ordered_json& rec);
   Reply Dispatch(const Request& rq, ordered_json& rec);
   Reply DispatchApi(const Request& rq, ordered_json& rec);
   Reply Provision(const Request& rq, ordered_json& rec);
@@ -288,6 +315,8 @@ class Server {
   std::optional<uint8_t> fail_all_;
   int64_t lose_provision_n_ = 0;
   int64_t delay_ms_ = 0;
+  Block2Mode block2_mode_ = Block2Mode::kOff;
+  ContinueMode continue_mode_ = ContinueMode::kOff;
   std::map<std::string, int64_t> stats_;
 };
 
@@ -539,12 +568,69 @@ void Server::OnDuplicate(Exchange& ex, const Request& rq) {
 
 void Server::Process(Request& rq, const std::string& exkey, ordered_json& rec) {
   Reply rp;
-  if (auto early = HandleBlock1(rq, rec)) {
+  const auto block2 = rq.msg.Uint(kOptBlock2);
+  if (block2_mode_ != Block2Mode::kOff && block2 && Block::FromUint(*block2).num > 0) {
+    // "block2 endless": a request for a later block of an endless answer; nothing is processed.
+    const Block b = Block::FromUint(*block2);
+    rp = EndlessBlock(b.num, b.szx == 7 ? 6 : b.szx, rec);
+  } else if (auto early = HandleBlock1(rq, rec)) {
     rp = *early;
   } else {
     rp = Dispatch(rq, rec);
+    if (block2_mode_ != Block2Mode::kOff && rp.code == kCreated) {
+      // "block2 endless": the request was processed (stored, provisioned) as usual, but its
+      // 2.01 becomes block 0 of an answer that never ends.
+      Reply first = EndlessBlock(0, 6, rec);
+      const size_t size = first.payload.size();
+      first.payload = rp.payload.substr(0, size);
+      first.payload.resize(size, ' ');
+      first.content_format = rp.content_format;
+      rp = first;
+    }
   }
   Deliver(rq, rp, exkey, rec);  // writes the record before anything goes on the wire
+}
+
+Reply Server::EndlessBlock(uint32_t num, uint8_t szx, ordered_json& rec) {
+  // Piggybacked, never a separate CON: libcoap 4.3.1 drops a Block2 answer that arrives as a
+  // separate response to a request it keeps no block state for ("large body receive internal
+  // issue"), so only a piggybacked one makes it ask for more.
+  Reply rp;
+  rp.code = kCreated;
+  rp.block2 = Block{num, true, szx}.Encode();                          // M=1, always
+  if (block2_mode_ == Block2Mode::kHugeSize2) rp.size2 = 0xFFFFFFFFu;  // 2^32 - 1
+  rp.payload.assign(Block{num, true, szx}.Size(), 'x');
+  rec["block2_num"] = num;
+  rec["hostile"] = "block2 " + ModeName(kBlock2Modes, block2_mode_);
+  Count("hostile_answers");
+  return rp;
+}
+
+// "continue MODE": a 2.31 Continue that ends the Block1 transfer instead of continuing it. The
+// transfer is forgotten and nothing is stored.
+std::optional<Reply> Server::HostileContinue(const Block& b, ordered_json& rec) {
+  Reply rp;
+  rp.code = kContinue;
+  switch (continue_mode_) {
+    case ContinueMode::kOff:
+      return std::nullopt;
+    case ContinueMode::kNoBlock1:
+      rp.no_block1 = true;
+      break;
+    case ContinueMode::kLastBlock:
+      if (b.more) return std::nullopt;  // the usual 2.31 up to the last block
+      rp.block1 = Block{b.num, true, b.szx}.Encode();
+      break;
+    case ContinueMode::kWildNum:
+      rp.block1 = Block{b.num + 1000, true, b.szx}.Encode();
+      break;
+    case ContinueMode::kSzx7:
+      rp.block1 = Block{b.num, true, 7}.Encode();
+      break;
+  }
+  rec["hostile"] = "continue " + ModeName(kContinueModes, continue_mode_);
+  Count("hostile_answers");
+  return rp;
 }
 
 // RFC 7959 Block1 upload, as Californium's BlockwiseLayer does it below TB (§1).
@@ -589,6 +675,12 @@ std::optional<Reply> Server::HandleBlock1(Request& rq, ordered_json& rec) {
     rec["block_error"] = "non-final block of wrong size";
     blocks_.erase(it);
     return rp;
+  }
+  if (auto hostile = HostileContinue(b, rec)) {
+    rec["block_num"] = b.num;
+    rec["block_size"] = b.Size();
+    blocks_.erase(it);
+    return hostile;
   }
   BlockState& st = it->second;
   st.body += rq.msg.payload;
@@ -701,7 +793,9 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
       return rp;
     }
   } else if (p.feature == Feature::kProvision) {
-    return Provision(rq, rec);  // §4: no authentication
+    if (!rq.block1_final && continue_mode_ == ContinueMode::kNoBlock1)
+      return *HostileContinue(Block{}, rec);  // "continue no-block1": nothing provisioned
+    return Provision(rq, rec);                // §4: no authentication
   }
   const std::string* dev = DeviceByToken(p.token);
   if (!dev) {
@@ -715,6 +809,10 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
   const std::string name = *dev;
   rec["device"] = name;
   if (get && observe) return Observe(name, p.feature, rq, rec);
+  if ((p.feature == Feature::kTelemetry || p.feature == Feature::kAttributes) && !get &&
+      !rq.block1_final && continue_mode_ == ContinueMode::kNoBlock1) {
+    return *HostileContinue(Block{}, rec);  // "continue no-block1" on a plain request too
+  }
   if (p.feature == Feature::kTelemetry || p.feature == Feature::kAttributes) {
     if (auto f = FailSwitch()) {
       rec["forced"] = true;
@@ -993,11 +1091,17 @@ Message Server::BaseResponse(const Request& rq, const Reply& rp) {
   m.payload = rp.payload;
   if (rp.content_format) m.AddUint(kOptContentFormat, *rp.content_format);
   if (rp.observe) m.AddUint(kOptObserve, *rp.observe);
-  if (rp.code == kContinue && rq.msg.Uint(kOptBlock1)) {
+  if (rp.block1) {
+    m.AddUint(kOptBlock1, *rp.block1);
+  } else if (rp.no_block1) {
+    // hostile: no Block1 at all
+  } else if (rp.code == kContinue && rq.msg.Uint(kOptBlock1)) {
     m.AddUint(kOptBlock1, Block::FromUint(*rq.msg.Uint(kOptBlock1)).Encode() | 0x8u);
   } else if (rq.block1_final) {
     m.AddUint(kOptBlock1, rq.block1_final->Encode());
   }
+  if (rp.block2) m.AddUint(kOptBlock2, *rp.block2);
+  if (rp.size2) m.AddUint(kOptSize2, *rp.size2);
   return m;
 }
 
@@ -1295,6 +1399,15 @@ std::string Server::Control(const std::string& line) {
     auto n = count(a);
     if (!n) return "error usage: delay MS";
     delay_ms_ = *n;
+  } else if (cmd == "block2") {
+    auto m = kBlock2Modes.find(a);
+    if (m == kBlock2Modes.end()) return "error usage: block2 off|endless|huge-size2";
+    block2_mode_ = m->second;
+  } else if (cmd == "continue") {
+    auto m = kContinueModes.find(a);
+    if (m == kContinueModes.end())
+      return "error usage: continue off|no-block1|last-block|wild-num|szx7";
+    continue_mode_ = m->second;
   } else if (cmd == "set-shared") {
     // set-shared DEVICE {"key":value,...}: a shared-attribute change made on the server (§2.3).
     std::string rest;

@@ -22,6 +22,7 @@ inline constexpr uint16_t kOptContentFormat = 12;
 inline constexpr uint16_t kOptUriQuery = 15;
 inline constexpr uint16_t kOptBlock2 = 23;
 inline constexpr uint16_t kOptBlock1 = 27;
+inline constexpr uint16_t kOptSize2 = 28;
 inline constexpr uint16_t kOptSize1 = 60;
 
 constexpr uint8_t Code(int cls, int detail) { return static_cast<uint8_t>((cls << 5) | detail); }

@@ -18,6 +18,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -385,6 +386,103 @@ class Server {
   sd_event_source* timer_ = nullptr;
   bool ok_ = false;
 };
+
+// ---- a hostile server: answers every CON with a piggybacked ACK the test scripts ----
+
+struct Answer {
+  int code = 201;
+  std::vector<std::pair<int, std::string>> options;  // ascending option numbers
+  std::string payload;
+};
+
+std::string uint_value(unsigned v) {
+  std::string out;
+  while (v) {
+    out.insert(out.begin(), static_cast<char>(v & 0xff));
+    v >>= 8;
+  }
+  return out;
+}
+
+// RFC 7252 §3: header, token, options (delta/length nibbles with extensions), payload.
+std::string encode_ack(const Datagram& req, const Answer& a) {
+  std::string out;
+  out += static_cast<char>(0x60 | req.token.size());  // ver 1, ACK
+  out += static_cast<char>(((a.code / 100) << 5) | (a.code % 100));
+  out += static_cast<char>(req.mid >> 8);
+  out += static_cast<char>(req.mid & 0xff);
+  out += req.token;
+  int last = 0;
+  auto nibble = [](unsigned v, std::string& ext) -> unsigned {
+    if (v < 13) return v;
+    if (v < 269) {
+      ext += static_cast<char>(v - 13);
+      return 13;
+    }
+    ext += static_cast<char>((v - 269) >> 8);
+    ext += static_cast<char>((v - 269) & 0xff);
+    return 14;
+  };
+  for (const auto& [number, value] : a.options) {
+    std::string ext_delta, ext_len;
+    const unsigned d = nibble(static_cast<unsigned>(number - last), ext_delta);
+    const unsigned l = nibble(static_cast<unsigned>(value.size()), ext_len);
+    out += static_cast<char>((d << 4) | l);
+    out += ext_delta + ext_len + value;
+    last = number;
+  }
+  if (!a.payload.empty()) out += '\xff' + a.payload;
+  return out;
+}
+
+class HostileServer {
+ public:
+  using Script = std::function<std::optional<Answer>(const Datagram&)>;
+  HostileServer(sd_event* loop, Script script) : script_(std::move(script)) {
+    fd_ = bind_udp();
+    sd_event_add_io(loop, &src_, fd_, EPOLLIN, &HostileServer::on_io, this);
+  }
+  ~HostileServer() {
+    sd_event_source_disable_unref(src_);
+    close(fd_);
+  }
+  uint16_t port() const { return local_port(fd_); }
+  std::vector<Datagram> requests;  // every CON request received
+
+ private:
+  static int on_io(sd_event_source*, int fd, uint32_t, void* ud) {
+    auto* self = static_cast<HostileServer*>(ud);
+    unsigned char buf[4096];
+    sockaddr_in from{};
+    socklen_t len = sizeof from;
+    const ssize_t n = recvfrom(fd, buf, sizeof buf, 0, reinterpret_cast<sockaddr*>(&from), &len);
+    if (n <= 0) return 0;
+    const Datagram d = parse(buf, static_cast<std::size_t>(n), true);
+    if (d.type != kCon || d.code == 0) return 0;  // ACKs of our CONs, pings
+    self->requests.push_back(d);
+    if (auto a = self->script_(d)) {
+      const std::string out = encode_ack(d, *a);
+      sendto(fd, out.data(), out.size(), 0, reinterpret_cast<sockaddr*>(&from), len);
+    }
+    return 0;
+  }
+  Script script_;
+  int fd_ = -1;
+  sd_event_source* src_ = nullptr;
+};
+
+constexpr int kOptSize2 = 28;
+
+// 2.01 with Block2 M=1 for whatever block is asked for, forever (issue 8, item 1).
+Answer endless_block2(const Datagram& req, std::optional<unsigned> size2 = std::nullopt) {
+  const unsigned num = req.has(kOptBlock2) ? req.uint_opt(kOptBlock2) >> 4 : 0;
+  Answer a;
+  a.code = 201;
+  a.options.emplace_back(kOptBlock2, uint_value((num << 4) | 0x8 | 6));
+  if (size2) a.options.emplace_back(kOptSize2, uint_value(*size2));
+  a.payload.assign(1024, 'x');
+  return a;
+}
 
 // ---- fixture ----
 
@@ -955,6 +1053,153 @@ TEST_F(CoapClientTest, ThrowingCallbackDoesNotEscape) {
   EXPECT_TRUE(call(*client_, Method::Post, {"piggy"}, "x").answered());
 }
 
+// ---- hostile answers (issue 8) ----
+
+class CoapHostileTest : public CoapClientTest {
+ protected:
+  // Runs one request against `script` with a long request_timeout, so only the client's own
+  // limits can end it quickly.
+  Outcome hostile_call(HostileServer::Script script, std::string payload = "{}",
+                       ClientOptions opts = {}) {
+    hostile_ = std::make_unique<HostileServer>(loop_, std::move(script));
+    opts.request_timeout = 60s;
+    client_ = make_client(opts, hostile_->port());
+    return call(*client_, Method::Post, {"api", "v1", "TOKEN", "telemetry"}, std::move(payload),
+                20s);
+  }
+  // Requests keep coming only while libcoap still drives the exchange.
+  std::size_t requests_after_quiet_period() {
+    const std::size_t before = hostile_->requests.size();
+    run_for(1500ms);
+    EXPECT_EQ(hostile_->requests.size(), before) << "libcoap still asks for blocks";
+    return hostile_->requests.size();
+  }
+  void TearDown() override {
+    client_.reset();
+    hostile_.reset();
+    CoapClientTest::TearDown();
+  }
+  std::unique_ptr<HostileServer> hostile_;
+};
+
+TEST_F(CoapHostileTest, EndlessBlock2IsCappedAndStopped) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const Outcome o = hostile_call([](const Datagram& d) { return endless_block2(d); });
+  EXPECT_FALSE(o.answered());
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+  EXPECT_NE(o.error.find("exceeds 16.0 KiB (Block2)"), std::string::npos) << o.error;
+  EXPECT_NE(describe(o).find("protocol error"), std::string::npos) << describe(o);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+  // 16 full blocks fit; the 17th is over the cap, and libcoap asked for an 18th before we saw it.
+  const std::size_t n = requests_after_quiet_period();
+  EXPECT_GE(n, 17u);
+  EXPECT_LE(n, 18u);
+  EXPECT_EQ(client_->in_flight(), 0u);
+}
+
+TEST_F(CoapHostileTest, MaxResponseBodyIsConfigurable) {
+  ClientOptions opts;
+  opts.max_response_body = 4096;
+  const Outcome o = hostile_call([](const Datagram& d) { return endless_block2(d); }, "{}", opts);
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+  EXPECT_NE(o.error.find("exceeds 4.0 KiB"), std::string::npos) << o.error;
+  EXPECT_LE(requests_after_quiet_period(), 6u);
+}
+
+TEST_F(CoapHostileTest, HugeSize2IsRefusedAtOnce) {
+  const Outcome o = hostile_call([](const Datagram& d) { return endless_block2(d, 0xFFFFFFFFu); });
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+  EXPECT_NE(o.error.find("Size2"), std::string::npos) << o.error;
+  // The request and at most the one block request libcoap sent before handing us block 0.
+  EXPECT_LE(requests_after_quiet_period(), 2u);
+}
+
+TEST_F(CoapHostileTest, Block2OutOfOrderIsAProtocolError) {
+  const Outcome o = hostile_call([](const Datagram& d) {
+    Answer a = endless_block2(d);
+    a.options[0].second = uint_value((5u << 4) | 0x8 | 6);  // always block 5
+    return a;
+  });
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+  EXPECT_LE(requests_after_quiet_period(), 2u);
+}
+
+// After a session was dropped for a hostile answer, the client goes on with a fresh one.
+TEST_F(CoapHostileTest, NextRequestAfterAnAbandonedBlock2Works) {
+  bool hostile = true;
+  const Outcome o = hostile_call([&](const Datagram& d) -> std::optional<Answer> {
+    if (hostile) return endless_block2(d);
+    return Answer{};
+  });
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+  hostile = false;
+  const Outcome next = call(*client_, Method::Post, {"api", "v1", "TOKEN", "telemetry"}, "{}");
+  ASSERT_TRUE(next.answered()) << next.error;
+  EXPECT_EQ(next.response->code, 201);
+}
+
+TEST_F(CoapHostileTest, Block2WithinTheCapIsReassembled) {
+  const Outcome o = hostile_call([](const Datagram& d) {
+    Answer a = endless_block2(d);
+    const unsigned num = d.has(kOptBlock2) ? d.uint_opt(kOptBlock2) >> 4 : 0;
+    a.payload.assign(1024, static_cast<char>('a' + num));
+    if (num == 2) {
+      a.options[0].second = uint_value((num << 4) | 6);  // M=0: the last block
+      a.payload = "end";
+    }
+    return a;
+  });
+  ASSERT_TRUE(o.answered()) << o.error;
+  EXPECT_EQ(o.response->code, 201);
+  EXPECT_EQ(o.response->payload, std::string(1024, 'a') + std::string(1024, 'b') + "end");
+}
+
+// A 2.31 Continue that ends a Block1 transfer is no answer (issue 8, item 3). The scripts answer
+// block `bad_block` with the hostile 2.31 and every other block with a proper 2.31.
+struct ContinueCase {
+  const char* name;
+  unsigned bad_block;
+  std::function<std::optional<std::string>(unsigned num)> block1;  // nullopt: no Block1 option
+};
+
+Answer continue_answer(const Datagram& d, const ContinueCase& c) {
+  const unsigned b1 = d.uint_opt(kOptBlock1);
+  const unsigned num = b1 >> 4;
+  Answer a;
+  a.code = 231;
+  if (num != c.bad_block) {
+    a.options.emplace_back(kOptBlock1, uint_value(b1 | 0x8));
+    return a;
+  }
+  if (auto v = c.block1(num)) a.options.emplace_back(kOptBlock1, *v);
+  return a;
+}
+
+TEST_F(CoapHostileTest, FinalContinueIsNeverAnAnswer) {
+  const std::vector<ContinueCase> cases = {
+      {"no Block1", 0, [](unsigned) { return std::nullopt; }},
+      {"on the last block", 2, [](unsigned n) { return uint_value((n << 4) | 6); }},
+      {"wild block number", 0, [](unsigned) { return uint_value((1000u << 4) | 0x8 | 6); }},
+      {"SZX 7", 0, [](unsigned n) { return uint_value((n << 4) | 0x8 | 7); }},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const Outcome o = hostile_call([&](const Datagram& d) { return continue_answer(d, c); },
+                                   std::string(3000, 'r'));
+    EXPECT_FALSE(o.answered()) << "2.31 reported as the answer";
+    EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+    EXPECT_NE(o.error.find("2.31"), std::string::npos) << o.error;
+    EXPECT_EQ(hostile_->requests.size(), c.bad_block + 1);
+    client_.reset();
+  }
+}
+
+TEST_F(CoapHostileTest, ContinueToAPlainRequestIsNeverAnAnswer) {
+  const Outcome o = hostile_call([](const Datagram&) { return Answer{231, {}, {}}; });
+  EXPECT_FALSE(o.answered());
+  EXPECT_EQ(o.failure, Failure::Protocol) << o.error;
+}
+
 TEST(CoapClientCreate, AnyHostAndBadOptions) {
   sd_event* loop = nullptr;
   ASSERT_GE(sd_event_new(&loop), 0);
@@ -970,6 +1215,9 @@ TEST(CoapClientCreate, AnyHostAndBadOptions) {
   ClientOptions no_retry;
   no_retry.max_retransmit = 0;
   EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, no_retry, &error));
+  ClientOptions tiny_answers;
+  tiny_answers.max_response_body = 1023;
+  EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, tiny_answers, &error));
   EXPECT_TRUE(Client::create(loop, Endpoint{"::1", 5683}, {}, &error)) << error;
   auto ok = Client::create(loop, Endpoint{"localhost", 5683}, {}, &error);
   EXPECT_TRUE(ok) << error;

@@ -78,6 +78,7 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_EQ(c.server.host, "tb.example.net");
   EXPECT_EQ(c.server.port, 5684);
   EXPECT_EQ(c.server.request_timeout, 20s);
+  EXPECT_EQ(c.server.max_response_size, 64u << 10);
   EXPECT_EQ(c.device.name, "pump-7");
   EXPECT_TRUE(c.provisioning.present);
   EXPECT_EQ(c.provisioning.key, "PROVISION_DEVICE_KEY");
@@ -95,7 +96,7 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_DOUBLE_EQ(room.scale, 0.001);
   EXPECT_DOUBLE_EQ(room.offset, -1.5);
   EXPECT_EQ(room.interval, 30s);
-  EXPECT_EQ(room.position.line, 20);
+  EXPECT_EQ(room.position.line, 21);
   EXPECT_EQ(room.position.column, 5);
   const SourceConfig& sensors = c.sources[1];
   EXPECT_EQ(sensors.name, "sensors");
@@ -129,6 +130,7 @@ TEST(Load, Defaults) {
   EXPECT_EQ(c.server.host, "localhost");
   EXPECT_EQ(c.server.port, 5683);
   EXPECT_EQ(c.server.request_timeout, 30s);
+  EXPECT_EQ(c.server.max_response_size, 16u << 10);
   EXPECT_EQ(c.device.name, hostname());
   EXPECT_FALSE(c.provisioning.present);
   EXPECT_EQ(c.credentials.access_token, "");
@@ -190,6 +192,7 @@ TEST(Errors, WrongTypesAndRanges) {
   expect_one("server: h\n", 1, 9, "server: expected a map of keys, not a single value");
   expect_one("server:\n  host: h\n  request_timeout: 1y\n", 3, 20, "unknown duration unit 'y'");
   expect_one("server:\n  host: h\n  request_timeout: -1s\n", 3, 20, "negative");
+  expect_one("server:\n  host: h\n  max_response_size: 512\n", 3, 22, "from 1.0 KiB to 16.0 MiB");
   expect_one("server:\n  host: h\nstate_dir: var/lib\n", 3, 12,
              "state_dir: must be an absolute path");
   expect_one("server:\n  host: h\nqueue:\n  drain_rate: -1\n", 4, 15,
@@ -269,7 +272,8 @@ TEST(Errors, DeliveryLimits) {
 
 TEST(Errors, UnknownMissingAndDuplicateKeys) {
   expect_one("server:\n  host: h\n  hots: x\n", 3, 3,
-             "server: unknown key 'hots' (known keys: host, port, request_timeout)");
+             "server: unknown key 'hots' (known keys: host, port, request_timeout, "
+             "max_response_size)");
   expect_one("server:\n  host: h\nservre: 1\n", 3, 1, "unknown key 'servre'");
   expect_one("server:\n  port: 1\n", 1, 1, "server: missing required key 'host'");
   expect_one("device:\n  name: x\n", 1, 1, "missing required key 'server'");
