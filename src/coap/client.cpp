@@ -61,6 +61,16 @@ std::string mask_secrets(std::string text) {
   return text;
 }
 
+// A send or receive failing on the socket ("coap_network_read: ICMP: Connection refused"): the
+// request then fails and the agent reports it in its own words ("delivery failed (network
+// error …)"), so libcoap's line would only repeat it — kept at debug.
+bool is_socket_error(std::string_view text) {
+  return text.find("ICMP") != std::string_view::npos ||
+         text.find("coap_network_read") != std::string_view::npos ||
+         text.find("coap_network_send") != std::string_view::npos ||
+         text.find("coap_socket_") != std::string_view::npos;
+}
+
 void coap_log_handler(coap_log_t level, const char* message) {
   try {
     std::string text = mask_secrets(message ? message : "");
@@ -73,7 +83,7 @@ void coap_log_handler(coap_log_t level, const char* message) {
     // libcoap uses syslog levels (coap_debug.h).
     if (level <= LOG_ERR) {
       spdlog::error("libcoap: {}", text);
-    } else if (level == LOG_WARNING) {
+    } else if (level == LOG_WARNING && !is_socket_error(text)) {
       spdlog::warn("libcoap: {}", text);
     } else {
       // libcoap's notice/info can name URIs; keep everything below warning at debug.

@@ -78,7 +78,7 @@ int Manager::run() {
                server_string(cfg_.server), sources_.size());
   if (creds_)
     start_delivery(*creds_);
-  else
+  else if (!unconfigured_)
     start_provisioning();
   update_status(true);
 
@@ -135,11 +135,14 @@ int Manager::init() {
       return kExitFailure;
     }
     if (!creds_ && !cfg_.provisioning.present) {
-      spdlog::critical(
+      // A fresh install (the shipped config has provisioning commented out): start, say so on
+      // D-Bus and in STATUS=, and idle — no sources, no delivery, no timers — until a reload
+      // brings provisioning or a token. Exiting would leave a failed unit (docs/service.md).
+      spdlog::warn(
           "{}: no credentials stored in {} and neither `provisioning` nor "
-          "`credentials.access_token` is configured",
+          "`credentials.access_token` is configured: idling until reloaded",
           cfg_.file.string(), cfg_.state_dir.string());
-      return kExitConfig;
+      unconfigured_ = true;
     }
   }
   if (creds_ && !creds_->device_name.empty() && creds_->device_name != cfg_.device.name)
@@ -180,6 +183,7 @@ int Manager::init() {
     return kExitConfig;
   }
   for (auto& s : sources_) {
+    if (unconfigured_) break;  // built (so a reload knows them), started once configured
     if (!s->start([this](telemetry::Record rec) { on_record(std::move(rec)); }, &err)) {
       spdlog::critical("cannot start source '{}': {}", s->config().name, err);
       return kExitFailure;
@@ -196,7 +200,7 @@ int Manager::init() {
         limits_timer_->arm_in(limits_check_interval());
       },
       Millis(100));
-  limits_timer_->arm_in(limits_check_interval());
+  if (!unconfigured_) limits_timer_->arm_in(limits_check_interval());
   status_timer_ = std::make_unique<Timer>(
       loop_, [this] { publish_status(); }, Millis(100));
   reap_timer_ = std::make_unique<Timer>(
@@ -412,6 +416,10 @@ std::string Manager::apply(const config::Config& next) {
   if (next.dbus.bus != cfg_.dbus.bus)
     spdlog::warn("dbus.bus changed: takes effect when the service restarts");
 
+  // Still nothing to get credentials with: sources stay built but idle (see init()).
+  const bool stays_unconfigured = unconfigured_ && !creds_ &&
+                                  next.credentials.access_token.empty() &&
+                                  !next.provisioning.present;
   // Sources: keep the unchanged ones running, replace the changed, drop the removed.
   std::map<std::string, sources::SourcePtr> running;
   for (auto& s : sources_) running[s->config().name] = std::move(s);
@@ -423,12 +431,19 @@ std::string Manager::apply(const config::Config& next) {
       sources_.push_back(std::move(it->second));
       running.erase(it);
     } else {
+      // A changed source: the old one stops before its replacement starts, and is not reported
+      // as removed below — one log line per event.
+      const bool replaced = it != running.end();
+      if (replaced) running.erase(it);
       sources_.push_back(std::move(*fresh_it++));
+      if (stays_unconfigured) continue;
       if (!sources_.back()->start([this](telemetry::Record rec) { on_record(std::move(rec)); },
                                   &err))
         spdlog::error("cannot start source '{}': {}", sc.name, err);
+      else if (replaced)
+        spdlog::info("source '{}' changed: restarted with its new settings", sc.name);
       else
-        spdlog::info("source '{}' (re)started", sc.name);
+        spdlog::info("source '{}' added", sc.name);
     }
   }
   for (auto& [name, s] : running) {
@@ -453,7 +468,21 @@ std::string Manager::apply(const config::Config& next) {
 
   const bool token_changed = !next.credentials.access_token.empty() &&
                              next.credentials.access_token != cfg_.credentials.access_token;
-  const bool retry_provisioning = failed_ && !creds_ && next.provisioning.present;
+  const bool retry_provisioning =
+      (failed_ || unconfigured_) && !creds_ && next.provisioning.present;
+  if (unconfigured_ && !stays_unconfigured) {
+    // Configured at last: what init() left idle starts now (the changed sources already did).
+    unconfigured_ = false;
+    spdlog::info("configured: starting sources and {}",
+                 next.provisioning.present && next.credentials.access_token.empty() ? "provisioning"
+                                                                                    : "delivery");
+    for (auto& s : sources_) {
+      if (s->started()) continue;
+      if (!s->start([this](telemetry::Record rec) { on_record(std::move(rec)); }, &err))
+        spdlog::error("cannot start source '{}': {}", s->config().name, err);
+    }
+    limits_timer_->arm_in(limits_check_interval());
+  }
   cfg_ = next;
   if (token_changed) {
     creds_ =
@@ -487,6 +516,7 @@ std::uint64_t Manager::dropped_readings() const {
 
 std::string Manager::state_name() const {
   if (stopping_) return "stopping";
+  if (unconfigured_) return "unconfigured";
   if (failed_) return "failed";
   if (provisioning_) return "provisioning";
   if (!creds_) return "starting";
@@ -514,9 +544,12 @@ dbus::Status Manager::snapshot() const {
   s.last_error = last_error_;
   for (const auto& src : sources_) {
     const auto& st = src->status();
-    s.sources.push_back({st.name, st.type, static_cast<std::uint64_t>(st.interval.count()) * 1000,
-                         st.readings, st.errors, st.last_error});
+    s.sources.push_back(
+        {st.name, st.type, static_cast<std::uint64_t>(st.interval.count()) * 1000, st.readings,
+         st.errors, static_cast<std::uint64_t>(std::max<std::int64_t>(st.last_ts_ms, 0)) * 1000,
+         st.last_error});
   }
+  s.status_text = status_text_;
   return s;
 }
 
@@ -537,6 +570,9 @@ void Manager::publish_status() {
   std::string text;
   if (state == "stopping") {
     text = "stopping: last flush of " + std::to_string(queued) + " queued reading(s)";
+  } else if (state == "unconfigured") {
+    text = "not configured: set provisioning (or credentials.access_token) in " +
+           cfg_.file.string() + ", then systemctl reload tb-agent";
   } else if (state == "failed") {
     text = "failed: " + last_error_;
   } else if (state == "provisioning") {
@@ -553,6 +589,7 @@ void Manager::publish_status() {
     text = "running: " + std::to_string(sent_readings_) + " reading(s) delivered";
   }
   notifier_.status(text);
+  status_text_ = text;
   if (state != logged_state_) {
     // One journal entry per transition, with TB_STATE= so `journalctl TB_STATE=unauthorized`
     // finds them; louder for the states an operator must look at.

@@ -95,6 +95,9 @@ class Manager {
   std::string last_error_;
   std::string logged_state_ = "starting";
   bool provisioning_ = false;
+  // No credentials and nothing to get them with (fresh install): idle until a reload sets them.
+  bool unconfigured_ = false;
+  std::string status_text_;  // the last STATUS= sentence, also published as StatusText
   bool failed_ = false;
   bool stopping_ = false;
   bool push_failing_ = false;

@@ -96,7 +96,7 @@ struct StatusService::Impl {
     return current.queued_readings != emitted.queued_readings ||
            current.sent_readings != emitted.sent_readings ||
            current.dropped_readings != emitted.dropped_readings ||
-           current.sources != emitted.sources;
+           current.sources != emitted.sources || current.status_text != emitted.status_text;
   }
 
   void take_counters(std::vector<const char*>& names) {
@@ -104,6 +104,9 @@ struct StatusService::Impl {
     if (current.sent_readings != emitted.sent_readings) names.push_back("SentReadings");
     if (current.dropped_readings != emitted.dropped_readings) names.push_back("DroppedReadings");
     if (current.sources != emitted.sources) names.push_back("Sources");
+    // The text carries counters ("delivering 12 queued reading(s)"): rate-limited with them.
+    if (current.status_text != emitted.status_text) names.push_back("StatusText");
+    emitted.status_text = current.status_text;
     emitted.queued_readings = current.queued_readings;
     emitted.sent_readings = current.sent_readings;
     emitted.dropped_readings = current.dropped_readings;
@@ -261,13 +264,14 @@ struct StatusService::Impl {
       if (p == "DroppedReadings") return sd_bus_message_append(reply, "t", s.dropped_readings);
       if (p == "LastSuccessTime") return sd_bus_message_append(reply, "t", s.last_success_time);
       if (p == "LastError") return sd_bus_message_append(reply, "s", s.last_error.c_str());
+      if (p == "StatusText") return sd_bus_message_append(reply, "s", s.status_text.c_str());
       if (p == "Sources") {
-        int r = sd_bus_message_open_container(reply, 'a', "(ssttts)");
+        int r = sd_bus_message_open_container(reply, 'a', "(sstttts)");
         if (r < 0) return r;
         for (const auto& row : s.sources) {
-          r = sd_bus_message_append(reply, "(ssttts)", row.name.c_str(), row.type.c_str(),
+          r = sd_bus_message_append(reply, "(sstttts)", row.name.c_str(), row.type.c_str(),
                                     row.interval_usec, row.readings, row.errors,
-                                    row.last_error.c_str());
+                                    row.last_reading_time, row.last_error.c_str());
           if (r < 0) return r;
         }
         return sd_bus_message_close_container(reply);
@@ -379,7 +383,9 @@ struct StatusService::Impl {
                         SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LastError", "s", &Impl::get_property, 0,
                         SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Sources", "a(ssttts)", &Impl::get_property, 0,
+        SD_BUS_PROPERTY("Sources", "a(sstttts)", &Impl::get_property, 0,
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("StatusText", "s", &Impl::get_property, 0,
                         SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD("Flush", "", "", &Impl::method_flush, 0),
         SD_BUS_METHOD("Reload", "", "", &Impl::method_reload, 0),

@@ -26,14 +26,16 @@ inline constexpr const char* kErrorFailed = "io.tbagent.Agent1.Error.Failed";
 // status query is answered even while a backlog is being pushed.
 inline constexpr int kBusPriority = -50;
 
-// One element of the `Sources` property, D-Bus signature (ssttts):
-// name, type, interval (µs), readings collected, errors, last error ("" = none).
+// One element of the `Sources` property, D-Bus signature (sstttts):
+// name, type, interval (µs), readings collected, errors, time of the last successful reading
+// (µs since the Unix epoch, 0 = never), last error ("" = none).
 struct SourceRow {
   std::string name;
   std::string type;
   std::uint64_t interval_usec = 0;
   std::uint64_t readings = 0;
   std::uint64_t errors = 0;
+  std::uint64_t last_reading_time = 0;
   std::string last_error;
   bool operator==(const SourceRow&) const = default;
 };
@@ -49,6 +51,8 @@ struct Status {
   std::uint64_t last_success_time = 0;  // µs since the epoch; 0 = never
   std::string last_error;
   std::vector<SourceRow> sources;
+  // What the state means right now, the same sentence as sd_notify STATUS= ("retrying in 4s: …").
+  std::string status_text;
   bool operator==(const Status&) const = default;
 };
 

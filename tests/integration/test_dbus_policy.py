@@ -35,7 +35,8 @@ PROPERTIES = {  # name -> the value busctl prints for the fixture's fixed status
     "DroppedReadings": "t 1",
     "LastSuccessTime": "t 1700000000000000",
     "LastError": 's ""',
-    "Sources": 'a(ssttts) 1 "room" "file" 30000000 10 0 ""',
+    "Sources": 'a(sstttts) 1 "room" "file" 30000000 10 0 1700000000000000 ""',
+    "StatusText": 's "running: 42 reading(s) delivered"',
 }
 
 # The default context of Debian's /usr/share/dbus-1/system.conf: connect, but no owning and no

@@ -36,7 +36,8 @@ int main() {
   status.dropped_readings = 1;
   status.last_success_time = 1700000000000000;
   status.last_error = "";
-  status.sources = {{"room", "file", 30000000, 10, 0, ""}};
+  status.sources = {{"room", "file", 30000000, 10, 0, 1700000000000000, ""}};
+  status.status_text = "running: 42 reading(s) delivered";
 
   int rc = 0;
   tb::dbus::Handlers h;

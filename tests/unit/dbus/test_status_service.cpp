@@ -1,6 +1,6 @@
-// StatusService against a private dbus-daemon: the vtable matches systemd/io.tbagent.Agent1.xml,
-// properties follow snapshots, PropertiesChanged arrives (counters rate-limited), methods reach
-// their handlers, and a lost bus does not stop the loop.
+// StatusService against a private dbus-daemon (tests/unit/dbus/private_bus.hpp): the vtable matches
+// systemd/io.tbagent.Agent1.xml, properties follow snapshots, PropertiesChanged arrives (counters
+// rate-limited), methods reach their handlers, and a lost bus does not stop the loop.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -19,10 +19,12 @@
 #include <vector>
 
 #include "dbus/status_service.hpp"
+#include "private_bus.hpp"
 
 namespace fs = std::filesystem;
 using tb::dbus::Status;
 using tb::dbus::StatusService;
+using tb::test::PrivateBus;
 
 namespace {
 
@@ -128,78 +130,6 @@ std::string read_file(const fs::path& p) {
   ss << in.rdbuf();
   return ss.str();
 }
-
-// ---- a private dbus-daemon on a socket in a temp dir ----
-
-class PrivateBus {
- public:
-  // start_now=false: the socket path is known (socket_address()) but nobody listens yet.
-  explicit PrivateBus(bool start_now = true) {
-    dir_ = fs::temp_directory_path() /
-           ("tb-dbus-test-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
-    fs::create_directories(dir_);
-    socket_ = (dir_ / "bus").string();
-    const fs::path conf = dir_ / "bus.conf";
-    std::ofstream(conf) << "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus "
-                           "Configuration 1.0//EN\"\n"
-                           " \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n"
-                           "<busconfig><type>session</type>"
-                           "<listen>unix:path="
-                        << socket_
-                        << "</listen><auth>EXTERNAL</auth>"
-                           "<policy context=\"default\"><allow send_destination=\"*\"/>"
-                           "<allow own=\"*\"/><allow receive_sender=\"*\"/></policy>"
-                           "</busconfig>\n";
-    conf_ = conf;
-    if (start_now) start();
-  }
-  ~PrivateBus() {
-    stop();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  const std::string& address() const { return address_; }
-  std::string socket_address() const { return "unix:path=" + socket_; }
-  // dbus-daemon replaces a stale socket file, so a restart listens on the same address.
-  void start() {
-    if (pid_ > 0) return;
-    const fs::path& conf = conf_;
-    int fds[2];
-    if (pipe(fds) != 0) return;
-    pid_ = fork();
-    if (pid_ == 0) {
-      close(fds[0]);
-      const std::string cfg = "--config-file=" + conf.string();
-      const std::string print = "--print-address=" + std::to_string(fds[1]);
-      execlp("dbus-daemon", "dbus-daemon", cfg.c_str(), "--nofork", "--nopidfile", print.c_str(),
-             static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    close(fds[1]);
-    char buf[512];
-    std::string line;
-    ssize_t n;
-    while (line.find('\n') == std::string::npos && (n = read(fds[0], buf, sizeof buf)) > 0)
-      line.append(buf, static_cast<std::size_t>(n));
-    close(fds[0]);
-    address_ = line.substr(0, line.find('\n'));
-  }
-  void stop() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-
- private:
-  static inline int counter_ = 0;
-  fs::path dir_;
-  fs::path conf_;
-  std::string socket_;
-  std::string address_;
-  pid_t pid_ = -1;
-};
 
 // ---- the test fixture: one loop, the service and a client connection on it ----
 
@@ -378,8 +308,9 @@ class StatusServiceTest : public ::testing::Test {
     s.dropped_readings = 5;
     s.last_success_time = 1'700'000'000'000'000;
     s.last_error = "";
-    s.sources = {{"room", "file", 30'000'000, 7, 1, "ENOENT"},
-                 {"sensors", "exec", 60'000'000, 2, 0, ""}};
+    s.sources = {{"room", "file", 30'000'000, 7, 1, 1'700'000'000'000'000, "ENOENT"},
+                 {"sensors", "exec", 60'000'000, 2, 0, 0, ""}};
+    s.status_text = "delivering 12 queued reading(s)";
     return s;
   }();
   std::unique_ptr<StatusService> service_;
@@ -431,6 +362,7 @@ TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
   EXPECT_EQ(get_s("DeviceName"), "pump-7");
   EXPECT_EQ(get_s("Server"), "tb.example.com:5683");
   EXPECT_EQ(get_s("LastError"), "");
+  EXPECT_EQ(get_s("StatusText"), "delivering 12 queued reading(s)");
   EXPECT_EQ(get_t("QueuedReadings"), 12u);
   EXPECT_EQ(get_t("SentReadings"), 34u);
   EXPECT_EQ(get_t("DroppedReadings"), 5u);
@@ -444,12 +376,12 @@ TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
   }
   {
     sd_bus_message* r = get("Sources");
-    ASSERT_GE(sd_bus_message_enter_container(r, 'a', "(ssttts)"), 0);
+    ASSERT_GE(sd_bus_message_enter_container(r, 'a', "(sstttts)"), 0);
     std::vector<tb::dbus::SourceRow> rows;
     const char *n, *t, *e;
-    std::uint64_t iv, rd, er;
-    while (sd_bus_message_read(r, "(ssttts)", &n, &t, &iv, &rd, &er, &e) > 0)
-      rows.push_back({n, t, iv, rd, er, e});
+    std::uint64_t iv, rd, er, last;
+    while (sd_bus_message_read(r, "(sstttts)", &n, &t, &iv, &rd, &er, &last, &e) > 0)
+      rows.push_back({n, t, iv, rd, er, last, e});
     EXPECT_EQ(rows, status_.sources);
     sd_bus_message_unref(r);
   }
@@ -473,7 +405,7 @@ TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
     sd_bus_message_skip(r, "sv");
     sd_bus_message_exit_container(r);
   }
-  EXPECT_EQ(count, 10);
+  EXPECT_EQ(count, 11);
   sd_bus_message_unref(r);
 }
 
