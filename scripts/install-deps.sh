@@ -11,6 +11,9 @@ PACKAGES=(
   libfmt-dev libsqlite3-dev libcli11-dev libgtest-dev libgmock-dev
   # tests: a real dbus-daemon, systemd-analyze, python test driver, process tools
   dbus dbus-bin dbus-daemon systemd python3 python3-pytest procps util-linux passwd
+  # system tests (tests/system): a Debian 12 root booted with systemd-nspawn; dpkg-dev for
+  # dpkg-buildflags (scripts/build-packages.sh)
+  debootstrap systemd-container dpkg-dev
 )
 
 missing=()

@@ -39,7 +39,7 @@ def source_dir():
 def prerequisites():
     if os.geteuid() != 0:
         unavailable("needs root (debootstrap, systemd-nspawn)")
-    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "dpkg-deb", "cpack"):
+    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "dpkg-deb", "dpkg-buildflags", "cpack"):
         if shutil.which(tool) is None:
             unavailable(f"{tool} is not installed (scripts/install-deps.sh installs it)")
 
@@ -71,8 +71,8 @@ def debs(workdir):
     log = workdir / "package.log"
     log.unlink(missing_ok=True)
     try:
-        first = packages.build_deb(build_dir(), source_dir(), workdir / "debs", log)
-        second, version = packages.upgrade_deb(first, workdir / "debs", log)
+        first, second, version = packages.build_debs(build_dir(), source_dir(),
+                                                     workdir / "debs", log)
     except packages.PackageError as e:
         pytest.fail(f"cannot build the package: {e}", pytrace=False)
     return first, second, version

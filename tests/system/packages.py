@@ -1,13 +1,11 @@
 """The .deb packages the system test installs: the freshly built one and an upgrade of it.
 
-The package is built from the tree under test with CPack (packaging/, see packaging/README.md):
-in TB_BUILD_DIR itself when that build installs to /usr, else in a side build
-TB_BUILD_DIR/systest-pkg configured with -DCMAKE_INSTALL_PREFIX=/usr (the unit's ExecStart= and
-the config path are fixed at configure time). TB_DEB=/path/to.deb uses a given package instead.
-
-The upgrade package is the same package with a higher version (dpkg-deb repack: the same files
-and maintainer scripts, Version + "+systest1"), which is what dpkg sees on a real upgrade; only
-`tb-agent --version` still prints the old version.
+Both are built from the tree under test by scripts/build-packages.sh (packaging/README.md: build
+type None with Debian's flags, prefix /usr, CPack) in TB_BUILD_DIR/systest-pkg: first as the
+project's version, then reconfigured with -DTB_VERSION_OVERRIDE=<patch + 1> as the upgrade (a
+real rebuild; only what embeds the version recompiles). TB_DEB=/path/to.deb installs a given
+package instead, upgraded by a repack of it with a higher version (dpkg-deb: same files and
+maintainer scripts; `tb-agent --version` then still prints the old version).
 """
 
 import os
@@ -21,15 +19,6 @@ class PackageError(RuntimeError):
     pass
 
 
-def _cache_value(build_dir, name):
-    try:
-        text = (Path(build_dir) / "CMakeCache.txt").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{re.escape(name)}:[A-Z]+=(.*)$", text, re.M)
-    return m.group(1) if m else None
-
-
 def _run(argv, log, **kw):
     with open(log, "ab") as out:
         out.write(("\n$ " + " ".join(map(str, argv)) + "\n").encode())
@@ -39,36 +28,46 @@ def _run(argv, log, **kw):
         raise PackageError(f"{' '.join(map(str, argv))} failed ({r.returncode}); see {log}")
 
 
-def build_deb(build_dir, source_dir, out_dir, log):
-    """Return the path of the freshly built tb-agent .deb."""
-    if os.environ.get("TB_DEB"):
-        return Path(os.environ["TB_DEB"])
-    build_dir, out_dir = Path(build_dir), Path(out_dir)
-    if not (Path(source_dir) / "packaging").is_dir():
-        raise PackageError("this tree has no packaging/ (CPack) yet: nothing to install")
-    pkg_build = build_dir
-    if _cache_value(build_dir, "CMAKE_INSTALL_PREFIX") != "/usr":
-        pkg_build = build_dir / "systest-pkg"
-        argv = ["cmake", "-S", str(source_dir), "-B", str(pkg_build),
-                "-DCMAKE_INSTALL_PREFIX=/usr", "-DTB_BUILD_TESTS=OFF", "-DTB_BUILD_BENCH=OFF",
-                "-DCMAKE_BUILD_TYPE=" + (_cache_value(build_dir, "CMAKE_BUILD_TYPE") or
-                                         "RelWithDebInfo")]
-        for var in ("CMAKE_CXX_COMPILER_LAUNCHER", "CMAKE_C_COMPILER_LAUNCHER",
-                    "TB_COAP_BACKEND"):
-            v = _cache_value(build_dir, var)
-            if v:
-                argv.append(f"-D{var}={v}")
-        _run(argv, log, timeout=600)
-    _run(["cmake", "--build", str(pkg_build), "-j2", "--target", "tb-agent"], log, timeout=1800)
+def _build_with_script(source_dir, pkg_build, out, log, version_override):
+    argv = ["bash", str(Path(source_dir) / "scripts" / "build-packages.sh"), str(pkg_build),
+            f"-DTB_VERSION_OVERRIDE={version_override}"]
+    if shutil.which("ccache"):
+        argv += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_C_COMPILER_LAUNCHER=ccache"]
+    for old in Path(pkg_build).glob("tb-agent_*.deb"):
+        old.unlink()
+    _run(argv, log, timeout=1800, env=dict(os.environ, TB_PACKAGE_GENERATORS="DEB"))
+    debs = sorted(Path(pkg_build).glob("tb-agent_*.deb"))
+    if len(debs) != 1:
+        raise PackageError(f"expected one tb-agent_*.deb in {pkg_build}, found {debs}; see {log}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(debs[0], out)
+    return out
+
+
+def build_debs(build_dir, source_dir, out_dir, log):
+    """Return (first.deb, upgrade.deb, upgrade version)."""
+    out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    _run(["cpack", "-G", "DEB", "-B", str(out_dir), "--config",
-          str(pkg_build / "CPackConfig.cmake")], log, cwd=pkg_build, timeout=900)
-    debs = sorted(out_dir.glob("tb-agent_*.deb"))
-    if len(debs) != 1:
-        raise PackageError(f"expected one tb-agent_*.deb in {out_dir}, found {debs}; see {log}")
-    return debs[0]
+    if os.environ.get("TB_DEB"):
+        first = Path(os.environ["TB_DEB"])
+        second, version = upgrade_by_repack(first, out_dir, log)
+        return first, second, version
+    script = Path(source_dir) / "scripts" / "build-packages.sh"
+    if not script.exists():
+        raise PackageError(f"{script} is missing: this tree cannot build its package")
+    pkg_build = Path(build_dir) / "systest-pkg"
+    first = _build_with_script(source_dir, pkg_build, out_dir / "first.deb", log, "")
+    base = deb_field(first, "Version")
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", base)
+    if not m:
+        raise PackageError(f"cannot derive a higher version from {base!r}")
+    version = f"{m[1]}.{m[2]}.{int(m[3]) + 1}"
+    second = _build_with_script(source_dir, pkg_build, out_dir / "upgrade.deb", log, version)
+    if deb_field(second, "Version") != version:
+        raise PackageError(f"TB_VERSION_OVERRIDE={version} built {deb_field(second, 'Version')}")
+    return first, second, version
 
 
 def deb_field(deb, field):
@@ -76,7 +75,7 @@ def deb_field(deb, field):
                           capture_output=True, text=True).stdout.strip()
 
 
-def upgrade_deb(deb, out_dir, log, suffix="+systest1"):
+def upgrade_by_repack(deb, out_dir, log, suffix="+systest1"):
     """The same package with a higher version; returns (path, version)."""
     out_dir = Path(out_dir)
     tree = out_dir / "upgrade-tree"
