@@ -100,8 +100,9 @@ set(CPACK_RPM_EXCLUDE_FROM_AUTO_FILELIST_ADDITION
     /usr/share/dbus-1 /usr/share/dbus-1/system.d /usr/share/dbus-1/interfaces
     /usr/share/man /usr/share/man/man5 /usr/share/man/man8
     /usr/share/lintian /usr/share/lintian/overrides)
-# No /usr/lib/.build-id links: the package ships no debug info to point at.
-set(CPACK_RPM_SPEC_MORE_DEFINE "%define _build_id_links none")
+# No /usr/lib/.build-id links: the package ships no debug info to point at. The Packager tag
+# comes from the %packager macro.
+set(CPACK_RPM_SPEC_MORE_DEFINE "%define _build_id_links none\n%define packager ${TB_PACKAGE_MAINTAINER}")
 foreach(script pre post preun postun)
   configure_file(${TB_PACKAGING_DIR}/rpm/${script}.sh.in ${tb_pkg_out}/rpm/${script}.sh @ONLY)
 endforeach()

@@ -11,6 +11,8 @@ PACKAGES=(
   libfmt-dev libsqlite3-dev libcli11-dev libgtest-dev libgmock-dev
   # tests: a real dbus-daemon, systemd-analyze, python test driver, process tools
   dbus dbus-bin dbus-daemon systemd python3 python3-pytest procps util-linux passwd
+  # packages: .deb/.rpm checks (tests/package), rpmbuild for CPack's RPM generator
+  lintian rpm rpmlint
   # system tests (tests/system): a Debian 12 root booted with systemd-nspawn; dpkg-dev for
   # dpkg-buildflags (scripts/build-packages.sh)
   debootstrap systemd-container dpkg-dev
