@@ -23,4 +23,5 @@ cmake --build "$dir" -j"$(nproc)" --target tb-agent
 for generator in ${TB_PACKAGE_GENERATORS:-DEB RPM}; do
   (cd "$dir" && cpack -G "$generator" >/dev/null)
 done
-ls -1 "$dir"/tb-agent[_-]*.deb "$dir"/tb-agent-*.rpm 2>/dev/null
+# Lists what was built; with TB_PACKAGE_GENERATORS=DEB there is no .rpm, which is no error.
+ls -1 "$dir"/tb-agent[_-]*.deb "$dir"/tb-agent-*.rpm 2>/dev/null || true
