@@ -357,8 +357,9 @@ def test_upgrade_keeps_config_credentials_and_queue(box, facts):
     # Readings queue up while the server is away.
     c.run(["systemctl", "stop", "tb-test-server"])
     down_ms = int(time.time() * 1000)
+    time.sleep(3)  # three 1 s collection ticks that can only be queued
     c.wait_for("readings queued while the server is down",
-               lambda: int((prop(c, "QueuedReadings", check=False) or "0")) >= 4, 60)
+               lambda: int((prop(c, "QueuedReadings", check=False) or "0")) >= 8, 60)
     config_before = c.path(CONFIG).read_bytes()
     creds_before = c.path(STATE_DIR + "/credentials.json").read_bytes()
     up_ms = int(time.time() * 1000)
