@@ -15,6 +15,7 @@ of the container's PID 1, so they see its systemd, system bus, journal and loopb
 Standard library only.
 """
 
+import fcntl
 import os
 import shutil
 import signal
@@ -71,11 +72,18 @@ def ensure_root(cache_dir=DEFAULT_CACHE, log=None):
     The pristine root is never booted; each test boots a copy. Made in a temporary directory and
     renamed, so an interrupted run leaves no half-made root behind."""
     cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Two test runs at once (two build directories) must not debootstrap over each other.
+    with open(cache_dir / f"{SUITE}-root.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_root_locked(cache_dir, log)
+
+
+def _ensure_root_locked(cache_dir, log):
     root = cache_dir / f"{SUITE}-root"
     stamp = cache_dir / f"{SUITE}-root.format"
     if root.is_dir() and stamp.exists() and stamp.read_text().strip() == ROOT_FORMAT:
         return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f"{SUITE}-root.tmp"
     for d in (tmp, root):
         if d.exists():
