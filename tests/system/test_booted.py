@@ -309,11 +309,11 @@ def test_watchdog_restarts_stopped_process(box):
     # The shipped WatchdogSec=30s and RestartSec=5s, shortened for the test (drop-in).
     dropin = c.path(f"/etc/systemd/system/{UNIT}.d/systest-watchdog.conf")
     dropin.parent.mkdir(parents=True, exist_ok=True)
-    dropin.write_text("[Service]\nWatchdogSec=4s\nRestartSec=1s\n")
+    dropin.write_text("[Service]\nWatchdogSec=5s\nRestartSec=1s\n")
     c.run(["systemctl", "daemon-reload"])
     c.run(["systemctl", "restart", UNIT], timeout=120)
     wait_state(c, "running")
-    time.sleep(6)  # more than WatchdogSec: a healthy agent is not killed
+    time.sleep(8)  # more than WatchdogSec: a healthy agent is not killed
     pid, restarts = unit(c, "MainPID"), int(unit(c, "NRestarts"))
     assert active_state(c) == "active" and restarts == 0, "healthy agent hit the watchdog"
     c.run(["sh", "-c", f"kill -STOP {pid}"])  # the shell's kill: procps is not in minbase
