@@ -13,6 +13,11 @@ PACKAGES=(
   dbus dbus-bin dbus-daemon systemd python3 python3-pytest procps util-linux passwd
   # docs: groff checks that the man pages render (tests/integration/test_docs.py)
   groff-base
+  # packages: .deb/.rpm checks (tests/package), rpmbuild for CPack's RPM generator
+  lintian rpm rpmlint
+  # system tests (tests/system): a Debian 12 root booted with systemd-nspawn; dpkg-dev for
+  # dpkg-buildflags (scripts/build-packages.sh)
+  debootstrap systemd-container dpkg-dev
 )
 
 missing=()

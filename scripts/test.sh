@@ -10,14 +10,16 @@ echo "== format check"
 git ls-files '*.cpp' '*.hpp' '*.h' '*.c' | xargs -r clang-format --dry-run -Werror
 
 echo "== build (RelWithDebInfo, -Werror)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTB_COAP_BACKEND=notls >/dev/null
+# Prefix /usr, as the packages have it: the package tests (label package) build them from here.
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTB_COAP_BACKEND=notls -DTB_WERROR=ON \
+  -DCMAKE_INSTALL_PREFIX=/usr >/dev/null
 cmake --build build -j"$jobs"
 echo "== tests"
 ctest --test-dir build --output-on-failure -j"$jobs" "$@"
 
 echo "== build (ASan + UBSan)"
 # The sanitizer build also covers the OpenSSL (DTLS-capable) libcoap backend.
-cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTB_SANITIZE=ON -DTB_BUILD_BENCH=OFF \
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTB_SANITIZE=ON -DTB_BUILD_BENCH=OFF -DTB_WERROR=ON \
   -DTB_COAP_BACKEND=openssl >/dev/null
 cmake --build build-asan -j"$jobs"
 echo "== tests under ASan + UBSan"
