@@ -40,6 +40,7 @@ regex=$(printf '|fuzz_%s' "$@")
 ctest --test-dir "$build" --output-on-failure -L fuzz -R "^(${regex:1})\$"
 
 ((seconds > 0)) || exit 0
+failed=()
 for target in "$@"; do
   echo "== fuzzing $target for $seconds s"
   corpus=$build/corpus/$target
@@ -55,12 +56,19 @@ for target in "$@"; do
   # The first directory collects new inputs; the seed directories in the tree are only read.
   if ! "$build/tests/fuzz/fuzz_$target" "${args[@]}" "$corpus" "${seeds[@]}" \
       >"$build/fuzz-$target.log" 2>&1; then
-    tail -n 60 "$build/fuzz-$target.log"
-    echo "FAILED: fuzz_$target found a problem; its input is in $artifacts/" >&2
-    exit 1
+    grep -E -A12 '^==[0-9]+==ERROR|^SUMMARY|runtime error|fuzz check failed|what\(\)' \
+      "$build/fuzz-$target.log" | head -n 40
+    echo "FAILED: fuzz_$target found a problem; its input is in $artifacts/" \
+      "(whole log: $build/fuzz-$target.log)" >&2
+    failed+=("$target")
+    continue
   fi
   grep -E '^stat::(number_of_executed_units|peak_rss_mb|new_units_added)' \
     "$build/fuzz-$target.log" | tr '\n' ' '
   echo
 done
+if ((${#failed[@]})); then
+  echo "== fuzzing found problems in: ${failed[*]}" >&2
+  exit 1
+fi
 echo "== fuzzing done"

@@ -1,11 +1,13 @@
 // Fuzzes the YAML config loader (tb::config::load_string): every input, valid YAML or not, must
 // come back as a config or as diagnostics — no exception, no crash, bounded time and memory.
+// An accepted config then goes where the agent sends it first: into the provisioning request.
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "config/config.hpp"
 #include "fuzz_util.hpp"
+#include "provisioning/codec.hpp"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   tb::fuzz::quiet_logs();
@@ -19,6 +21,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (const auto& d : result.diagnostics) {
     TB_FUZZ_CHECK(!d.message.empty(), "diagnostic without a message");
     (void)d.to_string();
+  }
+  if (result.ok() && result.config->provisioning.present) {
+    const auto& c = *result.config;
+    (void)tb::provisioning::encode_request(
+        {c.provisioning.key, c.provisioning.secret, c.device.name, "A1b2C3d4E5f6G7h8I9j0"});
   }
   return 0;
 }
