@@ -51,7 +51,7 @@ for target in "$@"; do
   corpus=$build/corpus/$target
   artifacts=$build/artifacts/$target
   mkdir -p "$corpus" "$artifacts"
-  args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=4096
+  args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=8192
         -print_final_stats=1 -artifact_prefix="$artifacts/")
   [[ -f tests/fuzz/$target.dict ]] && args+=(-dict="tests/fuzz/$target.dict")
   seeds=()
