@@ -6,6 +6,8 @@ set -euo pipefail
 PACKAGES=(
   # build
   build-essential cmake pkg-config g++ clang-format
+  # fuzzing (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-14-dev
   # libraries
   libcoap3-dev libcoap3-bin nlohmann-json3-dev libyaml-cpp-dev libsystemd-dev libspdlog-dev
   libfmt-dev libsqlite3-dev libcli11-dev libgtest-dev libgmock-dev
