@@ -34,7 +34,7 @@ if ! apt-get update -q >/dev/null; then
   echo "apt-get update failed for ${arches[*]}; foreign architectures left as they were" >&2
   exit 1
 fi
-wanted=(qemu-user)
+wanted=(qemu-user file)
 for arch in "${arches[@]}"; do
   wanted+=("crossbuild-essential-$arch" "libcoap3-dev:$arch" "libsystemd-dev:$arch"
            "libsqlite3-dev:$arch" "libspdlog-dev:$arch" "libfmt-dev:$arch")
