@@ -17,6 +17,11 @@ cmake --build build -j"$jobs"
 echo "== tests"
 ctest --test-dir build --output-on-failure -j"$jobs" "$@"
 
+echo "== build with a packager's flags (no -Werror)"
+# Fedora's %optflags (LTO, _GLIBCXX_ASSERTIONS, fortify): the set furthest from the development
+# build. scripts/build-matrix.sh with no argument also builds Release, MinSizeRel and Debian's.
+scripts/build-matrix.sh fedora
+
 echo "== build (ASan + UBSan)"
 # The sanitizer build also covers the OpenSSL (DTLS-capable) libcoap backend.
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTB_SANITIZE=ON -DTB_BUILD_BENCH=OFF -DTB_WERROR=ON \
