@@ -30,7 +30,7 @@ namespace {
 // ---- logging ---------------------------------------------------------------------------------
 //
 // libcoap's log handler is process-wide. At debug it dumps every PDU including the Uri-Path
-// options, and one of them is the device access token (thingsboard-coap-api.md §0), so every
+// options, and one of them is the device access token (docs/thingsboard-coap.md §0), so every
 // secret path segment a Client has used is registered here (for the Client's lifetime, since
 // libcoap may still retransmit or send blocks after we gave up on a request) and masked.
 
@@ -115,7 +115,7 @@ void setup_libcoap_once() {
 }
 
 // The path segment that is a credential: api/v1/{token}/... and fw|sw/{token}
-// (thingsboard-coap-api.md §0).
+// (docs/thingsboard-coap.md §0).
 std::optional<std::size_t> secret_segment(const std::vector<std::string>& path) {
   if (path.size() >= 4 && path[0] == "api" && path[1] == "v1") return 2;
   if (path.size() >= 2 && (path[0] == "fw" || path[0] == "sw")) return 1;
@@ -151,7 +151,7 @@ constexpr unsigned kDefaultMtu = 1152;
 // the block size (block.c, coap_add_data_large_internal).
 constexpr std::size_t kBlockOptionRoom = 20;
 constexpr std::size_t kEchoRoom = 43;
-// thingsboard-coap-api.md §1: keep each datagram at or under ~1100 bytes.
+// docs/thingsboard-coap.md §1: keep each datagram at or under ~1100 bytes.
 constexpr std::size_t kMaxDatagram = 1100;
 // RFC 7252 §5.3.1: up to 8 bytes; ThingsBoard (Californium) also allows at most 8 (§6.6).
 constexpr std::size_t kTokenLength = 8;
@@ -411,7 +411,7 @@ struct Client::Impl {
       spdlog::error("coap: response handler failed");
     }
     // OK makes libcoap ACK a CON response, including one that arrives before any ACK of our
-    // request (thingsboard-coap-api.md §8).
+    // request (docs/thingsboard-coap.md §8).
     return COAP_RESPONSE_OK;
   }
 

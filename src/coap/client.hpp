@@ -3,7 +3,7 @@
 // libcoap's epoll fd is an sd-event io source and its next deadline an sd-event timer; nothing
 // polls or sleeps. Responses are matched by token, so all of ThingsBoard's framings work:
 // piggybacked, empty ACK then separate, and a separate CON response that arrives before any ACK
-// (thingsboard-coap-api.md §8). Payloads over the block size go out with Block1 (RFC 7959).
+// (docs/thingsboard-coap.md §8). Payloads over the block size go out with Block1 (RFC 7959).
 #pragma once
 
 #include <cstdint>

@@ -29,7 +29,7 @@ struct Position {
 struct ServerConfig {
   std::string host;              // required
   std::uint16_t port = 5683;     // RFC 7252 §6.1 default coap port
-  Millis request_timeout = 30s;  // thingsboard-coap-api.md recommends 15–30 s
+  Millis request_timeout = 30s;  // docs/thingsboard-coap.md recommends 15–30 s
   // Largest answer body accepted (Block2 included); ThingsBoard's answers are a few KiB at most.
   std::uint64_t max_response_size = 16 << 10;
 };
@@ -102,7 +102,7 @@ struct QueueConfig {
 
 struct DeliveryConfig {
   // Payload bytes per request. 1024 keeps every request in one datagram (ThingsBoard's
-  // MAX_MESSAGE_SIZE, thingsboard-coap-api.md §1); larger values send batches with Block1.
+  // MAX_MESSAGE_SIZE, docs/thingsboard-coap.md §1); larger values send batches with Block1.
   std::uint64_t max_batch_size = 1024;
   Millis flush_interval = 1s;    // how long readings may wait to be batched
   Millis backoff_initial = 1s;   // first retry ceiling
@@ -138,7 +138,7 @@ struct Diagnostic {
   std::string file;
   Position position;
   std::string message;
-  // "PATH:LINE:COL: message" (interface.md, --check-config)
+  // "PATH:LINE:COL: message" (docs/interface.md, --check-config)
   std::string to_string() const;
 };
 

@@ -1,4 +1,4 @@
-// The device's credentials in <state_dir>/credentials.json (interface.md, "Files"), and the
+// The device's credentials in <state_dir>/credentials.json (docs/interface.md, "Files"), and the
 // pending-provisioning record that makes ThingsBoard's non-idempotent provisioning safe to retry.
 #pragma once
 
@@ -20,7 +20,7 @@ struct Credentials {
 
 // The access token we proposed in a provision request, saved before the request is sent. If the
 // answer is lost and a retry answers FAILURE, the device may well exist with this token
-// (thingsboard-coap-api.md §4.3, "No idempotency"); the agent then checks the token.
+// (docs/thingsboard-coap.md §4.3, "No idempotency"); the agent then checks the token.
 struct PendingProvision {
   std::string device_name;
   std::string token;

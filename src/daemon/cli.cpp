@@ -31,7 +31,7 @@ namespace tb::daemon {
 namespace {
 
 // `tb-agent status` exits 3 when no agent answers, as `systemctl status` does for a unit that
-// is not active (interface.md).
+// is not active (docs/interface.md).
 constexpr int kExitNotRunning = 3;
 
 struct Args {

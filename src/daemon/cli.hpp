@@ -1,4 +1,5 @@
-// The command line (interface.md, "Command line"): run, --check-config, --test, --version, --help.
+// The command line (docs/interface.md, "Command line"): run, --check-config, --test, --version,
+// --help.
 #pragma once
 
 namespace tb::daemon {

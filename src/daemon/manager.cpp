@@ -588,7 +588,7 @@ void Manager::update_status(bool immediate) {
     publish_status();
   } else if (!status_timer_->armed()) {
     // Counters change with every reading; the service manager and the bus hear at most once
-    // a second (interface.md allows counters to be rate-limited).
+    // a second (docs/interface.md allows counters to be rate-limited).
     status_timer_->arm_in(Millis(1000));
   }
 }

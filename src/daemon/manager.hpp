@@ -26,7 +26,7 @@
 
 namespace tb::daemon {
 
-// Exit codes (interface.md): 0 clean stop, 78 EX_CONFIG, 1 any other fatal error.
+// Exit codes (docs/interface.md): 0 clean stop, 78 EX_CONFIG, 1 any other fatal error.
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailure = 1;
 inline constexpr int kExitConfig = 78;

@@ -117,7 +117,7 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
   batch_ = {};
   std::string err;
 
-  // thingsboard-coap-api.md §1: telemetry is stored when the server answers 2.01 Created, and
+  // docs/thingsboard-coap.md §1: telemetry is stored when the server answers 2.01 Created, and
   // only then.
   if (outcome.answered() && outcome.response->code == 201) {
     if (!queue_.ack(batch, &err)) {

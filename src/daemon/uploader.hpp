@@ -4,7 +4,7 @@
 //   ok           2.xx              ack the batch, go on at once
 //   retry        timeout, network, 5.xx, and 4.xx that say nothing about the payload
 //                                  keep the batch, wait a capped full-jitter backoff
-//   drop         4.00 for one record (thingsboard-coap-api.md, "Classifying responses")
+//   drop         4.00 for one record (docs/thingsboard-coap.md, "Classifying responses")
 //                                  a multi-record batch is split first, so only the record the
 //                                  server refuses is dropped; if single records keep being refused
 //                                  the server rejects everything and we keep the data and retry

@@ -18,7 +18,7 @@ namespace tb::dbus {
 namespace {
 
 // Counters change with every reading; peers hear of them at most once per second
-// (interface.md allows rate-limiting counters).
+// (docs/interface.md allows rate-limiting counters).
 constexpr std::uint64_t kCounterIntervalUsec = 1'000'000;
 
 // When the bus is lost (dbus-daemon restarted or not up yet), connect again after up to 1 s,

@@ -1,4 +1,4 @@
-// The io.tbagent.Agent1 status object (interface.md, "D-Bus"). Only dbus/ includes sd-bus.
+// The io.tbagent.Agent1 status object (docs/interface.md, "D-Bus"). Only dbus/ includes sd-bus.
 // The daemon hands in a function that snapshots its status; changed() compares with the last
 // snapshot and emits PropertiesChanged for what differs (counters at most once per second).
 // systemd/io.tbagent.Agent1.xml is the contract; tests/unit/dbus holds the vtable to it.

@@ -1,4 +1,4 @@
-// ThingsBoard's provisioning request and answer (thingsboard-coap-api.md §4), as a pure codec.
+// ThingsBoard's provisioning request and answer (docs/thingsboard-coap.md §4), as a pure codec.
 #pragma once
 
 #include <string>

@@ -1,4 +1,4 @@
-// Provisions the device once over ThingsBoard's CoAP API (thingsboard-coap-api.md §4).
+// Provisions the device once over ThingsBoard's CoAP API (docs/thingsboard-coap.md §4).
 //
 // ThingsBoard's provisioning is not idempotent: if the success answer is lost, a retry answers
 // FAILURE. So the agent proposes its own random access token and saves it (provisioning.json)

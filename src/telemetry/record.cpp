@@ -105,7 +105,7 @@ void append_double(std::string& out, double v) {
   char buf[40];
   const auto r = std::to_chars(buf, buf + sizeof buf, v);  // shortest that round-trips
   out.append(buf, r.ptr);
-  // 21.0 would print as "21", which ThingsBoard stores as a long (thingsboard-coap-api.md §1,
+  // 21.0 would print as "21", which ThingsBoard stores as a long (docs/thingsboard-coap.md §1,
   // "Value typing"): keep the key's type stable by always writing a fraction or an exponent.
   if (std::memchr(buf, '.', r.ptr - buf) == nullptr &&
       std::memchr(buf, 'e', r.ptr - buf) == nullptr)

@@ -10,7 +10,7 @@
 
 namespace tb::telemetry {
 
-// ThingsBoard keeps booleans, longs, doubles and strings apart (thingsboard-coap-api.md §1,
+// ThingsBoard keeps booleans, longs, doubles and strings apart (docs/thingsboard-coap.md §1,
 // "Value typing"), so we do too.
 using Value = std::variant<bool, std::int64_t, double, std::string>;
 

@@ -9,7 +9,7 @@ namespace tb {
 
 using Millis = std::chrono::milliseconds;
 
-// Unix epoch milliseconds, the unit ThingsBoard expects in `ts` (thingsboard-coap-api.md §1).
+// Unix epoch milliseconds, the unit ThingsBoard expects in `ts` (docs/thingsboard-coap.md §1).
 std::int64_t wall_ms();
 // Unix epoch microseconds, the unit of the D-Bus `LastSuccessTime` property.
 std::uint64_t wall_us();

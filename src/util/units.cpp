@@ -162,7 +162,7 @@ std::optional<Millis> parse_duration(std::string_view text, std::string* error) 
         set_error(error, shown(all) + " is not a duration: a number has no unit");
         return std::nullopt;
       }
-      factor = 1000;  // a bare number is seconds (interface.md)
+      factor = 1000;  // a bare number is seconds (docs/interface.md)
     } else if (const Unit* u = find_unit(kDurationUnits, unit_name)) {
       factor = u->factor;
     } else {

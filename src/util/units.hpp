@@ -1,5 +1,5 @@
-// Durations and sizes as users write them in the config (interface.md: "250ms", "10s", "5m", "1h",
-// "7d" or a bare number of seconds; "512KiB", "64MiB", "1GiB" or a bare number of bytes).
+// Durations and sizes as users write them in the config (docs/interface.md: "250ms", "10s", "5m",
+// "1h", "7d" or a bare number of seconds; "512KiB", "64MiB", "1GiB" or a bare number of bytes).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 # ctest-labels: integration
-"""The command line contract (interface.md): --check-config, --test, --version, --help, exit codes."""
+"""The command line contract (docs/interface.md): --check-config, --test, --version, --help, exit codes."""
 import re
 import subprocess
 

@@ -146,7 +146,7 @@ def test_a_final_continue_keeps_the_readings(server, agents, tmp_path, mode):
 
 @pytest.mark.parametrize("code", ["2.04", "2.05"])
 def test_another_2xx_to_telemetry_keeps_the_readings(server, agents, tmp_path, code):
-    # Telemetry succeeds with 2.01 only (thingsboard-coap-api.md §1).
+    # Telemetry succeeds with 2.01 only (docs/thingsboard-coap.md §1).
     script, state = counter_script(tmp_path)
     agent = agents(telemetry_config(server, script))
     server.check(f"fail-all {code}")
@@ -173,7 +173,7 @@ def test_provisioning_against_an_endless_block2_retries_and_stores_the_real_toke
     start = time.monotonic()
     agent.start()
     # The retry gets FAILURE (the first request did create the device); the agent then finds its
-    # proposed token registered (thingsboard-coap-api.md §4.3) well before request_timeout (30 s).
+    # proposed token registered (docs/thingsboard-coap.md §4.3) well before request_timeout (30 s).
     end = time.monotonic() + 20
     while not agent.credentials() and time.monotonic() < end:
         time.sleep(0.2)

@@ -1,6 +1,6 @@
 # ctest-labels: integration
 """Tests of tb-test-server itself: it must be at least as strict as ThingsBoard
-(shared/docs/thingsboard-coap-api.md). Uses libcoap's coap-client where it can express the
+(docs/thingsboard-coap.md). Uses libcoap's coap-client where it can express the
 request, and a raw-socket CoAP encoder (below) where framing on the wire must be checked."""
 
 import json

@@ -1,6 +1,6 @@
 # ctest-labels: integration systemd
 """The systemd unit and its companions: `systemd-analyze verify` prints nothing, `systemd-analyze
-security --offline=true` scores <= 2.0, the unit says what interface.md and issue 4 require, and
+security --offline=true` scores <= 2.0, the unit says what docs/interface.md and issue 4 require, and
 the sysusers.d file and the D-Bus policy are well formed."""
 import os
 import re

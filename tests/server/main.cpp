@@ -1,5 +1,5 @@
 // tb-test-server: a ThingsBoard-compatible CoAP server for tests and the README demo.
-// Every behaviour emulated here cites the section of shared/docs/thingsboard-coap-api.md
+// Every behaviour emulated here cites the section of docs/thingsboard-coap.md
 // ("§N") it comes from. See docs/test-server.md for the CLI, the control protocol and the
 // record format.
 //

@@ -1,4 +1,4 @@
-// Pure emulation of ThingsBoard's payload rules (thingsboard-coap-api.md §0, §1, §2, §4).
+// Pure emulation of ThingsBoard's payload rules (docs/thingsboard-coap.md §0, §1, §2, §4).
 // Nothing here throws: every parse uses nlohmann's non-throwing entry points, so these can be
 // called from the datagram path without any risk of an exception escaping.
 #pragma once

@@ -319,7 +319,7 @@ class Server {
     coap_pdu_set_code(resp, COAP_RESPONSE_CODE_CREATED);
     coap_add_data(resp, 4, reinterpret_cast<const uint8_t*>("late"));
   }
-  // What ThingsBoard does for 2.01 today (thingsboard-coap-api.md §8): no ACK at all, the answer
+  // What ThingsBoard does for 2.01 today (docs/thingsboard-coap.md §8): no ACK at all, the answer
   // as a CON of its own with a fresh MID.
   static void con_noack(coap_resource_t*, coap_session_t* s, const coap_pdu_t* req,
                         const coap_string_t*, coap_pdu_t* resp) {

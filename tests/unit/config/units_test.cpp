@@ -1,4 +1,4 @@
-// Table tests for the duration and size syntax of interface.md.
+// Table tests for the duration and size syntax of docs/interface.md.
 #include "util/units.hpp"
 
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// Answers as ThingsBoard sends them (thingsboard-coap-api.md §4.2).
+// Answers as ThingsBoard sends them (docs/thingsboard-coap.md §4.2).
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>

@@ -348,7 +348,7 @@ TEST_F(StatusServiceTest, IntrospectionMatchesTheXmlContract) {
     EXPECT_TRUE(want.properties.count(name)) << "property not in the XML: " << name;
   EXPECT_EQ(live.methods, want.methods);
   EXPECT_EQ(live.signals, want.signals);
-  // The interface.md names, independently of both files.
+  // The docs/interface.md names, independently of both files.
   for (const char* p : {"State", "DeviceName", "Provisioned", "Server", "QueuedReadings",
                         "SentReadings", "DroppedReadings", "LastSuccessTime", "LastError"})
     EXPECT_TRUE(want.properties.count(p)) << p;
