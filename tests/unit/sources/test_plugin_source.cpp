@@ -83,7 +83,7 @@ TEST_F(Plugin, GoodPluginGetsItsTypedOptionsAndItsReadingsArrive) {
     ASSERT_NE(value_of<bool>(*c.record, "flag"), nullptr);
     EXPECT_TRUE(*value_of<bool>(*c.record, "flag"));
   }
-  EXPECT_EQ(s->status().readings, 15u);
+  EXPECT_EQ(s->status().readings, 18u);  // count, pid, label, number, ratio, flag
   EXPECT_EQ(s->status().type, "plugin");
 }
 

@@ -47,6 +47,9 @@ static int collect(void* p) {
   struct instance* in = p;
   ++in->count;
 #if defined(PLUGIN_CRASH)
+  int64_t crash_after = 0; /* collections that succeed before the crash */
+  in->api->option_int(in->host, "crash_after", &crash_after);
+  if (in->count <= crash_after) return TB_COLLECT_DONE;
   raise(SIGSEGV);
   return -EFAULT;
 #elif defined(PLUGIN_HANG)
@@ -72,7 +75,7 @@ static int collect(void* p) {
 #else
   /* good: one reading per option type, plus a counter. */
   const tb_host_api* api = in->api;
-  tb_reading r[5];
+  tb_reading r[6];
   size_t n = 0;
   const char* s = NULL;
   int64_t i = 0;
@@ -83,6 +86,10 @@ static int collect(void* p) {
   r[n].key = "count";
   r[n].type = TB_VALUE_INT;
   r[n++].value.i = in->count;
+  r[n].size = sizeof r[n]; /* tells runs of the agent apart */
+  r[n].key = "pid";
+  r[n].type = TB_VALUE_INT;
+  r[n++].value.i = getpid();
   if (api->option_string(in->host, "label", &s) == 0) {
     r[n].size = sizeof r[n];
     r[n].key = "label";
