@@ -59,7 +59,9 @@ typedef enum tb_value_type {
 #define TB_MAX_STRING_VALUE 4096
 #define TB_MAX_READINGS 256 /* per emit call and per collection */
 
-/* One telemetry reading. Set `size` to sizeof(tb_reading). */
+/* One telemetry reading. Set `size` to sizeof(tb_reading); in an array every element has the same
+ * size, and the host steps through the array by readings[0].size (so a later, longer tb_reading
+ * still works with an older host). */
 typedef struct tb_reading {
   uint32_t size;
   uint32_t type;   /* tb_value_type */

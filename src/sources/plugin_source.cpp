@@ -465,11 +465,18 @@ int Impl::emit(std::int64_t ts_ms, const tb_reading* readings, std::size_t count
   if (ts_ms == 0) ts_ms = wall_ms();
   std::vector<telemetry::Reading> out;
   out.reserve(count);
+  // The array's stride is the plugin's sizeof(tb_reading), which a later minor version may have
+  // grown: step by readings[0].size and read only the fields this host knows.
+  const std::size_t stride = readings[0].size;
+  if (stride < offsetof(tb_reading, value) + sizeof(readings[0].value) || stride > 4096)
+    return refuse(-EINVAL, "reading 0: size " + std::to_string(stride) + " is not a tb_reading's");
+  const auto* base = reinterpret_cast<const unsigned char*>(readings);
   for (std::size_t i = 0; i < count; ++i) {
-    const tb_reading& r = readings[i];
+    tb_reading r{};
+    std::memcpy(&r, base + i * stride, sizeof r < stride ? sizeof r : stride);
     const std::string at = "reading " + std::to_string(i);
-    if (r.size < offsetof(tb_reading, value) + sizeof(r.value))
-      return refuse(-EINVAL, at + ": size " + std::to_string(r.size) + " is too small");
+    if (r.size != stride)
+      return refuse(-EINVAL, at + ": size " + std::to_string(r.size) + " differs from reading 0's");
     if (!r.key || !r.key[0]) return refuse(-EINVAL, at + ": empty key");
     const std::size_t key_len = ::strnlen(r.key, TB_MAX_KEY + 1);
     if (key_len > TB_MAX_KEY) return refuse(-EINVAL, at + ": key longer than 256 bytes");

@@ -155,6 +155,19 @@ TEST_F(Plugin, GarbageReadingsAreRefusedAndReportedWithThePluginsName) {
       << c.error;
 }
 
+// A plugin built against a later minor version hands over longer tb_readings: the host steps
+// through the array by their size and reads the fields it knows.
+TEST_F(Plugin, LongerReadingsOfALaterMinorVersionAreRead) {
+  std::string err;
+  auto s = make(plugin_config(plugin("future_reading")), &err);
+  ASSERT_NE(s, nullptr) << err;
+  const Collected c = collect_once(*s);
+  ASSERT_TRUE(c.record) << c.error;
+  ASSERT_EQ(c.record->readings.size(), 2u);
+  EXPECT_EQ(*value_of<std::int64_t>(*c.record, "first"), 1);
+  EXPECT_EQ(*value_of<std::int64_t>(*c.record, "second"), 2);
+}
+
 TEST_F(Plugin, AsyncCollectionCompletesFromItsFd) {
   std::string err;
   auto s = make(plugin_config(plugin("async")), &err);

@@ -70,6 +70,21 @@ static int collect(void* p) {
   r.value.i = 1;
   in->api->emit(in->host, 0, &r, 1);
   return TB_COLLECT_DONE;
+#elif defined(PLUGIN_FUTURE_READING)
+  /* A tb_reading of a later minor version: longer, so the array's stride is longer too. */
+  struct longer {
+    tb_reading r;
+    int64_t added_later;
+  } two[2];
+  memset(two, 0, sizeof two);
+  for (int k = 0; k < 2; ++k) {
+    two[k].r.size = sizeof two[k];
+    two[k].r.type = TB_VALUE_INT;
+    two[k].r.key = k ? "second" : "first";
+    two[k].r.value.i = k + 1;
+    two[k].added_later = -1;
+  }
+  return in->api->emit(in->host, 0, &two[0].r, 2);
 #elif defined(PLUGIN_FAILS)
   return -EIO;
 #else
