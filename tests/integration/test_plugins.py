@@ -7,7 +7,10 @@ agent as systemd would) and every reading queued across the crashes still arrive
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +169,85 @@ def test_a_crashing_plugin_is_disabled_after_three_strikes_and_nothing_is_lost(s
         assert counts == set(range(1, max(counts) + 1)), (pid, sorted(counts))
     # The crasher ran 4 times per run (crash_after 4) before each crash: about 4 s of counting.
     assert all(max(runs[pid]) >= 5 for pid in pids), {p: max(runs[p]) for p in pids}
+
+
+class Watchdog:
+    """systemd's side of WatchdogSec=: collects WATCHDOG=1 pings on a NOTIFY_SOCKET and sends
+    SIGABRT to an agent that stopped pinging for longer than `usec`."""
+
+    def __init__(self, tmp_path, usec):
+        self.path = str(tmp_path / "notify.sock")
+        self.usec = usec
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.last_ping = time.monotonic()
+        self.pings = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                if b"WATCHDOG=1" in self.sock.recv(4096):
+                    self.last_ping = time.monotonic()
+                    self.pings += 1
+            except socket.timeout:
+                pass
+
+    def env(self):
+        self.last_ping = time.monotonic()  # the timer starts with the service
+        return {"NOTIFY_SOCKET": self.path, "WATCHDOG_USEC": str(self.usec)}
+
+    def expired(self):
+        return time.monotonic() - self.last_ping > self.usec / 1e6
+
+    def close(self):
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+def test_a_hanging_plugin_is_ended_by_the_watchdog_and_disabled_after_three(
+        server, agents, tmp_path):
+    watchdog = Watchdog(tmp_path, 2_000_000)
+    agent = agents({
+        "server": server_config(server),
+        "device": {"name": "plugged-2"},
+        "provisioning": {"key": PROVISION_KEY, "secret": PROVISION_SECRET},
+        "sources": [
+            {"name": "counter", "type": "plugin", "path": plugin_so("good"),
+             "interval": "200ms"},
+            {"name": "sleeper", "type": "plugin", "path": plugin_so("hang"),
+             "interval": "1s", "options": {"hang_after": 2}},
+        ],
+        "delivery": {"flush_interval": "100ms"},
+    })
+    try:
+        pids = []
+        for strike in (1, 2, 3):
+            agent.start(env=watchdog.env())
+            pids.append(agent.proc.pid)
+            wait_until(watchdog.expired, timeout=30,
+                       what=f"the loop to stop pinging (run {strike})\n{agent.log()[-2000:]}")
+            agent.send_signal(signal.SIGABRT)  # what systemd does on a watchdog timeout
+            assert agent.wait_exit(timeout=30) == -signal.SIGABRT
+        agent.start(env=watchdog.env())
+        agent.wait_log("strike 3 of 3")
+        agent.wait_log("plugin source 'sleeper' (" + plugin_so("hang") + ") disabled")
+        last = agent.proc.pid
+        pings = watchdog.pings
+        wait_until(lambda: len(points_by_run(server, "plugged-2").get(last, ())) >= 15,
+                   timeout=60, what=f"readings of the last run\n{agent.log()[-3000:]}")
+        assert not watchdog.expired() and watchdog.pings > pings  # the loop turns
+        assert agent.stop() == 0
+        runs = points_by_run(server, "plugged-2")
+        for pid in pids:
+            counts = runs.get(pid, set())
+            assert counts and counts == set(range(1, max(counts) + 1)), (pid, sorted(counts))
+    finally:
+        watchdog.close()
 
 
 def test_reload_forgives_a_disabled_plugin(tmp_path):

@@ -53,6 +53,9 @@ static int collect(void* p) {
   raise(SIGSEGV);
   return -EFAULT;
 #elif defined(PLUGIN_HANG)
+  int64_t hang_after = 0; /* collections that succeed before the hang */
+  in->api->option_int(in->host, "hang_after", &hang_after);
+  if (in->count <= hang_after) return TB_COLLECT_DONE;
   for (;;) pause();
 #elif defined(PLUGIN_NEVER_COMPLETES)
   return TB_COLLECT_PENDING;
