@@ -699,7 +699,7 @@ void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
 // file: an absolute path. plugin: an absolute path, or a name looked up in plugin_dir ("hwmon"
 // → plugin_dir/hwmon.so); the loader resolves names once plugin_dir is known.
 void check_source_path(Ctx& ctx, const Item& item, SourceConfig& out) {
-  auto v = scalar(ctx, item, "a path");
+  auto v = scalar(ctx, item, "a string");
   if (!v) return;
   std::string problem;
   if (v->empty()) {
