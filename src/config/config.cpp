@@ -227,7 +227,8 @@ enum Need { Optional, Required };
 constexpr unsigned kFile = 1;
 constexpr unsigned kExec = 2;
 constexpr unsigned kSystem = 4;
-constexpr unsigned kAll = kFile | kExec | kSystem;
+constexpr unsigned kPlugin = 8;
+constexpr unsigned kAll = kFile | kExec | kSystem | kPlugin;
 
 template <class T>
 struct Key {
@@ -251,7 +252,8 @@ struct WalkOptions {
 
 std::string type_names(unsigned types) {
   std::string out;
-  for (const auto& [bit, name] : {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}})
+  for (const auto& [bit, name] :
+       {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}, {kPlugin, "plugin"}})
     if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
   return out;
 }
@@ -695,18 +697,149 @@ void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
   out.metrics = std::move(metrics);
 }
 
+// file: an absolute path. plugin: an absolute path, or a name looked up in plugin_dir ("hwmon"
+// → plugin_dir/hwmon.so); the loader resolves names once plugin_dir is known.
+void check_source_path(Ctx& ctx, const Item& item, SourceConfig& out) {
+  auto v = scalar(ctx, item, "a string");
+  if (!v) return;
+  std::string problem;
+  if (v->empty()) {
+    problem = "must not be empty";
+  } else if (out.type != SourceType::Plugin || v->front() == '/') {
+    problem = check_absolute(*v);
+  } else if (!looks_like_key(*v) || *v == "." || *v == "..") {
+    problem =
+        "must be an absolute path or a plugin name (letters, digits, _ - .), not " + shown(*v);
+  }
+  if (!problem.empty()) {
+    ctx.error(item.where(), item.path + ": " + problem);
+    return;
+  }
+  out.path = *v;
+}
+
+// A plugin's `options:`: any YAML map, typed into a config::Value tree, bounded in depth, size
+// and string length.
+bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int depth,
+              std::size_t& nodes, Value& out) {
+  if (++nodes > kMaxOptionNodes) {
+    ctx.error(node.Mark(),
+              path + ": too many options (at most " + std::to_string(kMaxOptionNodes) + " values)");
+    return false;
+  }
+  if (depth > kMaxOptionDepth) {
+    ctx.error(node.Mark(), path + ": nested too deeply (at most " +
+                               std::to_string(kMaxOptionDepth) + " levels)");
+    return false;
+  }
+  if (node.IsNull()) {
+    out.data = std::monostate{};
+    return true;
+  }
+  if (node.IsScalar()) {
+    const std::string& text = node.Scalar();
+    if (text.size() > kMaxOptionString) {
+      ctx.error(node.Mark(), path + ": longer than " + std::to_string(kMaxOptionString) + " bytes");
+      return false;
+    }
+    if (node.Tag() != "!") {  // plain (unquoted): YAML 1.2 core schema
+      if (text == "true" || text == "True" || text == "TRUE") {
+        out.data = true;
+        return true;
+      }
+      if (text == "false" || text == "False" || text == "FALSE") {
+        out.data = false;
+        return true;
+      }
+      if (text == "~" || text == "null" || text == "Null" || text == "NULL") {
+        out.data = std::monostate{};
+        return true;
+      }
+      // from_chars takes no leading '+'; only digits, sign, '.' and exponents make a number
+      // (not "inf", "nan" or hex spellings).
+      std::string_view body = text;
+      if (body.size() > 1 && body.front() == '+' && body[1] != '-') body.remove_prefix(1);
+      const bool numeric = !body.empty() && std::all_of(body.begin(), body.end(), [](char c) {
+        return (c >= '0' && c <= '9') || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E';
+      });
+      const char* last = body.data() + body.size();
+      std::int64_t i = 0;
+      if (auto [p, ec] = std::from_chars(body.data(), last, i);
+          numeric && ec == std::errc() && p == last) {
+        out.data = i;
+        return true;
+      }
+      double d = 0;
+      if (auto [p, ec] = std::from_chars(body.data(), last, d);
+          numeric && ec == std::errc() && p == last && std::isfinite(d)) {
+        out.data = d;
+        return true;
+      }
+    }
+    out.data = text;
+    return true;
+  }
+  if (node.IsSequence()) {
+    Value::List list;
+    for (std::size_t i = 0; i < node.size(); ++i) {
+      Value v;
+      if (!to_value(ctx, node[i], path + "[" + std::to_string(i) + "]", depth + 1, nodes, v))
+        return false;
+      list.push_back(std::move(v));
+    }
+    out.data = std::move(list);
+    return true;
+  }
+  if (node.IsMap()) {
+    Value::Map map;
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      const YAML::Node key = it->first;
+      const YAML::Node value = it->second;
+      if (!key.IsScalar() || key.Scalar().empty() || !utf8::valid(key.Scalar()) ||
+          key.Scalar().size() > 256) {
+        ctx.error(key.Mark(), path + ": an option's name must be a non-empty string");
+        return false;
+      }
+      const std::string name = key.Scalar();
+      if (std::any_of(map.begin(), map.end(), [&](const auto& kv) { return kv.first == name; })) {
+        ctx.error(key.Mark(), path + "." + name + ": duplicate key");
+        return false;
+      }
+      Value v;
+      if (!to_value(ctx, value, path + "." + name, depth + 1, nodes, v)) return false;
+      map.emplace_back(name, std::move(v));
+    }
+    out.data = std::move(map);
+    return true;
+  }
+  ctx.error(node.Mark(), path + ": not a value");
+  return false;
+}
+
+void check_options(Ctx& ctx, const Item& item, SourceConfig& out) {
+  if (!item.value.IsMap() && !item.value.IsNull()) {
+    ctx.error(item.where(),
+              item.path + ": expected a map of option names to values, not " + kind(item.value));
+    return;
+  }
+  std::size_t nodes = 0;
+  Value v;
+  if (to_value(ctx, item.value, item.path, 0, nodes, v)) out.options = std::move(v);
+}
+
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
     {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max())},
-    {"path", Required, text(&SourceConfig::path, check_absolute), kFile},
+    {"path", Required, check_source_path, kFile | kPlugin},
     {"key", Required, text(&SourceConfig::key, check_printable), kFile},
     {"scale", Optional, number(&SourceConfig::scale, -1e300, 1e300), kFile},
     {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
     {"command", Required, check_command, kExec},
-    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec},
+    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec | kPlugin},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
+    {"options", Optional, check_options, kPlugin},
 };
 
 // The type decides which keys are allowed, so it is read first. Returns the type bits for the
@@ -717,7 +850,7 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
   if (!type) return kAll;  // reported as a missing required key by the walk
   if (!type.IsScalar()) {
     ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
-              path + ".type: expected file, exec or system, not " + kind(type));
+              path + ".type: expected file, exec, system or plugin, not " + kind(type));
     return kAll;
   }
   const std::string& t = type.Scalar();
@@ -734,11 +867,11 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
     return kSystem;
   }
   if (t == "plugin") {
-    ctx.error(type.Mark(), "source type '" + t + "' is not supported by this build yet");
-    return 0;
+    out.type = SourceType::Plugin;
+    return kPlugin;
   }
-  ctx.error(type.Mark(),
-            path + ".type: unknown source type " + shown(t) + " (use file, exec or system)");
+  ctx.error(type.Mark(), path + ".type: unknown source type " + shown(t) +
+                             " (use file, exec, system or plugin)");
   return kAll;
 }
 
@@ -775,9 +908,10 @@ void parse_sources(Ctx& ctx, const Item& item, Config& out) {
     }
     // Without an explicit timeout a fast source gets one that fits its interval: the default
     // (5s) would otherwise make every short interval an error.
-    if (types == kExec && seen.find("timeout") == seen.end() && source.timeout > source.interval)
+    const bool timed = types == kExec || types == kPlugin;
+    if (timed && seen.find("timeout") == seen.end() && source.timeout > source.interval)
       source.timeout = source.interval;
-    if (types == kExec && source.timeout > source.interval && !invalid(ctx, seen, "timeout") &&
+    if (timed && source.timeout > source.interval && !invalid(ctx, seen, "timeout") &&
         !invalid(ctx, seen, "interval")) {
       // A run that may outlast the interval would overlap the next one.
       const auto timeout = seen.find("timeout");
@@ -797,6 +931,7 @@ const Table<Config> kTop = {
      section(&Config::provisioning, kProvisioning, std::function(check_provisioning), true)},
     {"credentials", Optional, section(&Config::credentials, kCredentials, {}, true)},
     {"state_dir", Optional, path_value(&Config::state_dir)},
+    {"plugin_dir", Optional, path_value(&Config::plugin_dir)},
     {"sources", Optional, parse_sources},
     {"queue", Optional, section(&Config::queue, kQueue)},
     {"delivery", Optional, section(&Config::delivery, kDelivery, std::function(check_delivery))},
@@ -931,6 +1066,12 @@ LoadResult load(const std::string& text, const std::string& name) {
   Config config;
   config.file = name;
   walk(ctx, root, "", kTop, config, root.Mark());
+  // A plugin given by name is a file in plugin_dir, which may be set after the sources.
+  for (auto& s : config.sources) {
+    if (s.type != SourceType::Plugin || s.path.empty() || s.path.front() == '/') continue;
+    const bool has_suffix = s.path.size() > 3 && s.path.compare(s.path.size() - 3, 3, ".so") == 0;
+    s.path = (config.plugin_dir / (has_suffix ? s.path : s.path + ".so")).string();
+  }
 
   if (config.device.name.empty()) {
     char host[HOST_NAME_MAX + 1] = {};

@@ -13,6 +13,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <variant>
 #include <vector>
 
 #include "util/clock.hpp"
@@ -49,11 +51,27 @@ struct CredentialsConfig {
   std::string access_token;  // empty = none configured
 };
 
-enum class SourceType { File, Exec, System };
+enum class SourceType { File, Exec, System, Plugin };
 
 // What a `system` source can report (docs/sources.md lists the telemetry keys of each).
 inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
     "cpu", "memory", "load", "uptime", "disk", "temperature"};
+
+// A typed value from the YAML, for a plugin's `options:` (yaml-cpp stays inside config/). Plain
+// scalars are typed as YAML 1.2's core schema does (true/false, null/~, integers, finite
+// numbers); quoted scalars are strings. Maps keep the file's order.
+struct Value {
+  using List = std::vector<Value>;
+  using Map = std::vector<std::pair<std::string, Value>>;
+  std::variant<std::monostate, bool, std::int64_t, double, std::string, List, Map> data;
+
+  bool operator==(const Value&) const = default;
+};
+
+// Bounds of an `options:` tree: a plugin's options are a few settings, not a data set.
+inline constexpr int kMaxOptionDepth = 8;
+inline constexpr std::size_t kMaxOptionNodes = 1000;
+inline constexpr std::size_t kMaxOptionString = 4096;
 
 // Everything that decides what a source does. A reload keeps a running source exactly when its
 // settings compare equal, so every setting must live here: the defaulted == compares them all,
@@ -63,7 +81,7 @@ struct SourceSettings {
   SourceType type = SourceType::File;
   Millis interval = 30s;
 
-  // type: file
+  // type: file; type: plugin (the shared object, resolved against plugin_dir by the loader)
   std::string path;
   std::string key;
   double scale = 1.0;
@@ -71,7 +89,10 @@ struct SourceSettings {
 
   // type: exec
   std::vector<std::string> command;  // argv; no shell
-  Millis timeout = 5s;
+  Millis timeout = 5s;               // exec and plugin
+
+  // type: plugin
+  Value options;  // the `options:` map (a Value::Map), or null
 
   // type: system
   std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has
@@ -127,6 +148,7 @@ struct Config {
   ProvisioningConfig provisioning;
   CredentialsConfig credentials;
   std::filesystem::path state_dir = "/var/lib/tb-agent";
+  std::filesystem::path plugin_dir = "/usr/lib/tb-agent/plugins";  // plugins given by name
   std::vector<SourceConfig> sources;
   QueueConfig queue;
   DeliveryConfig delivery;

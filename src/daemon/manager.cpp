@@ -12,6 +12,7 @@
 #include <exception>
 #include <map>
 
+#include "sources/plugin_source.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
@@ -129,6 +130,8 @@ int Manager::init() {
   if (struct stat st{}; ::stat(cfg_.state_dir.c_str(), &st) == 0 && (st.st_mode & 0077) != 0)
     spdlog::warn("state_dir {} is accessible to other users (mode {:04o}); chmod 700 it",
                  cfg_.state_dir.string(), st.st_mode & 07777);
+  // Plugins' crash guard: a run that died inside a plugin counts a strike (docs/plugins.md).
+  if (!sources::PluginSource::guard_open(cfg_.state_dir, &err)) spdlog::warn("{}", err);
 
   // Credentials: configured token first, then the stored file, else provisioning.
   if (!cfg_.credentials.access_token.empty()) {
@@ -382,6 +385,7 @@ void Manager::maybe_finish_shutdown() {
 
 std::string Manager::reload() {
   notifier_.reloading();
+  sources::PluginSource::guard_forgive();  // an operator's reload tries disabled plugins again
   auto result = config::load_file(cfg_.file);
   std::string problems;
   if (!result.ok()) {

@@ -1,9 +1,9 @@
-// The registry of source types: one row per type. The dlopen adapter (`plugin`) is one more row
-// here once config knows the type.
+// The registry of source types: one row per type.
 #include <array>
 
 #include "sources/exec_source.hpp"
 #include "sources/file_source.hpp"
+#include "sources/plugin_source.hpp"
 #include "sources/source.hpp"
 #include "sources/system_source.hpp"
 
@@ -24,6 +24,7 @@ constexpr std::array kTypes{
     TypeEntry{config::SourceType::File, "file", &FileSource::create},
     TypeEntry{config::SourceType::Exec, "exec", &ExecSource::create},
     TypeEntry{config::SourceType::System, "system", &SystemSource::create},
+    TypeEntry{config::SourceType::Plugin, "plugin", &PluginSource::create},
 };
 
 const TypeEntry* find(config::SourceType type) {

@@ -268,6 +268,14 @@ void Source::finish(Collected c) {
   }
 }
 
+void Source::push(telemetry::Record record) {
+  if (!emit_ || record.readings.empty()) return;
+  status_.readings += record.readings.size();
+  status_.last_ts_ms = record.ts_ms;
+  auto emit = emit_;  // a copy: emit may stop() this source
+  emit(std::move(record));
+}
+
 void Source::log_error(const std::string& error) {
   const std::uint64_t now = boottime_now(loop_);
   ++failures_;

@@ -86,6 +86,9 @@ class Source {
   // idempotent and must not call complete().
   virtual void cancel() = 0;
   void complete(Collected c);
+  // A record produced outside any collection (a push source, e.g. a plugin's on_event): counted
+  // and handed to `emit` like a periodic collection's; dropped when not started.
+  void push(telemetry::Record record);
 
   sd_event* loop_;
   config::SourceConfig config_;

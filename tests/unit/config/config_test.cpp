@@ -286,7 +286,7 @@ TEST(Errors, UnknownMissingAndDuplicateKeys) {
   ASSERT_EQ(r.diagnostics.size(), 1u) << all(r);
   EXPECT_EQ(r.diagnostics[0].to_string(),
             "test.yaml:2:1: unknown key (known keys: server, device, provisioning, credentials, "
-            "state_dir, sources, queue, delivery, dbus, logging)");
+            "state_dir, plugin_dir, sources, queue, delivery, dbus, logging)");
 }
 
 TEST(Errors, Provisioning) {
@@ -317,10 +317,18 @@ TEST(Errors, Sources) {
   expect_one(head + "  - name: a\n    type: system\n    key: k\n", 5, 5,
              "sources[0].key: only file sources have this key, not system sources");
   // Keys that belong to the unsupported type are not piled on top.
-  expect_one(head + "  - name: a\n    type: plugin\n    path: /x.so\n    options: {a: 1}\n", 4, 11,
-             "source type 'plugin' is not supported by this build yet");
+  expect_one(head + "  - name: a\n    type: plugin\n    path: x/y.so\n", 5, 11,
+             "sources[0].path: must be an absolute path or a plugin name");
+  expect_one(head + "  - name: a\n    type: file\n    path: name\n    key: k\n", 5, 11,
+             "sources[0].path: must be an absolute path");
+  expect_one(head + "  - name: a\n    type: plugin\n    path: p\n    options: [1]\n", 6, 14,
+             "sources[0].options: expected a map of option names to values, not a list");
+  expect_one(head +
+                 "  - name: a\n    type: plugin\n    path: p\n    options: {a: {b: {c: {d: "
+                 "{e: {f: {g: {h: {i: 1}}}}}}}}}\n",
+             6, 50, "nested too deeply (at most 8 levels)");
   expect_one(head + "  - name: a\n    type: fiel\n", 4, 11,
-             "unknown source type 'fiel' (use file, exec or system)");
+             "unknown source type 'fiel' (use file, exec, system or plugin)");
   expect_one(head + "  - name: a\n    path: /x\n", 3, 5, "sources[0]: missing required key 'type'");
   expect_one(head + "  - type: exec\n    command: [x]\n", 3, 5,
              "sources[0]: missing required key 'name'");
@@ -528,6 +536,66 @@ dbus: {bus: "TOKEN-SECRET-4"}
 namespace tb::config {
 namespace {
 
+// --- type: plugin ----------------------------------------------------------------------------
+
+TEST(Plugin, OptionsAreTypedValuesInFileOrder) {
+  const auto r = load(
+      "server: {host: h}\nsources:\n  - name: p\n    type: plugin\n    path: /opt/p.so\n"
+      "    options:\n      s: text\n      q: \"42\"\n      i: -7\n      d: 2.5\n      e: 1e3\n"
+      "      b: true\n      n: ~\n      l: [1, two]\n      m: {k: false}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  const auto& src = r.config->sources.at(0);
+  EXPECT_EQ(src.type, SourceType::Plugin);
+  EXPECT_EQ(src.path, "/opt/p.so");
+  EXPECT_EQ(src.timeout, 5s);
+  const Value::Map expected = {
+      {"s", {std::string("text")}},
+      {"q", {std::string("42")}},  // quoted: a string
+      {"i", {std::int64_t{-7}}},
+      {"d", {2.5}},
+      {"e", {1000.0}},
+      {"b", {true}},
+      {"n", {}},
+      {"l", {Value::List{{std::int64_t{1}}, {std::string("two")}}}},
+      {"m", {Value::Map{{"k", {false}}}}},
+  };
+  EXPECT_EQ(src.options, Value{expected});
+}
+
+TEST(Plugin, ANameIsLookedUpInPluginDir) {
+  const std::string head = "server: {host: h}\nsources:\n  - {name: p, type: plugin, path: ";
+  auto path = [&](const std::string& tail) {
+    const auto r = load(head + tail);
+    EXPECT_TRUE(r.ok()) << all(r);
+    return r.ok() ? r.config->sources.at(0).path : std::string();
+  };
+  EXPECT_EQ(path("hwmon}\n"), "/usr/lib/tb-agent/plugins/hwmon.so");
+  EXPECT_EQ(path("hwmon.so}\n"), "/usr/lib/tb-agent/plugins/hwmon.so");
+  // plugin_dir may come after the sources.
+  EXPECT_EQ(path("hwmon}\nplugin_dir: /opt/plugins\n"), "/opt/plugins/hwmon.so");
+  EXPECT_EQ(path("/elsewhere/x.so}\nplugin_dir: /opt/plugins\n"), "/elsewhere/x.so");
+  // The timeout fits a short interval, as for exec.
+  const auto r = load(head + "p, interval: 1s}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->sources.at(0).timeout, 1s);
+}
+
+TEST(Plugin, OptionsAreBounded) {
+  std::string many =
+      "server: {host: h}\nsources:\n  - name: p\n    type: plugin\n    path: p\n"
+      "    options:\n      l: [";
+  for (int i = 0; i < 1001; ++i) many += "1,";
+  many += "1]\n";
+  const auto r = load(many);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("too many options (at most 1000 values)"));
+  const auto long_text = load(
+      "server: {host: h}\nsources:\n  - name: p\n    type: plugin\n"
+      "    path: p\n    options: {s: " +
+      std::string(5000, 'x') + "}\n");
+  EXPECT_THAT(all(long_text), HasSubstr("longer than 4096 bytes"));
+}
+
 // --- reload: which sources a reload restarts --------------------------------------------------
 
 // The keys the loader knows for a source of `type`, as its "unknown key" message lists them.
@@ -573,6 +641,12 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
         {"interval", {"1s", "2s"}},
         {"metrics", {"[load]", "[memory]"}},
         {"disk_path", {"/", "/tmp"}}}},
+      {"plugin",
+       {{"name", {"s", "t"}},
+        {"interval", {"10s", "20s"}},
+        {"path", {"/a.so", "hwmon"}},
+        {"timeout", {"1s", "2s"}},
+        {"options", {"{a: 1, b: [x]}", "{a: 1, b: [y]}"}}}},
   };
   auto source = [](const LoadResult& r) {
     EXPECT_TRUE(r.ok()) << all(r);
