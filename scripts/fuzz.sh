@@ -51,7 +51,9 @@ for target in "$@"; do
   corpus=$build/corpus/$target
   artifacts=$build/artifacts/$target
   mkdir -p "$corpus" "$artifacts"
-  args=(-max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=8192
+  # A fixed seed (TB_FUZZ_SEED, default 1) makes a run repeatable: a CI failure can be replayed
+  # exactly; set TB_FUZZ_SEED=0 for a fresh random seed when fuzzing longer by hand.
+  args=(-seed="${TB_FUZZ_SEED:-1}" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=8192
         -print_final_stats=1 -artifact_prefix="$artifacts/")
   [[ -f tests/fuzz/$target.dict ]] && args+=(-dict="tests/fuzz/$target.dict")
   seeds=()
