@@ -227,7 +227,8 @@ enum Need { Optional, Required };
 constexpr unsigned kFile = 1;
 constexpr unsigned kExec = 2;
 constexpr unsigned kSystem = 4;
-constexpr unsigned kAll = kFile | kExec | kSystem;
+constexpr unsigned kExecd = 8;
+constexpr unsigned kAll = kFile | kExec | kSystem | kExecd;
 
 template <class T>
 struct Key {
@@ -251,7 +252,8 @@ struct WalkOptions {
 
 std::string type_names(unsigned types) {
   std::string out;
-  for (const auto& [bit, name] : {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}})
+  for (const auto& [bit, name] :
+       {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}, {kExecd, "execd"}})
     if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
   return out;
 }
@@ -697,13 +699,14 @@ void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
-    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max())},
+    // execd has no interval: its program reports whenever it has readings.
+    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max()), kAll & ~kExecd},
     {"path", Required, text(&SourceConfig::path, check_absolute), kFile},
     {"key", Required, text(&SourceConfig::key, check_printable), kFile},
     {"scale", Optional, number(&SourceConfig::scale, -1e300, 1e300), kFile},
     {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
-    {"command", Required, check_command, kExec},
-    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec},
+    {"command", Required, check_command, kExec | kExecd},
+    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec | kExecd},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
 };
@@ -716,7 +719,7 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
   if (!type) return kAll;  // reported as a missing required key by the walk
   if (!type.IsScalar()) {
     ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
-              path + ".type: expected file, exec or system, not " + kind(type));
+              path + ".type: expected file, exec, system or execd, not " + kind(type));
     return kAll;
   }
   const std::string& t = type.Scalar();
@@ -732,12 +735,16 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
     out.type = SourceType::System;
     return kSystem;
   }
+  if (t == "execd") {
+    out.type = SourceType::Execd;
+    return kExecd;
+  }
   if (t == "plugin") {
     ctx.error(type.Mark(), "source type '" + t + "' is not supported by this build yet");
     return 0;
   }
   ctx.error(type.Mark(),
-            path + ".type: unknown source type " + shown(t) + " (use file, exec or system)");
+            path + ".type: unknown source type " + shown(t) + " (use file, exec, system or execd)");
   return kAll;
 }
 

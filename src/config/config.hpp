@@ -47,7 +47,7 @@ struct CredentialsConfig {
   std::string access_token;  // empty = none configured
 };
 
-enum class SourceType { File, Exec, System };
+enum class SourceType { File, Exec, System, Execd };
 
 // What a `system` source can report (docs/sources.md lists the telemetry keys of each).
 inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
@@ -67,7 +67,7 @@ struct SourceSettings {
   double scale = 1.0;
   double offset = 0.0;
 
-  // type: exec
+  // type: exec (and execd: command; timeout bounds how long --test waits for its first line)
   std::vector<std::string> command;  // argv; no shell
   Millis timeout = 5s;
 

@@ -182,17 +182,7 @@ SourcePtr ExecSource::create(sd_event* loop, const config::SourceConfig& config,
 }
 
 ExecSource::ExecSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "exec") {
-  // A small, predictable environment instead of the agent's: programs behave the same under
-  // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
-  // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
-  const char* path = std::getenv("PATH");
-  env_.push_back(std::string("PATH=") + (path && *path ? path : kDefaultPath));
-  env_.push_back("LANG=C");
-  env_.push_back("TB_AGENT_SOURCE=" + config_.name);
-  for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
-    if (const char* v = std::getenv(name)) env_.push_back(std::string(name) + "=" + v);
-}
+    : Source(loop, std::move(config), "exec"), env_(program_environment(config_.name)) {}
 
 ExecSource::~ExecSource() { cancel(); }
 
@@ -203,8 +193,23 @@ void ExecSource::begin() {
   if (!err.empty()) complete({std::nullopt, std::move(err)});
 }
 
-std::string ExecSource::spawn() {
-  const std::string& program = config_.command.front();
+std::vector<std::string> program_environment(const std::string& source_name) {
+  // A small, predictable environment instead of the agent's: programs behave the same under
+  // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
+  // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
+  std::vector<std::string> env;
+  const char* path = std::getenv("PATH");
+  env.push_back(std::string("PATH=") + (path && *path ? path : kDefaultPath));
+  env.push_back("LANG=C");
+  env.push_back("TB_AGENT_SOURCE=" + source_name);
+  for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
+    if (const char* v = std::getenv(name)) env.push_back(std::string(name) + "=" + v);
+  return env;
+}
+
+std::string spawn_program(const std::vector<std::string>& command,
+                          const std::vector<std::string>& env, SpawnedProgram* out_program) {
+  const std::string& program = command.front();
   // Without SIGCHLD blocked sd_event_add_child refuses, and we would have a child nobody reaps.
   if (!sigchld_blocked())
     return "cannot watch " + program + ": SIGCHLD is not blocked in the agent (internal error)";
@@ -240,10 +245,10 @@ std::string ExecSource::spawn() {
                            POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
 
   std::vector<char*> argv;
-  for (const auto& a : config_.command) argv.push_back(const_cast<char*>(a.c_str()));
+  for (const auto& a : command) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   std::vector<char*> envp;
-  for (const auto& e : env_) envp.push_back(const_cast<char*>(e.c_str()));
+  for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
 
   pid_t pid = 0;
@@ -256,6 +261,20 @@ std::string ExecSource::spawn() {
   if (rc != 0) return "cannot run " + program + ": " + errno_text(rc);
   ::close(out.release(1));
   ::close(err.release(1));
+  out_program->pid = pid;
+  out_program->stdout_fd = out.release(0);
+  out_program->stderr_fd = err.release(0);
+  return {};
+}
+
+std::string ExecSource::spawn() {
+  const std::string& program = config_.command.front();
+  SpawnedProgram spawned;
+  if (std::string e = spawn_program(config_.command, env_, &spawned); !e.empty()) return e;
+  const pid_t pid = spawned.pid;
+  Pipe out, err;
+  out.fd[0] = spawned.stdout_fd;
+  err.fd[0] = spawned.stderr_fd;
 
   run_ = std::make_unique<Run>();
   run_->pid = pid;

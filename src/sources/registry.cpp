@@ -3,6 +3,7 @@
 #include <array>
 
 #include "sources/exec_source.hpp"
+#include "sources/execd_source.hpp"
 #include "sources/file_source.hpp"
 #include "sources/source.hpp"
 #include "sources/system_source.hpp"
@@ -24,6 +25,7 @@ constexpr std::array kTypes{
     TypeEntry{config::SourceType::File, "file", &FileSource::create},
     TypeEntry{config::SourceType::Exec, "exec", &ExecSource::create},
     TypeEntry{config::SourceType::System, "system", &SystemSource::create},
+    TypeEntry{config::SourceType::Execd, "execd", &ExecdSource::create},
 };
 
 const TypeEntry* find(config::SourceType type) {

@@ -316,7 +316,7 @@ TEST(Errors, Sources) {
   expect_one(head + "  - name: a\n    type: plugin\n    path: /x.so\n    options: {a: 1}\n", 4, 11,
              "source type 'plugin' is not supported by this build yet");
   expect_one(head + "  - name: a\n    type: fiel\n", 4, 11,
-             "unknown source type 'fiel' (use file, exec or system)");
+             "unknown source type 'fiel' (use file, exec, system or execd)");
   expect_one(head + "  - name: a\n    path: /x\n", 3, 5, "sources[0]: missing required key 'type'");
   expect_one(head + "  - type: exec\n    command: [x]\n", 3, 5,
              "sources[0]: missing required key 'name'");
@@ -324,7 +324,7 @@ TEST(Errors, Sources) {
   expect_one(head + "  - {name: a, type: file, path: /x}\n", 3, 5, "missing required key 'key'");
   expect_one(head + "  - {name: a, type: exec}\n", 3, 5, "missing required key 'command'");
   expect_one(head + "  - name: a\n    type: file\n    path: /x\n    key: k\n    command: [x]\n", 7,
-             5, "sources[0].command: only exec sources have this key, not file sources");
+             5, "sources[0].command: only exec and execd sources have this key, not file sources");
   expect_one(head + "  - name: a\n    type: exec\n    command: [x]\n    scale: 2\n", 6, 5,
              "only file sources have this key");
   expect_one(head + "  - name: a\n    type: exec\n    command: x\n", 5, 14,
@@ -569,6 +569,10 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
         {"interval", {"1s", "2s"}},
         {"metrics", {"[load]", "[memory]"}},
         {"disk_path", {"/", "/tmp"}}}},
+      {"execd",
+       {{"name", {"s", "t"}},
+        {"command", {"[/bin/true]", "[/bin/true, x]"}},
+        {"timeout", {"1s", "2s"}}}},
   };
   auto source = [](const LoadResult& r) {
     EXPECT_TRUE(r.ok()) << all(r);
@@ -599,6 +603,25 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
   SourceConfig file, exec;
   exec.type = SourceType::Exec;
   EXPECT_FALSE(same_settings(file, exec));
+  SourceConfig execd;
+  execd.type = SourceType::Execd;
+  EXPECT_FALSE(same_settings(exec, execd));
+}
+
+// execd has no interval (its program reports when it has readings): the key is refused there.
+TEST(Execd, HasCommandAndTimeoutButNoInterval) {
+  auto r = load("server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat]}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->sources.at(0).type, SourceType::Execd);
+  EXPECT_EQ(r.config->sources.at(0).command, std::vector<std::string>{"/bin/cat"});
+  r = load(
+      "server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat], "
+      "interval: 5s}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("interval"));
+  r = load("server: {host: h}\nsources:\n  - {name: m, type: execd}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("command"));
 }
 
 }  // namespace
