@@ -16,12 +16,14 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <climits>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string_view>
@@ -669,6 +671,52 @@ void check_command(Ctx& ctx, const Item& item, SourceConfig& out) {
   if (ok) out.command = std::move(argv);
 }
 
+// env: NAME: value pairs added to a program's small environment. Values are never quoted back
+// (they may hold credentials).
+void check_env(Ctx& ctx, const Item& item, SourceConfig& out) {
+  if (!item.value.IsMap()) {
+    ctx.error(item.where(), item.path + ": expected a map of NAME: value, not " + kind(item.value));
+    return;
+  }
+  std::map<std::string, std::string> env;
+  bool ok = true;
+  for (auto it = item.value.begin(); it != item.value.end(); ++it) {
+    const YAML::Node name = it->first;
+    const YAML::Node value = it->second;
+    if (!name.IsScalar()) {
+      ctx.error(name.Mark(),
+                item.path + ": a variable name must be a plain name, not " + kind(name));
+      ok = false;
+      continue;
+    }
+    const std::string& n = name.Scalar();
+    const std::string path = item.path + "." + n;
+    const bool valid = !n.empty() && !std::isdigit(static_cast<unsigned char>(n.front())) &&
+                       std::all_of(n.begin(), n.end(), [](char c) {
+                         return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+                       });
+    if (!valid) {
+      ctx.error(name.Mark(), item.path + ": " + shown(n) +
+                                 " is not a variable name (letters, digits and _, not starting "
+                                 "with a digit)");
+      ok = false;
+    } else if (env.count(n)) {
+      ctx.error(name.Mark(), path + ": listed twice");
+      ok = false;
+    } else if (!value.IsScalar()) {
+      ctx.error(value.IsNull() ? name.Mark() : value.Mark(),
+                path + ": expected a string, not " + kind(value));
+      ok = false;
+    } else if (value.Scalar().find('\0') != std::string::npos) {
+      ctx.error(value.Mark(), path + ": must not contain a NUL character");
+      ok = false;
+    } else {
+      env.emplace(n, value.Scalar());
+    }
+  }
+  if (ok) out.env = std::move(env);
+}
+
 void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
   std::string names;
   for (auto m : kSystemMetrics) names += (names.empty() ? "" : ", ") + std::string(m);
@@ -707,6 +755,9 @@ const Table<SourceConfig> kSource = {
     {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
     {"command", Required, check_command, kExec | kExecd},
     {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec | kExecd},
+    {"env", Optional, check_env, kExec | kExecd},
+    {"working_directory", Optional, text(&SourceConfig::working_directory, check_absolute),
+     kExec | kExecd},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
 };

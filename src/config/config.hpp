@@ -70,6 +70,8 @@ struct SourceSettings {
   // type: exec (and execd: command; timeout bounds how long --test waits for its first line)
   std::vector<std::string> command;  // argv; no shell
   Millis timeout = 5s;
+  std::map<std::string, std::string> env;  // added to the program's small environment
+  std::string working_directory = "/";     // must exist (checked when the source is built)
 
   // type: system
   std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has

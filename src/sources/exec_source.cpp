@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/epoll.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <map>
 #include <tuple>
 
 #include <spdlog/spdlog.h>
@@ -178,11 +180,15 @@ SourcePtr ExecSource::create(sd_event* loop, const config::SourceConfig& config,
     *error = "timeout must be positive";
     return nullptr;
   }
+  if (std::string e = check_working_directory(config.working_directory); !e.empty()) {
+    *error = std::move(e);
+    return nullptr;
+  }
   return SourcePtr(new ExecSource(loop, config));
 }
 
 ExecSource::ExecSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "exec"), env_(program_environment(config_.name)) {}
+    : Source(loop, std::move(config), "exec"), env_(program_environment(config_)) {}
 
 ExecSource::~ExecSource() { cancel(); }
 
@@ -193,22 +199,33 @@ void ExecSource::begin() {
   if (!err.empty()) complete({std::nullopt, std::move(err)});
 }
 
-std::vector<std::string> program_environment(const std::string& source_name) {
+std::vector<std::string> program_environment(const config::SourceConfig& config) {
   // A small, predictable environment instead of the agent's: programs behave the same under
   // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
   // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
-  std::vector<std::string> env;
+  std::map<std::string, std::string> vars;
   const char* path = std::getenv("PATH");
-  env.push_back(std::string("PATH=") + (path && *path ? path : kDefaultPath));
-  env.push_back("LANG=C");
-  env.push_back("TB_AGENT_SOURCE=" + source_name);
+  vars["PATH"] = path && *path ? path : kDefaultPath;
+  vars["LANG"] = "C";
+  vars["TB_AGENT_SOURCE"] = config.name;
   for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
-    if (const char* v = std::getenv(name)) env.push_back(std::string(name) + "=" + v);
+    if (const char* v = std::getenv(name)) vars[name] = v;
+  for (const auto& [name, value] : config.env) vars[name] = value;
+  std::vector<std::string> env;
+  for (const auto& [name, value] : vars) env.push_back(name + "=" + value);
   return env;
 }
 
+std::string check_working_directory(const std::string& dir) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return "working_directory " + dir + ": " + errno_text(errno);
+  if (!S_ISDIR(st.st_mode)) return "working_directory " + dir + " is not a directory";
+  return {};
+}
+
 std::string spawn_program(const std::vector<std::string>& command,
-                          const std::vector<std::string>& env, SpawnedProgram* out_program) {
+                          const std::vector<std::string>& env, const std::string& working_directory,
+                          SpawnedProgram* out_program) {
   const std::string& program = command.front();
   // Without SIGCHLD blocked sd_event_add_child refuses, and we would have a child nobody reaps.
   if (!sigchld_blocked())
@@ -230,7 +247,8 @@ std::string spawn_program(const std::vector<std::string>& command,
   // Whatever else the agent has open (sockets, the queue database) stays out of the program even
   // if some library forgot O_CLOEXEC.
   posix_spawn_file_actions_addclosefrom_np(&fa.fa, 3);
-  posix_spawn_file_actions_addchdir_np(&fa.fa, "/");
+  posix_spawn_file_actions_addchdir_np(&fa.fa,
+                                       working_directory.empty() ? "/" : working_directory.c_str());
 
   SpawnAttr attr;
   // The agent blocks SIGCHLD, SIGTERM, SIGHUP… for signalfd; a program must start with a clean
@@ -270,7 +288,9 @@ std::string spawn_program(const std::vector<std::string>& command,
 std::string ExecSource::spawn() {
   const std::string& program = config_.command.front();
   SpawnedProgram spawned;
-  if (std::string e = spawn_program(config_.command, env_, &spawned); !e.empty()) return e;
+  if (std::string e = spawn_program(config_.command, env_, config_.working_directory, &spawned);
+      !e.empty())
+    return e;
   const pid_t pid = spawned.pid;
   Pipe out, err;
   out.fd[0] = spawned.stdout_fd;

@@ -108,11 +108,15 @@ SourcePtr ExecdSource::create(sd_event* loop, const config::SourceConfig& config
     *error = "timeout must be positive";
     return nullptr;
   }
+  if (std::string e = check_working_directory(config.working_directory); !e.empty()) {
+    *error = std::move(e);
+    return nullptr;
+  }
   return SourcePtr(new ExecdSource(loop, config));
 }
 
 ExecdSource::ExecdSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "execd"), env_(program_environment(config_.name)) {
+    : Source(loop, std::move(config), "execd"), env_(program_environment(config_)) {
   status_.interval = Millis(0);  // no interval: the program reports when it has readings
 }
 
@@ -156,7 +160,8 @@ void ExecdSource::stop() {
 bool ExecdSource::spawn() {
   log::FieldGuard field("TB_SOURCE", config_.name);
   SpawnedProgram p;
-  if (std::string e = spawn_program(config_.command, env_, &p); !e.empty()) {
+  if (std::string e = spawn_program(config_.command, env_, config_.working_directory, &p);
+      !e.empty()) {
     ++status_.errors;
     status_.last_error = e;
     spdlog::error("source '{}': {}", config_.name, e);

@@ -563,7 +563,9 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
        {{"name", {"s", "t"}},
         {"interval", {"10s", "20s"}},
         {"command", {"[/bin/true]", "[/bin/true, x]"}},
-        {"timeout", {"1s", "2s"}}}},
+        {"timeout", {"1s", "2s"}},
+        {"env", {"{A: '1'}", "{A: '2'}"}},
+        {"working_directory", {"/", "/tmp"}}}},
       {"system",
        {{"name", {"s", "t"}},
         {"interval", {"1s", "2s"}},
@@ -572,7 +574,9 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
       {"execd",
        {{"name", {"s", "t"}},
         {"command", {"[/bin/true]", "[/bin/true, x]"}},
-        {"timeout", {"1s", "2s"}}}},
+        {"timeout", {"1s", "2s"}},
+        {"env", {"{A: '1'}", "{A: '2'}"}},
+        {"working_directory", {"/", "/tmp"}}}},
   };
   auto source = [](const LoadResult& r) {
     EXPECT_TRUE(r.ok()) << all(r);
@@ -606,6 +610,34 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
   SourceConfig execd;
   execd.type = SourceType::Execd;
   EXPECT_FALSE(same_settings(exec, execd));
+}
+
+// env: NAME: value pairs, names checked, values never quoted back; working_directory absolute.
+TEST(Exec, EnvAndWorkingDirectory) {
+  const std::string head =
+      "server: {host: h}\nsources:\n  - name: s\n    type: exec\n"
+      "    command: [/bin/true]\n";
+  auto r = load(head + "    env: {MODEM: /dev/ttyUSB2, LEVEL: 3}\n    working_directory: /tmp\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  const auto& s = r.config->sources.at(0);
+  EXPECT_EQ(s.env, (std::map<std::string, std::string>{{"LEVEL", "3"}, {"MODEM", "/dev/ttyUSB2"}}));
+  EXPECT_EQ(s.working_directory, "/tmp");
+  r = load(head);
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_TRUE(r.config->sources.at(0).env.empty());
+  EXPECT_EQ(r.config->sources.at(0).working_directory, "/");
+  r = load(head + "    env: {1BAD: SECRET-VALUE-7, OK: [x]}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("'1BAD' is not a variable name"));
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env.OK: expected a string, not a list"));
+  EXPECT_THAT(all(r), ::testing::Not(HasSubstr("SECRET-VALUE-7")));
+  r = load(head + "    env: [A=1]\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env: expected a map of NAME: value"));
+  r = load(head + "    working_directory: tmp\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].working_directory: must be an absolute path"));
+  r = load(
+      "server: {host: h}\nsources:\n  - {name: s, type: file, path: /a, key: k, env: {A: b}}\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env: only exec and execd sources have this key"));
 }
 
 // execd has no interval (its program reports when it has readings): the key is refused there.

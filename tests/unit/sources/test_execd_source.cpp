@@ -229,6 +229,17 @@ TEST_F(ExecdTest, CollectWaitsForTheFirstLineWithinTheTimeout) {
   EXPECT_NE(died.error.find("exited with status 4"), std::string::npos) << died.error;
 }
 
+TEST_F(ExecdTest, EnvAndWorkingDirectory) {
+  auto c = execd(R"sh(printf '{"modem":"%s","cwd":"%s"}\n' "$MODEM" "$(pwd)"; exec sleep 60)sh");
+  c.env = {{"MODEM", "/dev/ttyUSB2"}};
+  c.working_directory = dir.string();
+  auto s = make(c);
+  start(*s);
+  ASSERT_TRUE(run_until([&] { return !records.empty(); }));
+  EXPECT_EQ(*value_of<std::string>(records[0], "modem"), "/dev/ttyUSB2");
+  EXPECT_EQ(*value_of<std::string>(records[0], "cwd"), dir.string());
+}
+
 TEST_F(ExecdTest, AMissingProgramIsAnErrorAndRetried) {
   auto c = execd("");
   c.command = {"/nonexistent/modem-watch"};
