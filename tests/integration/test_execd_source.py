@@ -102,3 +102,19 @@ def test_lines_reach_the_server_and_reload_and_shutdown_stop_the_program(server,
     assert time.monotonic() - t0 >= 4, "the agent did not give the program its grace"
     assert not alive(second_pid)
     assert agent.log().count("did not exit after SIGTERM; sending SIGKILL") == 2
+
+
+def test_check_config_refuses_a_missing_working_directory(tmp_path):
+    for source_type in ("exec", "execd"):
+        source = {"name": "s", "type": source_type, "command": ["/bin/true"],
+                  "working_directory": str(tmp_path / "missing"), "env": {"MODEM": "x"}}
+        a = Agent(tmp_path, {"server": {"host": "192.0.2.1"}, "sources": [source]},
+                  name=source_type)
+        r = a.run_once("--check-config")
+        assert r.returncode == 78, r
+        assert f"source 's': working_directory {tmp_path / 'missing'}: No such file or directory" \
+            in r.stdout, r.stdout
+        (tmp_path / "missing").mkdir()
+        r = a.run_once("--check-config")
+        assert r.returncode == 0 and r.stdout.startswith("OK"), r
+        (tmp_path / "missing").rmdir()
