@@ -744,6 +744,33 @@ void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
   out.metrics = std::move(metrics);
 }
 
+// A list of interface names or shell globs (eth*, veth*).
+Setter<SourceConfig> interface_list(std::vector<std::string> SourceConfig::*field) {
+  return [=](Ctx& ctx, const Item& item, SourceConfig& out) {
+    if (!item.value.IsSequence() || item.value.size() == 0) {
+      ctx.error(item.where(), item.path + ": expected a non-empty list of interface names, not " +
+                                  (item.value.IsSequence() ? "an empty list" : kind(item.value)));
+      return;
+    }
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < item.value.size(); ++i) {
+      const YAML::Node n = item.value[i];
+      const std::string path = item.path + "[" + std::to_string(i) + "]";
+      if (!n.IsScalar() || n.Scalar().empty()) {
+        ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
+                  path + ": expected an interface name, not " + kind(n));
+        return;
+      }
+      if (auto problem = check_printable(n.Scalar()); !problem.empty()) {
+        ctx.error(n.Mark(), path + ": " + problem);
+        return;
+      }
+      names.push_back(n.Scalar());
+    }
+    out.*field = std::move(names);
+  };
+}
+
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
@@ -760,6 +787,8 @@ const Table<SourceConfig> kSource = {
      kExec | kExecd},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
+    {"interfaces", Optional, interface_list(&SourceConfig::interfaces), kSystem},
+    {"exclude_interfaces", Optional, interface_list(&SourceConfig::exclude_interfaces), kSystem},
 };
 
 // The type decides which keys are allowed, so it is read first. Returns the type bits for the

@@ -50,8 +50,9 @@ struct CredentialsConfig {
 enum class SourceType { File, Exec, System, Execd };
 
 // What a `system` source can report (docs/sources.md lists the telemetry keys of each).
-inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
-    "cpu", "memory", "load", "uptime", "disk", "temperature"};
+// All but cpu_cores are reported by default (an empty `metrics`).
+inline constexpr std::array<std::string_view, 9> kSystemMetrics = {
+    "cpu", "memory", "load", "uptime", "disk", "temperature", "swap", "network", "cpu_cores"};
 
 // Everything that decides what a source does. A reload keeps a running source exactly when its
 // settings compare equal, so every setting must live here: the defaulted == compares them all,
@@ -74,8 +75,10 @@ struct SourceSettings {
   std::string working_directory = "/";     // must exist (checked when the source is built)
 
   // type: system
-  std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has
-  std::string disk_path = "/";       // the file system `disk` reports on
+  std::vector<std::string> metrics;             // from kSystemMetrics; empty = all this machine has
+  std::string disk_path = "/";                  // the file system `disk` reports on
+  std::vector<std::string> interfaces;          // `network`: names or globs; empty = all but lo
+  std::vector<std::string> exclude_interfaces;  // `network`: names or globs left out
 
   bool operator==(const SourceSettings&) const = default;
 };

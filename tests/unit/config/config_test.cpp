@@ -303,7 +303,7 @@ TEST(Errors, Sources) {
   const std::string head = "server: {host: h}\nsources:\n";
   expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, disks]\n", 5, 20,
              "sources[0].metrics[1]: unknown metric 'disks' (use cpu, memory, load, uptime, "
-             "disk, temperature)");
+             "disk, temperature, swap, network, cpu_cores)");
   expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, cpu]\n", 5, 20,
              "sources[0].metrics[1]: 'cpu' is listed twice");
   expect_one(head + "  - name: a\n    type: system\n    metrics: []\n", 5, 14,
@@ -570,7 +570,9 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
        {{"name", {"s", "t"}},
         {"interval", {"1s", "2s"}},
         {"metrics", {"[load]", "[memory]"}},
-        {"disk_path", {"/", "/tmp"}}}},
+        {"disk_path", {"/", "/tmp"}},
+        {"interfaces", {"[eth0]", "[eth*]"}},
+        {"exclude_interfaces", {"[docker0]", "[veth*]"}}}},
       {"execd",
        {{"name", {"s", "t"}},
         {"command", {"[/bin/true]", "[/bin/true, x]"}},
