@@ -771,6 +771,35 @@ Setter<SourceConfig> interface_list(std::vector<std::string> SourceConfig::*fiel
   };
 }
 
+// disks: absolute paths, each a file system `disk` also reports (keys disk_<path>_…).
+void check_disks(Ctx& ctx, const Item& item, SourceConfig& out) {
+  if (!item.value.IsSequence() || item.value.size() == 0) {
+    ctx.error(item.where(), item.path + ": expected a non-empty list of absolute paths, not " +
+                                (item.value.IsSequence() ? "an empty list" : kind(item.value)));
+    return;
+  }
+  std::vector<std::string> paths;
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node n = item.value[i];
+    const std::string path = item.path + "[" + std::to_string(i) + "]";
+    if (!n.IsScalar() || n.Scalar().empty()) {
+      ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
+                path + ": expected an absolute path, not " + kind(n));
+      return;
+    }
+    if (auto problem = check_absolute(n.Scalar()); !problem.empty()) {
+      ctx.error(n.Mark(), path + ": " + problem);
+      return;
+    }
+    if (std::find(paths.begin(), paths.end(), n.Scalar()) != paths.end()) {
+      ctx.error(n.Mark(), path + ": " + shown(n.Scalar()) + " is listed twice");
+      return;
+    }
+    paths.push_back(n.Scalar());
+  }
+  out.disks = std::move(paths);
+}
+
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
@@ -787,6 +816,7 @@ const Table<SourceConfig> kSource = {
      kExec | kExecd},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
+    {"disks", Optional, check_disks, kSystem},
     {"interfaces", Optional, interface_list(&SourceConfig::interfaces), kSystem},
     {"exclude_interfaces", Optional, interface_list(&SourceConfig::exclude_interfaces), kSystem},
 };

@@ -75,9 +75,10 @@ struct SourceSettings {
   std::string working_directory = "/";     // must exist (checked when the source is built)
 
   // type: system
-  std::vector<std::string> metrics;             // from kSystemMetrics; empty = all this machine has
-  std::string disk_path = "/";                  // the file system `disk` reports on
-  std::vector<std::string> interfaces;          // `network`: names or globs; empty = all but lo
+  std::vector<std::string> metrics;     // from kSystemMetrics; empty = all this machine has
+  std::string disk_path = "/";          // the file system `disk` reports on
+  std::vector<std::string> disks;       // more file systems `disk` reports, with prefixed keys
+  std::vector<std::string> interfaces;  // `network`: names or globs; empty = all but lo
   std::vector<std::string> exclude_interfaces;  // `network`: names or globs left out
 
   bool operator==(const SourceSettings&) const = default;

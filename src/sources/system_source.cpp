@@ -198,7 +198,8 @@ bool read_network(const fs::path& root, const config::SourceConfig& config, Read
   return true;
 }
 
-bool read_disk(const std::string& path, Readings& out, std::string* error) {
+bool read_disk(const std::string& path, const std::string& prefix, Readings& out,
+               std::string* error) {
   struct statvfs st {};
   if (::statvfs(path.c_str(), &st) != 0) {
     *error = "cannot stat the file system of " + path + ": " + std::strerror(errno);
@@ -209,12 +210,12 @@ bool read_disk(const std::string& path, Readings& out, std::string* error) {
   // What an unprivileged writer (the service user) can still use, as df shows it.
   const std::uint64_t available = st.f_bavail * unit;
   const std::uint64_t used = (st.f_blocks - st.f_bfree) * unit;
-  out.push_back({"disk_total", static_cast<std::int64_t>(total)});
-  out.push_back({"disk_available", static_cast<std::int64_t>(available)});
+  out.push_back({prefix + "total", static_cast<std::int64_t>(total)});
+  out.push_back({prefix + "available", static_cast<std::int64_t>(available)});
   // df's Use%: used / (used + available), so the root reserve does not look free.
   const std::uint64_t usable = used + available;
   out.push_back(
-      {"disk_used_percent",
+      {prefix + "used_percent",
        usable ? round1(100.0 * static_cast<double>(used) / static_cast<double>(usable)) : 0.0});
   return true;
 }
@@ -294,6 +295,12 @@ std::string SystemSource::key_name(std::string_view interface) {
   return out;
 }
 
+std::string SystemSource::disk_key_name(std::string_view path) {
+  while (!path.empty() && path.front() == '/') path.remove_prefix(1);
+  while (!path.empty() && path.back() == '/') path.remove_suffix(1);
+  return path.empty() ? "root" : key_name(path);
+}
+
 std::map<int, SystemSource::CpuTimes> SystemSource::parse_proc_stat_cores(std::string_view text) {
   std::map<int, CpuTimes> out;
   while (!text.empty()) {
@@ -334,6 +341,12 @@ SourcePtr SystemSource::create_with_root(sd_event* loop, const config::SourceCon
   if (config.disk_path.empty() || config.disk_path.front() != '/') {
     *error = "disk_path must be an absolute path";
     return nullptr;
+  }
+  for (const auto& d : config.disks) {
+    if (d.empty() || d.front() != '/') {
+      *error = "disks must be absolute paths";
+      return nullptr;
+    }
   }
   return SourcePtr(new SystemSource(loop, config, std::move(root)));
 }
@@ -444,8 +457,17 @@ void SystemSource::finish_collection() {
           [&](std::string& error) { return read_network(root_, config_, rec.readings, &error); });
   attempt("load", [&](std::string& error) { return read_load(root_, rec.readings, &error); });
   attempt("uptime", [&](std::string& error) { return read_uptime(root_, rec.readings, &error); });
-  attempt("disk",
-          [&](std::string& error) { return read_disk(config_.disk_path, rec.readings, &error); });
+  attempt("disk", [&](std::string& error) {
+    bool ok = read_disk(config_.disk_path, "disk_", rec.readings, &error);
+    for (const auto& path : config_.disks) {
+      std::string e;
+      if (!read_disk(path, "disk_" + disk_key_name(path) + "_", rec.readings, &e)) {
+        error += (error.empty() ? "" : "; ") + e;
+        ok = false;
+      }
+    }
+    return ok;
+  });
   attempt("temperature", [&](std::string& error) {
     if (read_temperature(root_, rec.readings, &error)) return true;
     // No thermal zones is normal unless the config asked for the temperature by name.

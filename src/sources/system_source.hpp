@@ -35,6 +35,8 @@ class SystemSource final : public Source {
   static constexpr std::size_t kMaxInterfaces = 64;
   // An interface name as it appears in telemetry keys: [A-Za-z0-9_], anything else becomes '_'.
   static std::string key_name(std::string_view interface);
+  // A mount path in `disks` as it appears in keys: "/" → "root", "/var/lib" → "var_lib".
+  static std::string disk_key_name(std::string_view path);
 
   // How long the first collection waits between its two CPU samples, when there is no earlier
   // sample to measure from: usage is a rate, one sample says nothing.

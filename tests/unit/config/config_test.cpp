@@ -571,6 +571,7 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
         {"interval", {"1s", "2s"}},
         {"metrics", {"[load]", "[memory]"}},
         {"disk_path", {"/", "/tmp"}},
+        {"disks", {"[/]", "[/tmp]"}},
         {"interfaces", {"[eth0]", "[eth*]"}},
         {"exclude_interfaces", {"[docker0]", "[veth*]"}}}},
       {"execd",

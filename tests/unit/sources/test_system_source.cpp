@@ -104,6 +104,29 @@ TEST(ParseProcStat, SumsTheAggregateLine) {
   EXPECT_FALSE(SystemSource::parse_proc_stat(""));
 }
 
+TEST_F(SystemSourceTest, SeveralDisksWithPrefixedKeys) {
+  fs::create_directories(dir / "data");
+  auto c = config({"disk"});
+  c.disks = {"/", (dir / "data").string()};
+  auto s = make(c);
+  const auto got = collect_once(*s);
+  ASSERT_TRUE(got.record) << got.error;
+  const auto v = by_key(*got.record);
+  const std::string data = "disk_" + SystemSource::disk_key_name((dir / "data").string()) + "_";
+  EXPECT_EQ(SystemSource::disk_key_name("/var/lib/tb-agent/"), "var_lib_tb_agent");
+  EXPECT_EQ(v.count("disk_total"), 1u) << "disk_path keeps its keys";
+  EXPECT_EQ(v.count("disk_root_total"), 1u);
+  EXPECT_EQ(v.count("disk_root_used_percent"), 1u);
+  EXPECT_EQ(v.count(data + "available"), 1u) << data;
+  EXPECT_EQ(v.size(), 9u);
+
+  c.disks = {(dir / "missing").string()};
+  auto bad = make(c);
+  const auto failed = collect_once(*bad);
+  EXPECT_FALSE(failed.record);
+  EXPECT_NE(failed.error.find("missing"), std::string::npos) << failed.error;
+}
+
 TEST_F(SystemSourceTest, InterfacesIncludeAndExclude) {
   auto c = config({"network"});
   c.interfaces = {"lo", "eth*", "br-*", "veth*"};
