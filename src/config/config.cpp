@@ -16,12 +16,14 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <climits>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string_view>
@@ -228,7 +230,8 @@ constexpr unsigned kFile = 1;
 constexpr unsigned kExec = 2;
 constexpr unsigned kSystem = 4;
 constexpr unsigned kPlugin = 8;
-constexpr unsigned kAll = kFile | kExec | kSystem | kPlugin;
+constexpr unsigned kExecd = 16;
+constexpr unsigned kAll = kFile | kExec | kSystem | kPlugin | kExecd;
 
 template <class T>
 struct Key {
@@ -253,7 +256,8 @@ struct WalkOptions {
 std::string type_names(unsigned types) {
   std::string out;
   for (const auto& [bit, name] :
-       {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}, {kPlugin, "plugin"}})
+       {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}, {kExecd, "execd"},
+        {kPlugin, "plugin"}})
     if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
   return out;
 }
@@ -670,6 +674,52 @@ void check_command(Ctx& ctx, const Item& item, SourceConfig& out) {
   if (ok) out.command = std::move(argv);
 }
 
+// env: NAME: value pairs added to a program's small environment. Values are never quoted back
+// (they may hold credentials).
+void check_env(Ctx& ctx, const Item& item, SourceConfig& out) {
+  if (!item.value.IsMap()) {
+    ctx.error(item.where(), item.path + ": expected a map of NAME: value, not " + kind(item.value));
+    return;
+  }
+  std::map<std::string, std::string> env;
+  bool ok = true;
+  for (auto it = item.value.begin(); it != item.value.end(); ++it) {
+    const YAML::Node name = it->first;
+    const YAML::Node value = it->second;
+    if (!name.IsScalar()) {
+      ctx.error(name.Mark(),
+                item.path + ": a variable name must be a plain name, not " + kind(name));
+      ok = false;
+      continue;
+    }
+    const std::string& n = name.Scalar();
+    const std::string path = item.path + "." + n;
+    const bool valid = !n.empty() && !std::isdigit(static_cast<unsigned char>(n.front())) &&
+                       std::all_of(n.begin(), n.end(), [](char c) {
+                         return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+                       });
+    if (!valid) {
+      ctx.error(name.Mark(), item.path + ": " + shown(n) +
+                                 " is not a variable name (letters, digits and _, not starting "
+                                 "with a digit)");
+      ok = false;
+    } else if (env.count(n)) {
+      ctx.error(name.Mark(), path + ": listed twice");
+      ok = false;
+    } else if (!value.IsScalar()) {
+      ctx.error(value.IsNull() ? name.Mark() : value.Mark(),
+                path + ": expected a string, not " + kind(value));
+      ok = false;
+    } else if (value.Scalar().find('\0') != std::string::npos) {
+      ctx.error(value.Mark(), path + ": must not contain a NUL character");
+      ok = false;
+    } else {
+      env.emplace(n, value.Scalar());
+    }
+  }
+  if (ok) out.env = std::move(env);
+}
+
 void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
   std::string names;
   for (auto m : kSystemMetrics) names += (names.empty() ? "" : ", ") + std::string(m);
@@ -827,18 +877,82 @@ void check_options(Ctx& ctx, const Item& item, SourceConfig& out) {
   if (to_value(ctx, item.value, item.path, 0, nodes, v)) out.options = std::move(v);
 }
 
+// A list of interface names or shell globs (eth*, veth*).
+Setter<SourceConfig> interface_list(std::vector<std::string> SourceConfig::*field) {
+  return [=](Ctx& ctx, const Item& item, SourceConfig& out) {
+    if (!item.value.IsSequence() || item.value.size() == 0) {
+      ctx.error(item.where(), item.path + ": expected a non-empty list of interface names, not " +
+                                  (item.value.IsSequence() ? "an empty list" : kind(item.value)));
+      return;
+    }
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < item.value.size(); ++i) {
+      const YAML::Node n = item.value[i];
+      const std::string path = item.path + "[" + std::to_string(i) + "]";
+      if (!n.IsScalar() || n.Scalar().empty()) {
+        ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
+                  path + ": expected an interface name, not " + kind(n));
+        return;
+      }
+      if (auto problem = check_printable(n.Scalar()); !problem.empty()) {
+        ctx.error(n.Mark(), path + ": " + problem);
+        return;
+      }
+      names.push_back(n.Scalar());
+    }
+    out.*field = std::move(names);
+  };
+}
+
+// disks: absolute paths, each a file system `disk` also reports (keys disk_<path>_…).
+void check_disks(Ctx& ctx, const Item& item, SourceConfig& out) {
+  if (!item.value.IsSequence() || item.value.size() == 0) {
+    ctx.error(item.where(), item.path + ": expected a non-empty list of absolute paths, not " +
+                                (item.value.IsSequence() ? "an empty list" : kind(item.value)));
+    return;
+  }
+  std::vector<std::string> paths;
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node n = item.value[i];
+    const std::string path = item.path + "[" + std::to_string(i) + "]";
+    if (!n.IsScalar() || n.Scalar().empty()) {
+      ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
+                path + ": expected an absolute path, not " + kind(n));
+      return;
+    }
+    if (auto problem = check_absolute(n.Scalar()); !problem.empty()) {
+      ctx.error(n.Mark(), path + ": " + problem);
+      return;
+    }
+    if (std::find(paths.begin(), paths.end(), n.Scalar()) != paths.end()) {
+      ctx.error(n.Mark(), path + ": " + shown(n.Scalar()) + " is listed twice");
+      return;
+    }
+    paths.push_back(n.Scalar());
+  }
+  out.disks = std::move(paths);
+}
+
 const Table<SourceConfig> kSource = {
     {"name", Required, text(&SourceConfig::name, check_printable)},
     {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
-    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max())},
+    // execd has no interval: its program reports whenever it has readings.
+    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max()), kAll & ~kExecd},
     {"path", Required, check_source_path, kFile | kPlugin},
     {"key", Required, text(&SourceConfig::key, check_printable), kFile},
     {"scale", Optional, number(&SourceConfig::scale, -1e300, 1e300), kFile},
     {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
-    {"command", Required, check_command, kExec},
-    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()), kExec | kPlugin},
+    {"command", Required, check_command, kExec | kExecd},
+    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()),
+     kExec | kExecd | kPlugin},
+    {"env", Optional, check_env, kExec | kExecd},
+    {"working_directory", Optional, text(&SourceConfig::working_directory, check_absolute),
+     kExec | kExecd},
     {"metrics", Optional, check_metrics, kSystem},
     {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
+    {"disks", Optional, check_disks, kSystem},
+    {"interfaces", Optional, interface_list(&SourceConfig::interfaces), kSystem},
+    {"exclude_interfaces", Optional, interface_list(&SourceConfig::exclude_interfaces), kSystem},
     {"options", Optional, check_options, kPlugin},
 };
 
@@ -850,7 +964,7 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
   if (!type) return kAll;  // reported as a missing required key by the walk
   if (!type.IsScalar()) {
     ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
-              path + ".type: expected file, exec, system or plugin, not " + kind(type));
+              path + ".type: expected file, exec, system, execd or plugin, not " + kind(type));
     return kAll;
   }
   const std::string& t = type.Scalar();
@@ -866,12 +980,16 @@ unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, S
     out.type = SourceType::System;
     return kSystem;
   }
+  if (t == "execd") {
+    out.type = SourceType::Execd;
+    return kExecd;
+  }
   if (t == "plugin") {
     out.type = SourceType::Plugin;
     return kPlugin;
   }
   ctx.error(type.Mark(), path + ".type: unknown source type " + shown(t) +
-                             " (use file, exec, system or plugin)");
+                             " (use file, exec, system, execd or plugin)");
   return kAll;
 }
 

@@ -51,11 +51,12 @@ struct CredentialsConfig {
   std::string access_token;  // empty = none configured
 };
 
-enum class SourceType { File, Exec, System, Plugin };
+enum class SourceType { File, Exec, System, Plugin, Execd };
 
 // What a `system` source can report (docs/sources.md lists the telemetry keys of each).
-inline constexpr std::array<std::string_view, 6> kSystemMetrics = {
-    "cpu", "memory", "load", "uptime", "disk", "temperature"};
+// All but cpu_cores are reported by default (an empty `metrics`).
+inline constexpr std::array<std::string_view, 9> kSystemMetrics = {
+    "cpu", "memory", "load", "uptime", "disk", "temperature", "swap", "network", "cpu_cores"};
 
 // A typed value from the YAML, for a plugin's `options:` (yaml-cpp stays inside config/). Plain
 // scalars are typed as YAML 1.2's core schema does (true/false, null/~, integers, finite
@@ -87,16 +88,21 @@ struct SourceSettings {
   double scale = 1.0;
   double offset = 0.0;
 
-  // type: exec
+  // type: exec (and execd: command; timeout bounds how long --test waits for its first line)
   std::vector<std::string> command;  // argv; no shell
-  Millis timeout = 5s;               // exec and plugin
+  Millis timeout = 5s;                     // exec, execd (--test) and plugin
+  std::map<std::string, std::string> env;  // added to the program's small environment
+  std::string working_directory = "/";     // must exist (checked when the source is built)
 
   // type: plugin
   Value options;  // the `options:` map (a Value::Map), or null
 
   // type: system
-  std::vector<std::string> metrics;  // from kSystemMetrics; empty = all this machine has
-  std::string disk_path = "/";       // the file system `disk` reports on
+  std::vector<std::string> metrics;     // from kSystemMetrics; empty = all this machine has
+  std::string disk_path = "/";          // the file system `disk` reports on
+  std::vector<std::string> disks;       // more file systems `disk` reports, with prefixed keys
+  std::vector<std::string> interfaces;  // `network`: names or globs; empty = all but lo
+  std::vector<std::string> exclude_interfaces;  // `network`: names or globs left out
 
   bool operator==(const SourceSettings&) const = default;
 };

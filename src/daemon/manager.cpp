@@ -13,6 +13,7 @@
 #include <map>
 
 #include "sources/plugin_source.hpp"
+#include "sources/execd_source.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
@@ -61,6 +62,7 @@ Manager::~Manager() {
   if (uploader_) uploader_->pause();
   provisioner_.reset();
   uploader_.reset();
+  sources::set_on_all_programs_stopped(nullptr);
   sources_.clear();
   bus_.reset();
   shutdown_timer_.reset();
@@ -199,6 +201,8 @@ int Manager::init() {
   uploader_ = std::make_unique<Uploader>(loop_, *queue_, cfg_.delivery, cfg_.queue.drain_rate,
                                          std::move(cb));
 
+  // Shutdown waits (within shutdown_timeout) for stopped execd programs to exit.
+  sources::set_on_all_programs_stopped([this] { maybe_finish_shutdown(); });
   if (!build_sources(cfg_, &sources_, &err)) {
     spdlog::critical("{}", err);
     return kExitConfig;
@@ -380,7 +384,8 @@ void Manager::maybe_finish_shutdown() {
   if (!stopping_) return;
   const bool drained = queue_->queued_readings() == 0;
   const bool cannot_send = !uploader_->started() || uploader_->state() != DeliveryState::Idle;
-  if ((drained || cannot_send) && !uploader_->busy()) sd_event_exit(loop_, 0);
+  if ((drained || cannot_send) && !uploader_->busy() && sources::stopping_programs() == 0)
+    sd_event_exit(loop_, 0);
 }
 
 std::string Manager::reload() {

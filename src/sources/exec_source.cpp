@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/epoll.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <map>
 #include <tuple>
 
 #include <spdlog/spdlog.h>
@@ -178,21 +180,15 @@ SourcePtr ExecSource::create(sd_event* loop, const config::SourceConfig& config,
     *error = "timeout must be positive";
     return nullptr;
   }
+  if (std::string e = check_working_directory(config.working_directory); !e.empty()) {
+    *error = std::move(e);
+    return nullptr;
+  }
   return SourcePtr(new ExecSource(loop, config));
 }
 
 ExecSource::ExecSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "exec") {
-  // A small, predictable environment instead of the agent's: programs behave the same under
-  // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
-  // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
-  const char* path = std::getenv("PATH");
-  env_.push_back(std::string("PATH=") + (path && *path ? path : kDefaultPath));
-  env_.push_back("LANG=C");
-  env_.push_back("TB_AGENT_SOURCE=" + config_.name);
-  for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
-    if (const char* v = std::getenv(name)) env_.push_back(std::string(name) + "=" + v);
-}
+    : Source(loop, std::move(config), "exec"), env_(program_environment(config_)) {}
 
 ExecSource::~ExecSource() { cancel(); }
 
@@ -203,8 +199,34 @@ void ExecSource::begin() {
   if (!err.empty()) complete({std::nullopt, std::move(err)});
 }
 
-std::string ExecSource::spawn() {
-  const std::string& program = config_.command.front();
+std::vector<std::string> program_environment(const config::SourceConfig& config) {
+  // A small, predictable environment instead of the agent's: programs behave the same under
+  // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
+  // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
+  std::map<std::string, std::string> vars;
+  const char* path = std::getenv("PATH");
+  vars["PATH"] = path && *path ? path : kDefaultPath;
+  vars["LANG"] = "C";
+  vars["TB_AGENT_SOURCE"] = config.name;
+  for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
+    if (const char* v = std::getenv(name)) vars[name] = v;
+  for (const auto& [name, value] : config.env) vars[name] = value;
+  std::vector<std::string> env;
+  for (const auto& [name, value] : vars) env.push_back(name + "=" + value);
+  return env;
+}
+
+std::string check_working_directory(const std::string& dir) {
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) return "working_directory " + dir + ": " + errno_text(errno);
+  if (!S_ISDIR(st.st_mode)) return "working_directory " + dir + " is not a directory";
+  return {};
+}
+
+std::string spawn_program(const std::vector<std::string>& command,
+                          const std::vector<std::string>& env, const std::string& working_directory,
+                          SpawnedProgram* out_program) {
+  const std::string& program = command.front();
   // Without SIGCHLD blocked sd_event_add_child refuses, and we would have a child nobody reaps.
   if (!sigchld_blocked())
     return "cannot watch " + program + ": SIGCHLD is not blocked in the agent (internal error)";
@@ -225,7 +247,8 @@ std::string ExecSource::spawn() {
   // Whatever else the agent has open (sockets, the queue database) stays out of the program even
   // if some library forgot O_CLOEXEC.
   posix_spawn_file_actions_addclosefrom_np(&fa.fa, 3);
-  posix_spawn_file_actions_addchdir_np(&fa.fa, "/");
+  posix_spawn_file_actions_addchdir_np(&fa.fa,
+                                       working_directory.empty() ? "/" : working_directory.c_str());
 
   SpawnAttr attr;
   // The agent blocks SIGCHLD, SIGTERM, SIGHUP… for signalfd; a program must start with a clean
@@ -240,10 +263,10 @@ std::string ExecSource::spawn() {
                            POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
 
   std::vector<char*> argv;
-  for (const auto& a : config_.command) argv.push_back(const_cast<char*>(a.c_str()));
+  for (const auto& a : command) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   std::vector<char*> envp;
-  for (const auto& e : env_) envp.push_back(const_cast<char*>(e.c_str()));
+  for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
 
   pid_t pid = 0;
@@ -256,6 +279,22 @@ std::string ExecSource::spawn() {
   if (rc != 0) return "cannot run " + program + ": " + errno_text(rc);
   ::close(out.release(1));
   ::close(err.release(1));
+  out_program->pid = pid;
+  out_program->stdout_fd = out.release(0);
+  out_program->stderr_fd = err.release(0);
+  return {};
+}
+
+std::string ExecSource::spawn() {
+  const std::string& program = config_.command.front();
+  SpawnedProgram spawned;
+  if (std::string e = spawn_program(config_.command, env_, config_.working_directory, &spawned);
+      !e.empty())
+    return e;
+  const pid_t pid = spawned.pid;
+  Pipe out, err;
+  out.fd[0] = spawned.stdout_fd;
+  err.fd[0] = spawned.stderr_fd;
 
   run_ = std::make_unique<Run>();
   run_->pid = pid;

@@ -62,6 +62,27 @@ class ExecSource final : public Source {
   std::unique_ptr<Run> run_;
 };
 
+// The environment every program a source runs gets (exec and execd): PATH, LANG=C,
+// TB_AGENT_SOURCE=<name>, TZ and CREDENTIALS_DIRECTORY when the agent has them, then the
+// source's `env` (which wins over those). Nothing else of the agent's environment.
+std::vector<std::string> program_environment(const config::SourceConfig& config);
+
+// "" when `dir` is an existing directory, else why not (working_directory).
+std::string check_working_directory(const std::string& dir);
+
+struct SpawnedProgram {
+  pid_t pid = 0;
+  int stdout_fd = -1;  // read ends, non-blocking, close-on-exec; the caller owns them
+  int stderr_fd = -1;
+};
+// Starts `command` (argv, no shell) in its own process group with stdin /dev/null, stdout and
+// stderr on pipes, a clean signal mask, `working_directory` as cwd and `env` as its whole
+// environment. SIGCHLD must
+// be blocked. Returns an error sentence, empty on success.
+std::string spawn_program(const std::vector<std::string>& command,
+                          const std::vector<std::string>& env, const std::string& working_directory,
+                          SpawnedProgram* out);
+
 // The program's output → a record: one JSON object of key → number/bool/string; null values are
 // skipped; anything else (nested values, empty keys, not an object) rejects the whole output.
 // Returns false and sets *error on rejection.

@@ -2,6 +2,7 @@
 #include <array>
 
 #include "sources/exec_source.hpp"
+#include "sources/execd_source.hpp"
 #include "sources/file_source.hpp"
 #include "sources/plugin_source.hpp"
 #include "sources/source.hpp"
@@ -25,6 +26,7 @@ constexpr std::array kTypes{
     TypeEntry{config::SourceType::Exec, "exec", &ExecSource::create},
     TypeEntry{config::SourceType::System, "system", &SystemSource::create},
     TypeEntry{config::SourceType::Plugin, "plugin", &PluginSource::create},
+    TypeEntry{config::SourceType::Execd, "execd", &ExecdSource::create},
 };
 
 const TypeEntry* find(config::SourceType type) {

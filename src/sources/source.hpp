@@ -28,7 +28,7 @@ struct SourceStatus {
   std::string type;
   Millis interval{0};
   std::uint64_t readings = 0;   // readings produced since start
-  std::uint64_t errors = 0;     // failed collections since start
+  std::uint64_t errors = 0;     // failed collections since start (execd: rejected lines, exits)
   std::uint64_t skipped = 0;    // ticks skipped because the previous collection still ran
   std::int64_t last_ts_ms = 0;  // last successful collection; 0 = never
   std::string last_error;       // empty after a success
@@ -66,10 +66,12 @@ class Source {
   // Errors are logged (rate-limited) and recorded in status(). Ticks are planned from the first
   // one (start + k·interval), so collection time does not make them drift; a tick that finds
   // the previous collection still running is skipped and counted in status().skipped.
-  bool start(std::function<void(telemetry::Record)> emit, std::string* error);
+  // A push-style source (execd: a long-running program that reports whenever it has readings)
+  // overrides start/stop/started and emits from its own loop callbacks instead of a timer.
+  virtual bool start(std::function<void(telemetry::Record)> emit, std::string* error);
   // Stops the timer and aborts a running collection. start() may be called again.
-  void stop();
-  bool started() const { return timer_ != nullptr; }
+  virtual void stop();
+  virtual bool started() const { return timer_ != nullptr; }
 
   // A failing source logs its first error, then again only when the text changes or after this
   // long (default 10 min) — a source failing every second must not flood the journal.

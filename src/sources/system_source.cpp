@@ -1,5 +1,6 @@
 #include "sources/system_source.hpp"
 
+#include <fnmatch.h>
 #include <sys/statvfs.h>
 
 #include <algorithm>
@@ -118,7 +119,87 @@ bool read_uptime(const fs::path& root, Readings& out, std::string* error) {
   return true;
 }
 
-bool read_disk(const std::string& path, Readings& out, std::string* error) {
+// /proc/meminfo: SwapTotal and SwapFree (kB). No swap is valid: all zero.
+bool read_swap(const fs::path& root, Readings& out, std::string* error) {
+  auto text = read_kernel_file(root / "proc/meminfo", error);
+  if (!text) return false;
+  std::optional<std::uint64_t> total, free;
+  std::string_view rest = *text;
+  while (!rest.empty()) {
+    const auto nl = rest.find('\n');
+    const auto f = fields(rest.substr(0, nl));
+    rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
+    if (f.size() < 2) continue;
+    if (f[0] == "SwapTotal:") total = to_u64(f[1]);
+    if (f[0] == "SwapFree:") free = to_u64(f[1]);
+  }
+  if (!total || !free || *free > *total) {
+    *error = "cannot find SwapTotal and SwapFree in " + (root / "proc/meminfo").string();
+    return false;
+  }
+  const std::uint64_t used = *total - *free;
+  out.push_back({"swap_total", static_cast<std::int64_t>(*total * 1024)});
+  out.push_back({"swap_used", static_cast<std::int64_t>(used * 1024)});
+  out.push_back(
+      {"swap_used_percent",
+       *total ? round1(100.0 * static_cast<double>(used) / static_cast<double>(*total)) : 0.0});
+  return true;
+}
+
+bool matches_any(const std::vector<std::string>& patterns, const std::string& name) {
+  for (const auto& p : patterns)
+    if (::fnmatch(p.c_str(), name.c_str(), 0) == 0) return true;
+  return false;
+}
+
+// /proc/net/dev: per interface, the kernel's cumulative counters since boot (collectd's
+// interface plugin sends the same): bytes, packets, errors, drops, received and transmitted.
+bool read_network(const fs::path& root, const config::SourceConfig& config, Readings& out,
+                  std::string* error) {
+  const fs::path path = root / "proc/net/dev";
+  auto text = read_kernel_file(path, error);
+  if (!text) return false;
+  std::size_t reported = 0;
+  std::string_view rest = *text;
+  while (!rest.empty()) {
+    const auto nl = rest.find('\n');
+    const std::string_view line = rest.substr(0, nl);
+    rest = nl == std::string_view::npos ? std::string_view{} : rest.substr(nl + 1);
+    const auto colon = line.find(':');
+    if (colon == std::string_view::npos) continue;  // the two header lines
+    const std::string name(trim(line.substr(0, colon)));
+    if (name.empty()) continue;
+    const bool included =
+        config.interfaces.empty() ? name != "lo" : matches_any(config.interfaces, name);
+    if (!included || matches_any(config.exclude_interfaces, name)) continue;
+    const auto f = fields(line.substr(colon + 1));
+    std::uint64_t v[16] = {};
+    bool ok = f.size() >= 16;
+    for (std::size_t i = 0; ok && i < 16; ++i) {
+      const auto n = to_u64(f[i]);
+      ok = n.has_value();
+      if (ok) v[i] = *n;
+    }
+    if (!ok) {
+      *error = "cannot parse the line of " + printable(name) + " in " + path.string();
+      return false;
+    }
+    if (++reported > SystemSource::kMaxInterfaces) break;
+    const std::string key = "net_" + SystemSource::key_name(name) + "_";
+    // Receive: bytes packets errs drop …; transmit from field 8: bytes packets errs drop …
+    for (const auto& [dir, base] : {std::pair{"rx", 0}, std::pair{"tx", 8}}) {
+      const std::string k = key + dir + "_";
+      out.push_back({k + "bytes", static_cast<std::int64_t>(v[base])});
+      out.push_back({k + "packets", static_cast<std::int64_t>(v[base + 1])});
+      out.push_back({k + "errors", static_cast<std::int64_t>(v[base + 2])});
+      out.push_back({k + "drops", static_cast<std::int64_t>(v[base + 3])});
+    }
+  }
+  return true;
+}
+
+bool read_disk(const std::string& path, const std::string& prefix, Readings& out,
+               std::string* error) {
   struct statvfs st {};
   if (::statvfs(path.c_str(), &st) != 0) {
     *error = "cannot stat the file system of " + path + ": " + std::strerror(errno);
@@ -129,12 +210,12 @@ bool read_disk(const std::string& path, Readings& out, std::string* error) {
   // What an unprivileged writer (the service user) can still use, as df shows it.
   const std::uint64_t available = st.f_bavail * unit;
   const std::uint64_t used = (st.f_blocks - st.f_bfree) * unit;
-  out.push_back({"disk_total", static_cast<std::int64_t>(total)});
-  out.push_back({"disk_available", static_cast<std::int64_t>(available)});
+  out.push_back({prefix + "total", static_cast<std::int64_t>(total)});
+  out.push_back({prefix + "available", static_cast<std::int64_t>(available)});
   // df's Use%: used / (used + available), so the root reserve does not look free.
   const std::uint64_t usable = used + available;
   out.push_back(
-      {"disk_used_percent",
+      {prefix + "used_percent",
        usable ? round1(100.0 * static_cast<double>(used) / static_cast<double>(usable)) : 0.0});
   return true;
 }
@@ -179,13 +260,13 @@ bool read_temperature(const fs::path& root, Readings& out, std::string* error) {
 
 }  // namespace
 
-std::optional<SystemSource::CpuTimes> SystemSource::parse_proc_stat(std::string_view text) {
-  const std::string_view line = text.substr(0, text.find('\n'));
-  const auto f = fields(line);
-  // cpu user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
-  // counted in user/nice, so it is not added again.
-  if (f.size() < 5 || f[0] != "cpu") return std::nullopt;
-  CpuTimes t;
+namespace {
+
+// cpu user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is already
+// counted in user/nice, so it is not added again.
+std::optional<SystemSource::CpuTimes> parse_cpu_fields(const std::vector<std::string_view>& f) {
+  if (f.size() < 5) return std::nullopt;
+  SystemSource::CpuTimes t;
   for (std::size_t i = 1; i < f.size() && i <= 8; ++i) {
     const auto v = to_u64(f[i]);
     if (!v) return std::nullopt;
@@ -193,6 +274,54 @@ std::optional<SystemSource::CpuTimes> SystemSource::parse_proc_stat(std::string_
     if (i == 4 || i == 5) t.idle += *v;
   }
   return t;
+}
+
+// Busy percent between two samples; nullopt when there is no interval to measure over.
+std::optional<double> usage(const SystemSource::CpuTimes& before,
+                            const SystemSource::CpuTimes& now) {
+  // Counters only grow; a smaller value means a different /proc (container moved, tests).
+  if (now.total <= before.total || now.idle < before.idle) return std::nullopt;
+  const double busy = static_cast<double>((now.total - before.total) - (now.idle - before.idle));
+  const double pct = 100.0 * busy / static_cast<double>(now.total - before.total);
+  return round1(std::clamp(pct, 0.0, 100.0));
+}
+
+}  // namespace
+
+std::string SystemSource::key_name(std::string_view interface) {
+  std::string out(interface);
+  for (char& c : out)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_') c = '_';
+  return out;
+}
+
+std::string SystemSource::disk_key_name(std::string_view path) {
+  while (!path.empty() && path.front() == '/') path.remove_prefix(1);
+  while (!path.empty() && path.back() == '/') path.remove_suffix(1);
+  return path.empty() ? "root" : key_name(path);
+}
+
+std::map<int, SystemSource::CpuTimes> SystemSource::parse_proc_stat_cores(std::string_view text) {
+  std::map<int, CpuTimes> out;
+  while (!text.empty()) {
+    const auto nl = text.find('\n');
+    const auto f = fields(text.substr(0, nl));
+    text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
+    if (f.empty() || f[0].size() < 4 || f[0].substr(0, 3) != "cpu") continue;
+    int core = 0;
+    const auto digits = f[0].substr(3);
+    auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), core);
+    if (ec != std::errc() || p != digits.data() + digits.size() || core < 0) continue;
+    if (auto t = parse_cpu_fields(f)) out[core] = *t;
+  }
+  return out;
+}
+
+std::optional<SystemSource::CpuTimes> SystemSource::parse_proc_stat(std::string_view text) {
+  const std::string_view line = text.substr(0, text.find('\n'));
+  const auto f = fields(line);
+  if (f.empty() || f[0] != "cpu") return std::nullopt;
+  return parse_cpu_fields(f);
 }
 
 SourcePtr SystemSource::create(sd_event* loop, const config::SourceConfig& config,
@@ -213,6 +342,12 @@ SourcePtr SystemSource::create_with_root(sd_event* loop, const config::SourceCon
     *error = "disk_path must be an absolute path";
     return nullptr;
   }
+  for (const auto& d : config.disks) {
+    if (d.empty() || d.front() != '/') {
+      *error = "disks must be absolute paths";
+      return nullptr;
+    }
+  }
   return SourcePtr(new SystemSource(loop, config, std::move(root)));
 }
 
@@ -222,17 +357,21 @@ SystemSource::SystemSource(sd_event* loop, config::SourceConfig config, std::fil
 SystemSource::~SystemSource() { cancel(); }
 
 bool SystemSource::wants(std::string_view metric) const {
-  return config_.metrics.empty() ||
+  // Per-core usage is opt-in: a many-core host would otherwise send dozens of keys by default.
+  return (config_.metrics.empty() && metric != "cpu_cores") ||
          std::find(config_.metrics.begin(), config_.metrics.end(), metric) != config_.metrics.end();
 }
 
 void SystemSource::begin() {
-  if (wants("cpu") && !previous_cpu_) {
+  if ((wants("cpu") && !previous_cpu_) || (wants("cpu_cores") && previous_cores_.empty())) {
     // The first collection: take a sample now and measure over a short window.
     std::string error;
     auto text = read_kernel_file(root_ / "proc/stat", &error);
-    if (text) previous_cpu_ = parse_proc_stat(*text);
-    if (previous_cpu_) {
+    if (text) {
+      previous_cpu_ = parse_proc_stat(*text);
+      previous_cores_ = parse_proc_stat_cores(*text);
+    }
+    if (previous_cpu_ || !previous_cores_.empty()) {
       const int r =
           sd_event_add_time_relative(loop_, &cpu_window_, CLOCK_MONOTONIC,
                                      static_cast<std::uint64_t>(kFirstCpuWindow.count()) * 1000,
@@ -290,11 +429,45 @@ void SystemSource::finish_collection() {
     rec.readings.push_back({"cpu_usage", round1(std::clamp(pct, 0.0, 100.0))});
     return true;
   });
+  attempt("cpu_cores", [&](std::string& error) {
+    auto text = read_kernel_file(root_ / "proc/stat", &error);
+    if (!text) return false;
+    const auto now = parse_proc_stat_cores(*text);
+    if (now.empty()) {
+      error = "cannot find per-core cpu lines in " + (root_ / "proc/stat").string();
+      return false;
+    }
+    const auto before = std::move(previous_cores_);
+    previous_cores_ = now;
+    bool any = false;
+    for (const auto& [core, times] : now) {
+      const auto it = before.find(core);
+      if (it == before.end()) continue;  // just came online: measured from the next collection
+      if (const auto pct = usage(it->second, times)) {
+        rec.readings.push_back({"cpu" + std::to_string(core) + "_usage", *pct});
+        any = true;
+      }
+    }
+    error.clear();
+    return any;
+  });
   attempt("memory", [&](std::string& error) { return read_memory(root_, rec.readings, &error); });
+  attempt("swap", [&](std::string& error) { return read_swap(root_, rec.readings, &error); });
+  attempt("network",
+          [&](std::string& error) { return read_network(root_, config_, rec.readings, &error); });
   attempt("load", [&](std::string& error) { return read_load(root_, rec.readings, &error); });
   attempt("uptime", [&](std::string& error) { return read_uptime(root_, rec.readings, &error); });
-  attempt("disk",
-          [&](std::string& error) { return read_disk(config_.disk_path, rec.readings, &error); });
+  attempt("disk", [&](std::string& error) {
+    bool ok = read_disk(config_.disk_path, "disk_", rec.readings, &error);
+    for (const auto& path : config_.disks) {
+      std::string e;
+      if (!read_disk(path, "disk_" + disk_key_name(path) + "_", rec.readings, &e)) {
+        error += (error.empty() ? "" : "; ") + e;
+        ok = false;
+      }
+    }
+    return ok;
+  });
   attempt("temperature", [&](std::string& error) {
     if (read_temperature(root_, rec.readings, &error)) return true;
     // No thermal zones is normal unless the config asked for the temperature by name.

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -27,6 +28,15 @@ class SystemSource final : public Source {
   };
   // nullopt if the text has no parsable "cpu " line.
   static std::optional<CpuTimes> parse_proc_stat(std::string_view text);
+  // The per-core lines (cpu0, cpu1, …) by core number; cores that are offline have no line.
+  static std::map<int, CpuTimes> parse_proc_stat_cores(std::string_view text);
+  // At most this many interfaces are reported (a host with thousands of veths must not make
+  // records without bound); narrow them with `interfaces` / `exclude_interfaces`.
+  static constexpr std::size_t kMaxInterfaces = 64;
+  // An interface name as it appears in telemetry keys: [A-Za-z0-9_], anything else becomes '_'.
+  static std::string key_name(std::string_view interface);
+  // A mount path in `disks` as it appears in keys: "/" → "root", "/var/lib" → "var_lib".
+  static std::string disk_key_name(std::string_view path);
 
   // How long the first collection waits between its two CPU samples, when there is no earlier
   // sample to measure from: usage is a rate, one sample says nothing.
@@ -45,6 +55,7 @@ class SystemSource final : public Source {
 
   std::filesystem::path root_;
   std::optional<CpuTimes> previous_cpu_;
+  std::map<int, CpuTimes> previous_cores_;
   sd_event_source* cpu_window_ = nullptr;
 };
 

@@ -307,7 +307,7 @@ TEST(Errors, Sources) {
   const std::string head = "server: {host: h}\nsources:\n";
   expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, disks]\n", 5, 20,
              "sources[0].metrics[1]: unknown metric 'disks' (use cpu, memory, load, uptime, "
-             "disk, temperature)");
+             "disk, temperature, swap, network, cpu_cores)");
   expect_one(head + "  - name: a\n    type: system\n    metrics: [cpu, cpu]\n", 5, 20,
              "sources[0].metrics[1]: 'cpu' is listed twice");
   expect_one(head + "  - name: a\n    type: system\n    metrics: []\n", 5, 14,
@@ -328,7 +328,7 @@ TEST(Errors, Sources) {
                  "{e: {f: {g: {h: {i: 1}}}}}}}}}\n",
              6, 50, "nested too deeply (at most 8 levels)");
   expect_one(head + "  - name: a\n    type: fiel\n", 4, 11,
-             "unknown source type 'fiel' (use file, exec, system or plugin)");
+             "unknown source type 'fiel' (use file, exec, system, execd or plugin)");
   expect_one(head + "  - name: a\n    path: /x\n", 3, 5, "sources[0]: missing required key 'type'");
   expect_one(head + "  - type: exec\n    command: [x]\n", 3, 5,
              "sources[0]: missing required key 'name'");
@@ -336,7 +336,7 @@ TEST(Errors, Sources) {
   expect_one(head + "  - {name: a, type: file, path: /x}\n", 3, 5, "missing required key 'key'");
   expect_one(head + "  - {name: a, type: exec}\n", 3, 5, "missing required key 'command'");
   expect_one(head + "  - name: a\n    type: file\n    path: /x\n    key: k\n    command: [x]\n", 7,
-             5, "sources[0].command: only exec sources have this key, not file sources");
+             5, "sources[0].command: only exec and execd sources have this key, not file sources");
   expect_one(head + "  - name: a\n    type: exec\n    command: [x]\n    scale: 2\n", 6, 5,
              "only file sources have this key");
   expect_one(head + "  - name: a\n    type: exec\n    command: x\n", 5, 14,
@@ -635,12 +635,23 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
        {{"name", {"s", "t"}},
         {"interval", {"10s", "20s"}},
         {"command", {"[/bin/true]", "[/bin/true, x]"}},
-        {"timeout", {"1s", "2s"}}}},
+        {"timeout", {"1s", "2s"}},
+        {"env", {"{A: '1'}", "{A: '2'}"}},
+        {"working_directory", {"/", "/tmp"}}}},
       {"system",
        {{"name", {"s", "t"}},
         {"interval", {"1s", "2s"}},
         {"metrics", {"[load]", "[memory]"}},
-        {"disk_path", {"/", "/tmp"}}}},
+        {"disk_path", {"/", "/tmp"}},
+        {"disks", {"[/]", "[/tmp]"}},
+        {"interfaces", {"[eth0]", "[eth*]"}},
+        {"exclude_interfaces", {"[docker0]", "[veth*]"}}}},
+      {"execd",
+       {{"name", {"s", "t"}},
+        {"command", {"[/bin/true]", "[/bin/true, x]"}},
+        {"timeout", {"1s", "2s"}},
+        {"env", {"{A: '1'}", "{A: '2'}"}},
+        {"working_directory", {"/", "/tmp"}}}},
       {"plugin",
        {{"name", {"s", "t"}},
         {"interval", {"10s", "20s"}},
@@ -677,6 +688,53 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
   SourceConfig file, exec;
   exec.type = SourceType::Exec;
   EXPECT_FALSE(same_settings(file, exec));
+  SourceConfig execd;
+  execd.type = SourceType::Execd;
+  EXPECT_FALSE(same_settings(exec, execd));
+}
+
+// env: NAME: value pairs, names checked, values never quoted back; working_directory absolute.
+TEST(Exec, EnvAndWorkingDirectory) {
+  const std::string head =
+      "server: {host: h}\nsources:\n  - name: s\n    type: exec\n"
+      "    command: [/bin/true]\n";
+  auto r = load(head + "    env: {MODEM: /dev/ttyUSB2, LEVEL: 3}\n    working_directory: /tmp\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  const auto& s = r.config->sources.at(0);
+  EXPECT_EQ(s.env, (std::map<std::string, std::string>{{"LEVEL", "3"}, {"MODEM", "/dev/ttyUSB2"}}));
+  EXPECT_EQ(s.working_directory, "/tmp");
+  r = load(head);
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_TRUE(r.config->sources.at(0).env.empty());
+  EXPECT_EQ(r.config->sources.at(0).working_directory, "/");
+  r = load(head + "    env: {1BAD: SECRET-VALUE-7, OK: [x]}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("'1BAD' is not a variable name"));
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env.OK: expected a string, not a list"));
+  EXPECT_THAT(all(r), ::testing::Not(HasSubstr("SECRET-VALUE-7")));
+  r = load(head + "    env: [A=1]\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env: expected a map of NAME: value"));
+  r = load(head + "    working_directory: tmp\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].working_directory: must be an absolute path"));
+  r = load(
+      "server: {host: h}\nsources:\n  - {name: s, type: file, path: /a, key: k, env: {A: b}}\n");
+  EXPECT_THAT(all(r), HasSubstr("sources[0].env: only exec and execd sources have this key"));
+}
+
+// execd has no interval (its program reports when it has readings): the key is refused there.
+TEST(Execd, HasCommandAndTimeoutButNoInterval) {
+  auto r = load("server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat]}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->sources.at(0).type, SourceType::Execd);
+  EXPECT_EQ(r.config->sources.at(0).command, std::vector<std::string>{"/bin/cat"});
+  r = load(
+      "server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat], "
+      "interval: 5s}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("interval"));
+  r = load("server: {host: h}\nsources:\n  - {name: m, type: execd}\n");
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(all(r), HasSubstr("command"));
 }
 
 }  // namespace

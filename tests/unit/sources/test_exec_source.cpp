@@ -229,6 +229,37 @@ TEST_F(ExecSourceTest, MinimalEnvironment) {
   EXPECT_EQ(*value_of<std::string>(*c.record, "cwd"), "/");
 }
 
+// env adds to the minimal environment (and wins over its defaults); the agent's own variables
+// still stay out. working_directory is the program's cwd.
+TEST_F(ExecSourceTest, EnvAndWorkingDirectory) {
+  setenv("TB_SOURCES_TEST_SECRET", "x", 1);
+  auto cfg = sh(R"sh(printf '{"modem":"%s","lang":"%s","secret":"%s","cwd":"%s"}' )sh"
+                R"sh("$MODEM" "$LANG" "${TB_SOURCES_TEST_SECRET-unset}" "$(pwd)")sh");
+  cfg.env = {{"MODEM", "/dev/ttyUSB2"}, {"LANG", "C.UTF-8"}};
+  cfg.working_directory = dir.string();
+  const auto c = run(cfg);
+  unsetenv("TB_SOURCES_TEST_SECRET");
+  ASSERT_TRUE(c.record) << c.error;
+  EXPECT_EQ(*value_of<std::string>(*c.record, "modem"), "/dev/ttyUSB2");
+  EXPECT_EQ(*value_of<std::string>(*c.record, "lang"), "C.UTF-8");
+  EXPECT_EQ(*value_of<std::string>(*c.record, "secret"), "unset");
+  EXPECT_EQ(*value_of<std::string>(*c.record, "cwd"), dir.string());
+}
+
+TEST_F(ExecSourceTest, AMissingWorkingDirectoryIsRefusedWhenBuilt) {
+  for (auto type : {config::SourceType::Exec, config::SourceType::Execd}) {
+    auto cfg = sh("true");
+    cfg.type = type;
+    cfg.working_directory = (dir / "missing").string();
+    std::string err;
+    EXPECT_FALSE(make_source(loop, cfg, &err));
+    EXPECT_EQ(err, "working_directory " + cfg.working_directory + ": No such file or directory");
+    cfg.working_directory = write_file("plain", "x");
+    EXPECT_FALSE(make_source(loop, cfg, &err));
+    EXPECT_EQ(err, "working_directory " + cfg.working_directory + " is not a directory");
+  }
+}
+
 TEST_F(ExecSourceTest, CleanSignalsStdinAndFds) {
   // The test process has SIGCHLD blocked (like the agent) and an fd without O_CLOEXEC.
   const int leak = open("/dev/null", O_RDONLY);

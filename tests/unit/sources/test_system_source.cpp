@@ -23,6 +23,20 @@ double as_number(const telemetry::Value& v) {
   return std::get<double>(v);
 }
 
+// Linux's format: two header lines, then "name: 8 receive and 8 transmit counters".
+constexpr const char* kNetDev =
+    "Inter-|   Receive                                                |  Transmit\n"
+    " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs "
+    "drop fifo colls carrier compressed\n"
+    "    lo:    5000      50    0    0    0     0          0         0     5000      50    0    "
+    "0    0     0       0          0\n"
+    "  eth0: 1000000    2000    3    4    0     0          0         9   500000    1000    5    "
+    "6    0     0       0          0\n"
+    "br-lan.10:  700    7    0    1    0     0          0         0      800       8    0    "
+    "2    0     0       0          0\n"
+    "veth1a2b:   10      1    0    0    0     0          0         0       20       2    0    "
+    "0    0     0       0          0\n";
+
 // A fake /proc and /sys under `dir`, with values whose readings are known exactly.
 class SystemSourceTest : public LoopTest {
  protected:
@@ -32,7 +46,10 @@ class SystemSourceTest : public LoopTest {
     stat("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 100 0 100 800 0 0 0 0 0 0\nintr 1\n");
     write_file("proc/meminfo",
                "MemTotal:        2048000 kB\nMemFree:          100000 kB\n"
-               "MemAvailable:     512000 kB\nBuffers:           1000 kB\n");
+               "MemAvailable:     512000 kB\nBuffers:           1000 kB\n"
+               "SwapTotal:       1000000 kB\nSwapFree:         750000 kB\n");
+    fs::create_directories(dir / "proc/net");
+    write_file("proc/net/dev", kNetDev);
     write_file("proc/loadavg", "0.50 0.25 0.10 1/123 4567\n");
     write_file("proc/uptime", "12345.67 2000.00\n");
     zone(0, "acpitz", "40000");
@@ -87,6 +104,73 @@ TEST(ParseProcStat, SumsTheAggregateLine) {
   EXPECT_FALSE(SystemSource::parse_proc_stat(""));
 }
 
+TEST_F(SystemSourceTest, SeveralDisksWithPrefixedKeys) {
+  fs::create_directories(dir / "data");
+  auto c = config({"disk"});
+  c.disks = {"/", (dir / "data").string()};
+  auto s = make(c);
+  const auto got = collect_once(*s);
+  ASSERT_TRUE(got.record) << got.error;
+  const auto v = by_key(*got.record);
+  const std::string data = "disk_" + SystemSource::disk_key_name((dir / "data").string()) + "_";
+  EXPECT_EQ(SystemSource::disk_key_name("/var/lib/tb-agent/"), "var_lib_tb_agent");
+  EXPECT_EQ(v.count("disk_total"), 1u) << "disk_path keeps its keys";
+  EXPECT_EQ(v.count("disk_root_total"), 1u);
+  EXPECT_EQ(v.count("disk_root_used_percent"), 1u);
+  EXPECT_EQ(v.count(data + "available"), 1u) << data;
+  EXPECT_EQ(v.size(), 9u);
+
+  c.disks = {(dir / "missing").string()};
+  auto bad = make(c);
+  const auto failed = collect_once(*bad);
+  EXPECT_FALSE(failed.record);
+  EXPECT_NE(failed.error.find("missing"), std::string::npos) << failed.error;
+}
+
+TEST_F(SystemSourceTest, InterfacesIncludeAndExclude) {
+  auto c = config({"network"});
+  c.interfaces = {"lo", "eth*", "br-*", "veth*"};
+  c.exclude_interfaces = {"veth*"};
+  auto s = make(c);
+  const auto got = collect_once(*s);
+  ASSERT_TRUE(got.record) << got.error;
+  const auto v = by_key(*got.record);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_lo_rx_bytes")), 5000) << "named, so included";
+  EXPECT_EQ(v.count("net_eth0_rx_bytes"), 1u);
+  EXPECT_EQ(v.count("net_br_lan_10_rx_bytes"), 1u);
+  EXPECT_EQ(v.count("net_veth1a2b_rx_bytes"), 0u) << "excluded wins";
+  EXPECT_EQ(v.size(), 3u * 8u);
+}
+
+TEST_F(SystemSourceTest, NoSwapIsZeroNotAnError) {
+  write_file("proc/meminfo",
+             "MemTotal: 2048000 kB\nMemAvailable: 512000 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n");
+  auto s = make(config({"swap"}));
+  const auto got = collect_once(*s);
+  ASSERT_TRUE(got.record) << got.error;
+  const auto v = by_key(*got.record);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("swap_total")), 0);
+  EXPECT_DOUBLE_EQ(std::get<double>(v.at("swap_used_percent")), 0.0);
+}
+
+TEST_F(SystemSourceTest, PerCoreUsageWhenAsked) {
+  stat(
+      "cpu  200 0 200 1600 0 0 0 0 0 0\ncpu0 100 0 100 800 0 0 0 0 0 0\n"
+      "cpu1 100 0 100 800 0 0 0 0 0 0\nintr 1\n");
+  auto s = make(config({"cpu_cores"}));
+  // cpu0: +100 ticks, 50 idle → 50%; cpu1: +100 ticks, 90 idle → 10%.
+  const auto got = collect_with(*s, [&] {
+    stat(
+        "cpu  260 0 200 1740 0 0 0 0 0 0\ncpu0 150 0 100 850 0 0 0 0 0 0\n"
+        "cpu1 110 0 100 890 0 0 0 0 0 0\nintr 1\n");
+  });
+  ASSERT_TRUE(got.record) << got.error;
+  const auto v = by_key(*got.record);
+  EXPECT_DOUBLE_EQ(std::get<double>(v.at("cpu0_usage")), 50.0);
+  EXPECT_DOUBLE_EQ(std::get<double>(v.at("cpu1_usage")), 10.0);
+  EXPECT_EQ(v.size(), 2u);
+}
+
 TEST_F(SystemSourceTest, EveryMetricWithExactValues) {
   auto s = make(config());
   const std::int64_t before = wall_ms();
@@ -112,7 +196,22 @@ TEST_F(SystemSourceTest, EveryMetricWithExactValues) {
   const double disk = std::get<double>(v.at("disk_used_percent"));
   EXPECT_GE(disk, 0.0);
   EXPECT_LE(disk, 100.0);
-  EXPECT_EQ(v.size(), 12u);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("swap_total")), 1000000ll * 1024);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("swap_used")), 250000ll * 1024);
+  EXPECT_DOUBLE_EQ(std::get<double>(v.at("swap_used_percent")), 25.0);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_rx_bytes")), 1000000);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_rx_packets")), 2000);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_rx_errors")), 3);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_rx_drops")), 4);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_tx_bytes")), 500000);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_tx_packets")), 1000);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_tx_errors")), 5);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_eth0_tx_drops")), 6);
+  EXPECT_EQ(std::get<std::int64_t>(v.at("net_br_lan_10_tx_drops")), 2) << "'-' and '.' become _";
+  EXPECT_EQ(v.count("net_lo_rx_bytes"), 0u) << "lo is left out by default";
+  EXPECT_EQ(v.count("cpu0_usage"), 0u) << "per-core usage is opt-in";
+  // 12 of before, 3 swap, 8 counters for each of eth0, br-lan.10 and veth1a2b.
+  EXPECT_EQ(v.size(), 12u + 3u + 3u * 8u);
 
   // The next collection measures from the previous one's sample, without a window.
   stat("cpu  300 0 150 1200 100 0 0 0 0 0\n");  // +250 ticks, +150 idle → 40%
