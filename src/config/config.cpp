@@ -255,9 +255,11 @@ struct WalkOptions {
 
 std::string type_names(unsigned types) {
   std::string out;
-  for (const auto& [bit, name] :
-       {std::pair{kFile, "file"}, {kExec, "exec"}, {kSystem, "system"}, {kExecd, "execd"},
-        {kPlugin, "plugin"}})
+  for (const auto& [bit, name] : {std::pair{kFile, "file"},
+                                  {kExec, "exec"},
+                                  {kSystem, "system"},
+                                  {kExecd, "execd"},
+                                  {kPlugin, "plugin"}})
     if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
   return out;
 }
