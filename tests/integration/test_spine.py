@@ -19,7 +19,8 @@ def counter_script(tmp_path, name="counter"):
         "#!/bin/sh\n"
         f"n=$(cat {state} 2>/dev/null || echo 0)\n"
         "n=$((n+1))\n"
-        f"echo $n > {state}\n"
+        # Written aside and renamed: a test reading the count never sees a truncated file.
+        f"echo $n > {state}.tmp && mv {state}.tmp {state}\n"
         'printf \'{"seq": %d, "ok": true, "label": "run-%d"}\\n\' $n $n\n')
     script.chmod(0o755)
     return script, state
