@@ -255,10 +255,12 @@ TEST_F(Plugin, LoadAndUnloadManyTimesWithoutLeaking) {
 
 // --- the crash guard: real crashes and hangs, in forked children -----------------------------
 
-// How a child that segfaulted ended: by the signal, or (ASan build) by the sanitizer's report.
+// How a child that segfaulted ended: by the signal, or (ASan build) by the sanitizer's report,
+// which exits non-zero or, with ASAN_OPTIONS=abort_on_error=1 (CI), aborts.
 bool died_of_segv(int status) {
 #if defined(__SANITIZE_ADDRESS__)
   if (WIFEXITED(status)) return WEXITSTATUS(status) != 0;
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) return true;
 #endif
   return WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV;
 }
