@@ -89,7 +89,7 @@ struct SourceSettings {
   double offset = 0.0;
 
   // type: exec (and execd: command; timeout bounds how long --test waits for its first line)
-  std::vector<std::string> command;  // argv; no shell
+  std::vector<std::string> command;        // argv; no shell
   Millis timeout = 5s;                     // exec, execd (--test) and plugin
   std::map<std::string, std::string> env;  // added to the program's small environment
   std::string working_directory = "/";     // must exist (checked when the source is built)
