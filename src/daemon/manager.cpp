@@ -12,8 +12,8 @@
 #include <exception>
 #include <map>
 
-#include "sources/plugin_source.hpp"
 #include "sources/execd_source.hpp"
+#include "sources/plugin_source.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
