@@ -62,12 +62,26 @@ inline constexpr std::array<std::string_view, 9> kSystemMetrics = {
 // scalars are typed as YAML 1.2's core schema does (true/false, null/~, integers, finite
 // numbers); quoted scalars are strings. Maps keep the file's order.
 struct Value {
+  struct Entry;  // one name: value of a map
   using List = std::vector<Value>;
-  using Map = std::vector<std::pair<std::string, Value>>;
+  using Map = std::vector<Entry>;
   std::variant<std::monostate, bool, std::int64_t, double, std::string, List, Map> data;
 
-  bool operator==(const Value&) const = default;
+  // Defined below, once Entry is complete (clang 14 refuses a defaulted == here).
+  bool operator==(const Value& other) const;
 };
+
+// Not std::pair: libstdc++'s pair needs a complete Value where clang 14 instantiates it.
+struct Value::Entry {
+  std::string first;  // the option's name
+  Value second;
+  Entry() = default;
+  Entry(std::string name, Value value) : first(std::move(name)), second(std::move(value)) {}
+  bool operator==(const Entry&) const = default;
+};
+
+// Every field of Value (it has one).
+inline bool Value::operator==(const Value& other) const { return data == other.data; }
 
 // Bounds of an `options:` tree: a plugin's options are a few settings, not a data set.
 inline constexpr int kMaxOptionDepth = 8;
