@@ -9,8 +9,35 @@ namespace tb {
 namespace {
 
 // The parsers work in exact integer arithmetic: "0.1s" must be exactly 100 ms, which a double
-// cannot promise. 128 bits leave room for 18 fraction digits times the largest unit.
-using Wide = unsigned __int128;
+// cannot promise. A fraction of up to 18 digits times a unit needs 128 bits for a moment; 32-bit
+// targets (armhf) have no __int128, so that one product and division are done by hand.
+struct Product {
+  std::uint64_t high = 0;
+  std::uint64_t low = 0;
+};
+
+Product multiply(std::uint64_t a, std::uint64_t b) {
+  const std::uint64_t a_lo = a & 0xffffffffu, a_hi = a >> 32;
+  const std::uint64_t b_lo = b & 0xffffffffu, b_hi = b >> 32;
+  const std::uint64_t lo_lo = a_lo * b_lo, hi_lo = a_hi * b_lo;
+  const std::uint64_t lo_hi = a_lo * b_hi, hi_hi = a_hi * b_hi;
+  const std::uint64_t middle = (lo_lo >> 32) + (hi_lo & 0xffffffffu) + lo_hi;
+  return {hi_hi + (hi_lo >> 32) + (middle >> 32), (middle << 32) | (lo_lo & 0xffffffffu)};
+}
+
+// floor(n / d) for d < 2^63 and a quotient that fits 64 bits (n.high < d): long division.
+std::uint64_t divide(Product n, std::uint64_t d) {
+  std::uint64_t remainder = n.high, quotient = 0;
+  for (int bit = 63; bit >= 0; --bit) {
+    remainder = (remainder << 1) | ((n.low >> bit) & 1u);
+    quotient <<= 1;
+    if (remainder >= d) {
+      remainder -= d;
+      quotient |= 1u;
+    }
+  }
+  return quotient;
+}
 
 // Durations longer than this are certainly typos, and capping them keeps every later
 // `now + duration` far from overflowing.
@@ -46,22 +73,34 @@ void set_error(std::string* error, std::string message) {
 
 // A decimal number "123" or "1.25" read exactly: value = whole + fraction / 10^digits.
 struct Decimal {
-  Wide whole = 0;
-  Wide fraction = 0;
-  Wide scale = 1;  // 10^(fraction digits)
+  std::uint64_t whole = 0;
+  std::uint64_t fraction = 0;  // < scale
+  std::uint64_t scale = 1;     // 10^(fraction digits), at most 10^18
   bool has_fraction() const { return fraction != 0; }
-  // Rounded to the nearest integer after multiplying by `unit`.
-  Wide times(Wide unit) const { return whole * unit + (fraction * unit + scale / 2) / scale; }
+  // Rounded to the nearest integer after multiplying by `unit`; nullopt when over 64 bits.
+  std::optional<std::uint64_t> times(std::uint64_t unit) const {
+    std::uint64_t whole_part = 0;
+    if (__builtin_mul_overflow(whole, unit, &whole_part)) return std::nullopt;
+    // fraction * unit + scale / 2 < scale * (unit + 1): the quotient is at most unit.
+    Product p = multiply(fraction, unit);
+    const std::uint64_t half = scale / 2;
+    p.low += half;
+    if (p.low < half) ++p.high;
+    std::uint64_t total = 0;
+    if (__builtin_add_overflow(whole_part, divide(p, scale), &total)) return std::nullopt;
+    return total;
+  }
 };
 
-// Reads a number at the front of `s`. Returns false when there is none or it is absurdly long
-// (the whole part is bounded so `times` cannot overflow 128 bits).
+// Reads a number at the front of `s`. Returns false when there is none; sets *too_large when
+// its whole part does not fit 64 bits.
 bool read_decimal(std::string_view& s, Decimal* out, bool* too_large) {
   std::size_t i = 0;
   bool digits = false;
   while (i < s.size() && is_digit(s[i])) {
-    out->whole = out->whole * 10 + static_cast<unsigned>(s[i] - '0');
-    if (out->whole > std::numeric_limits<std::uint64_t>::max()) *too_large = true;
+    if (__builtin_mul_overflow(out->whole, 10u, &out->whole) ||
+        __builtin_add_overflow(out->whole, static_cast<unsigned>(s[i] - '0'), &out->whole))
+      *too_large = true;
     if (*too_large) out->whole = 0;  // keep scanning, the caller reports
     digits = true;
     ++i;
@@ -143,7 +182,7 @@ std::optional<Millis> parse_duration(std::string_view text, std::string* error) 
     return std::nullopt;
   }
   std::string_view rest = all;
-  Wide total = 0;
+  std::uint64_t total = 0;
   std::uint64_t previous_unit = 0;
   bool first = true;
   bool too_large = false;
@@ -179,8 +218,11 @@ std::optional<Millis> parse_duration(std::string_view text, std::string* error) 
     }
     previous_unit = factor;
     first = false;
-    if (!too_large) total += number.times(factor);
-    if (too_large || total > static_cast<Wide>(kMaxDurationMs)) {
+    if (!too_large) {
+      const auto part = number.times(factor);
+      too_large = !part || __builtin_add_overflow(total, *part, &total);
+    }
+    if (too_large || total > static_cast<std::uint64_t>(kMaxDurationMs)) {
       set_error(error, shown(all) + " is too long; the longest duration is 36500d (100 years)");
       return std::nullopt;
     }
@@ -234,12 +276,12 @@ std::optional<std::uint64_t> parse_size(std::string_view text, std::string* erro
     set_error(error, shown(all) + " is not a whole number of bytes");
     return std::nullopt;
   }
-  const Wide bytes = too_large ? 0 : number.times(factor);
-  if (too_large || bytes > std::numeric_limits<std::uint64_t>::max()) {
+  const auto bytes = too_large ? std::nullopt : number.times(factor);
+  if (!bytes) {
     set_error(error, shown(all) + " is too large");
     return std::nullopt;
   }
-  return static_cast<std::uint64_t>(bytes);
+  return *bytes;
 }
 
 std::string format_duration(Millis d) {

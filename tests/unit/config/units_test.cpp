@@ -36,7 +36,8 @@ INSTANTIATE_TEST_SUITE_P(
                       DurationCase{"1h30m", 5400000}, DurationCase{"1s500ms", 1500},
                       DurationCase{"10 s", 10000}, DurationCase{" 10s ", 10000},
                       DurationCase{"0.0004", 0},  // rounds to the ms
-                      DurationCase{"0.0005", 1}, DurationCase{"36500d", 3153600000000}));
+                      DurationCase{"0.0005", 1}, DurationCase{"36500d", 3153600000000},
+                      DurationCase{"0.999999999999999999d", 86400000}));
 
 class DurationBad : public ::testing::TestWithParam<const char*> {};
 
@@ -86,7 +87,12 @@ INSTANTIATE_TEST_SUITE_P(
                       SizeCase{"1.5KiB", 1536}, SizeCase{"1kB", 1000}, SizeCase{"1KB", 1000},
                       SizeCase{"2MB", 2000000}, SizeCase{"1GB", 1000000000},
                       SizeCase{"64 MiB", 64ull << 20}, SizeCase{"10 bytes", 10},
-                      SizeCase{"18446744073709551615", UINT64_MAX}));
+                      SizeCase{"18446744073709551615", UINT64_MAX},
+                      // 18 fraction digits times 2^40: the product needs more than 64 bits
+                      // (done without __int128, which 32-bit targets lack).
+                      SizeCase{"1.999999999999999999TiB", 2ull << 40},
+                      SizeCase{"0.123456789012345678TiB", 135742175047},
+                      SizeCase{"16777215.5TiB", 18446743523953737728ull}));
 
 class SizeBad : public ::testing::TestWithParam<const char*> {};
 
@@ -99,7 +105,8 @@ TEST_P(SizeBad, IsRejectedWithASentence) {
 INSTANTIATE_TEST_SUITE_P(Units, SizeBad,
                          ::testing::Values("", "-1", "-1KiB", "abc", "12XB", "1M", "1K", "1k", "1G",
                                            "1.5", "1.5B", "64MiB64", "1 2", "kib",
-                                           "18446744073709551616", "16777216TiB", "1mib"));
+                                           "18446744073709551616", "16777216TiB", "1mib",
+                                           "16777215.999999999999999999TiB"));
 
 TEST(Units, SizeErrorsSayWhy) {
   std::string error;
