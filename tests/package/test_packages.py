@@ -34,6 +34,8 @@ FILES = {
     "/usr/share/doc/tb-agent/dbus.md": 0o644,
     "/usr/share/doc/tb-agent/changelog.gz": 0o644,
     "/usr/share/doc/tb-agent/copyright": 0o644,
+    "/usr/share/doc/tb-agent/dashboard.md": 0o644,
+    "/usr/share/tb-agent/dashboards/system.json": 0o644,
 }
 if (SRC / "docs/man/tb-agent.yaml.5").exists():
     FILES["/usr/share/man/man5/tb-agent.yaml.5.gz"] = 0o644
