@@ -1,7 +1,8 @@
 # ctest-labels: package
 """The .deb and .rpm built by CPack from the build directory (packaging/README.md): contents,
 modes, conffiles, computed dependencies, maintainer scripts, the version, lintian and rpmlint,
-and an rpm install into an empty root. The life cycle in a booted systemd (install, upgrade,
+and an rpm install into an empty root; the plugin SDK's tb-agent-dev / tb-agent-devel (contents,
+dependency on the agent, lint, and the example plugin built against the unpacked .deb). The life cycle in a booted systemd (install, upgrade,
 remove, purge) is the systest's.
 
 Needs a build configured with -DCMAKE_INSTALL_PREFIX=/usr (scripts/test.sh does) and the tools
