@@ -1,4 +1,4 @@
-# tb_install_gzipped(SRC DESTINATION): installs SRC as DESTINATION/<name>.gz. Man pages and the
+# tb_install_gzipped(SRC DESTINATION [install() options]): installs SRC as DESTINATION/<name>.gz. Man pages and the
 # Debian changelog are installed compressed with gzip -9n (no name or time stamp, so packages are
 # reproducible), as Debian policy asks and as man and rpm expect. Compressed at configure time;
 # editing SRC re-runs the configure step.
@@ -11,5 +11,5 @@ function(tb_install_gzipped src destination)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "gzip ${src} failed")
   endif()
-  install(FILES ${out} DESTINATION ${destination})
+  install(FILES ${out} DESTINATION ${destination} ${ARGN})
 endfunction()

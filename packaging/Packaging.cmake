@@ -112,3 +112,16 @@ set(CPACK_RPM_PRE_UNINSTALL_SCRIPT_FILE ${tb_pkg_out}/rpm/preun.sh)
 set(CPACK_RPM_POST_UNINSTALL_SCRIPT_FILE ${tb_pkg_out}/rpm/postun.sh)
 
 include(CPack)
+
+# --- the plugin SDK: tb-agent-dev (.deb) / tb-agent-devel (.rpm) ------------------------------
+# A second CPack configuration over the install component `dev` (include/CMakeLists.txt), so the
+# agent's package above is untouched: `cpack --config CPackDevConfig.cmake -G DEB|RPM`.
+# The .deb's own copyright and changelog (Debian policy 12.5 and 12.7), component dev-deb.
+tb_install_gzipped(${TB_PACKAGING_DIR}/changelog ${CMAKE_INSTALL_DATADIR}/doc/tb-agent-dev
+                   COMPONENT dev-deb EXCLUDE_FROM_ALL)
+install(FILES ${TB_PACKAGING_DIR}/copyright DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/tb-agent-dev
+        COMPONENT dev-deb EXCLUDE_FROM_ALL)
+file(READ ${TB_PACKAGING_DIR}/description-dev.txt TB_DEV_PACKAGE_DESCRIPTION)
+string(STRIP "${TB_DEV_PACKAGE_DESCRIPTION}" TB_DEV_PACKAGE_DESCRIPTION)
+configure_file(${TB_PACKAGING_DIR}/CPackDevConfig.cmake.in ${PROJECT_BINARY_DIR}/CPackDevConfig.cmake
+               @ONLY)

@@ -5,7 +5,9 @@
 #
 # Usage: scripts/build-packages.sh [BUILD_DIR] [extra cmake arguments]
 #   BUILD_DIR defaults to build-pkg; the packages land in it as
-#   tb-agent_<version>_<arch>.deb and tb-agent-<version>-1.<arch>.rpm.
+#   tb-agent_<version>_<arch>.deb and tb-agent-<version>-1.<arch>.rpm, and the plugin SDK
+#   (CPackDevConfig.cmake) as tb-agent-dev_<version>_<arch>.deb and
+#   tb-agent-devel-<version>-1.<arch>.rpm.
 #   scripts/build-packages.sh build-pkg-next -DTB_VERSION_OVERRIDE=0.1.1   # an upgrade to test
 # TB_PACKAGE_GENERATORS="DEB" builds only the .deb (default "DEB RPM"; RPM needs rpmbuild).
 set -euo pipefail
@@ -21,7 +23,9 @@ cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=None -DCMAKE_INSTALL_PREFIX=/usr -DTB_BU
   -DCMAKE_EXE_LINKER_FLAGS="$LDFLAGS" "$@" >/dev/null
 cmake --build "$dir" -j"$(nproc)" --target tb-agent
 for generator in ${TB_PACKAGE_GENERATORS:-DEB RPM}; do
-  (cd "$dir" && cpack -G "$generator" >/dev/null)
+  for config in CPackConfig.cmake CPackDevConfig.cmake; do
+    (cd "$dir" && cpack -G "$generator" --config "$config" >/dev/null)
+  done
 done
 # Lists what was built; with TB_PACKAGE_GENERATORS=DEB there is no .rpm, which is no error.
 ls -1 "$dir"/tb-agent[_-]*.deb "$dir"/tb-agent-*.rpm 2>/dev/null || true

@@ -135,7 +135,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 1) return -1;
-  const std::string_view input(reinterpret_cast<const char*>(data), size);
+  const std::string_view input = tb::fuzz::as_text(data, size);
   const auto request = static_cast<std::uint8_t>(input[0]);
   std::vector<std::string_view> segments;
   for (std::string_view rest = input.substr(1); segments.size() < kMaxDatagrams;) {

@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  const std::string text(reinterpret_cast<const char*>(data), size);
+  const std::string text(tb::fuzz::as_text(data, size));
   const auto result = tb::config::load_string(text, "fuzz.yaml");
   TB_FUZZ_CHECK(result.ok() == result.diagnostics.empty(), "config xor diagnostics");
   for (const auto& d : result.diagnostics) {

@@ -19,7 +19,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size > tb::sources::ExecSource::kMaxOutput) return -1;  // the source kills the program
-  const std::string_view output(reinterpret_cast<const char*>(data), size);
+  const std::string_view output = tb::fuzz::as_text(data, size);
   tb::telemetry::Record record;
   std::string error;
   if (!tb::sources::parse_output(output, &record, &error)) {

@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size > tb::sources::FileSource::kMaxSize) return -1;  // the source refuses such files
-  const std::string_view text(reinterpret_cast<const char*>(data), size);
+  const std::string_view text = tb::fuzz::as_text(data, size);
   const auto n = tb::sources::parse_number(text);
   if (n) {
     if (const double* d = std::get_if<double>(&*n)) TB_FUZZ_CHECK(std::isfinite(*d), "finite");

@@ -1,4 +1,5 @@
-// Shared by the fuzz targets: quiet logging and a per-process scratch directory on tmpfs.
+// Shared by the fuzz targets: quiet logging, the input as text, a UTF-8 test and a per-process
+// scratch directory on tmpfs.
 #pragma once
 
 #include <fcntl.h>
@@ -11,13 +12,31 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <string_view>
 
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 namespace tb::fuzz {
 
 // The parsers log what they reject; at millions of inputs that is only noise (and slow).
 inline void quiet_logs() { spdlog::set_level(spdlog::level::off); }
+
+// The fuzzer's bytes as the text a parser reads (a file's contents, a program's output).
+inline std::string_view as_text(const std::uint8_t* data, std::size_t size) {
+  return {reinterpret_cast<const char*>(data), size};
+}
+
+// True when `s` is valid UTF-8: nlohmann::json refuses to dump anything else, and the encoders
+// under test keep such strings byte for byte.
+inline bool valid_utf8(const std::string& s) {
+  try {
+    (void)nlohmann::json(s).dump();
+    return true;
+  } catch (const nlohmann::json::exception&) {
+    return false;
+  }
+}
 
 // A directory of our own, on tmpfs when there is one (writing a file per input is then cheap),
 // removed at exit.

@@ -18,7 +18,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // detail. The second byte picks a realistic code most of the time and any int otherwise.
   const int coap = (data[0] >> 5) * 100 + (data[0] & 0x1f);
   const int code = data[1] < 0xf0 ? coap : static_cast<int>(data[0]) * 100 - 1000;
-  const std::string payload(reinterpret_cast<const char*>(data + 2), size - 2);
+  const std::string payload(tb::fuzz::as_text(data + 2, size - 2));
   const auto answer = tb::provisioning::decode_answer(code, payload);
   TB_FUZZ_CHECK(tb::provisioning::verdict_name(answer.verdict) != nullptr, "verdict name");
   if (answer.verdict == tb::provisioning::Verdict::Success) {

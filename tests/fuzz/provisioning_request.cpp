@@ -13,19 +13,6 @@
 #include "fuzz_util.hpp"
 #include "provisioning/codec.hpp"
 
-namespace {
-
-bool valid_utf8(const std::string& s) {
-  try {
-    (void)nlohmann::json(s).dump();
-    return true;
-  } catch (const nlohmann::json::exception&) {
-    return false;
-  }
-}
-
-}  // namespace
-
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   tb::fuzz::quiet_logs();
   return 0;
@@ -43,7 +30,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   TB_FUZZ_CHECK(!j.is_discarded() && j.is_object(), "request is a JSON object");
   TB_FUZZ_CHECK(j.value("credentialsType", "") == "ACCESS_TOKEN", "credentialsType");
   auto same = [&](const char* field, const std::string& given) {
-    if (valid_utf8(given)) TB_FUZZ_CHECK(j.value(field, "") == given, field);
+    if (tb::fuzz::valid_utf8(given)) TB_FUZZ_CHECK(j.value(field, "") == given, field);
   };
   same("provisionDeviceKey", r.key);
   same("provisionDeviceSecret", r.secret);

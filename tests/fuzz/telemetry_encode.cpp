@@ -22,16 +22,6 @@ using tb::telemetry::Reading;
 using tb::telemetry::Record;
 using tb::telemetry::Value;
 
-// True when `s` is valid UTF-8 (the encoder keeps such strings byte for byte).
-bool valid_utf8(const std::string& s) {
-  try {
-    (void)nlohmann::json(s).dump();
-    return true;
-  } catch (const nlohmann::json::exception&) {
-    return false;
-  }
-}
-
 Value make_value(FuzzedDataProvider& in) {
   switch (in.ConsumeIntegralInRange<int>(0, 3)) {
     case 0:
@@ -63,7 +53,8 @@ void check_value(const Value& given, const nlohmann::json& got) {
     default: {
       TB_FUZZ_CHECK(got.is_string(), "string");
       const auto& s = std::get<std::string>(given);
-      if (valid_utf8(s)) TB_FUZZ_CHECK(got.get<std::string>() == s, "UTF-8 string kept as is");
+      if (tb::fuzz::valid_utf8(s))
+        TB_FUZZ_CHECK(got.get<std::string>() == s, "UTF-8 string kept as is");
       break;
     }
   }
@@ -101,7 +92,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // Keys are unique after UTF-8 repair only when they were unique before; check the values of
     // readings whose key is valid UTF-8 and appears once.
     for (const auto& r : rec.readings) {
-      if (!tb::telemetry::is_encodable(r.value) || !valid_utf8(r.key)) continue;
+      if (!tb::telemetry::is_encodable(r.value) || !tb::fuzz::valid_utf8(r.key)) continue;
       std::size_t same = 0;
       for (const auto& o : rec.readings)
         same += (o.key == r.key && tb::telemetry::is_encodable(o.value));

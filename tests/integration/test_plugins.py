@@ -130,19 +130,41 @@ def points_by_run(server, device):
     return runs
 
 
-def test_a_crashing_plugin_is_disabled_after_three_strikes_and_nothing_is_lost(server, agents):
-    agent = agents({
+def counter_beside(server, device, bad):
+    """A config with the good plugin counting every 200 ms beside the source `bad`."""
+    return {
         "server": server_config(server),
-        "device": {"name": "plugged-1"},
+        "device": {"name": device},
         "provisioning": {"key": PROVISION_KEY, "secret": PROVISION_SECRET},
         "sources": [
             {"name": "counter", "type": "plugin", "path": plugin_so("good"),
              "interval": "200ms"},
-            {"name": "crasher", "type": "plugin", "path": plugin_so("crash"),
-             "interval": "1s", "options": {"crash_after": 4}},
+            bad,
         ],
         "delivery": {"flush_interval": "100ms"},
-    })
+    }
+
+
+def wait_for_readings_of_the_last_run(server, device, agent, at_least):
+    last = agent.proc.pid
+    wait_until(lambda: len(points_by_run(server, device).get(last, ())) >= at_least, timeout=60,
+               what=f"readings of the last run\n{agent.log()[-3000:]}")
+
+
+def assert_every_queued_reading_arrived(server, device, pids):
+    """Every reading queued before each crash arrived: count 1..n without a gap, per run."""
+    runs = points_by_run(server, device)
+    for pid in pids:
+        counts = runs.get(pid, set())
+        assert counts, f"nothing from run {pid}: {runs}"
+        assert counts == set(range(1, max(counts) + 1)), (pid, sorted(counts))
+    return runs
+
+
+def test_a_crashing_plugin_is_disabled_after_three_strikes_and_nothing_is_lost(server, agents):
+    agent = agents(counter_beside(server, "plugged-1", {
+        "name": "crasher", "type": "plugin", "path": plugin_so("crash"), "interval": "1s",
+        "options": {"crash_after": 4}}))
     pids = []
     for strike in (1, 2, 3):
         agent.start()
@@ -161,17 +183,10 @@ def test_a_crashing_plugin_is_disabled_after_three_strikes_and_nothing_is_lost(s
     agent.wait_log("plugin source 'crasher' (" + plugin_so("crash") + ") disabled: the agent "
                    "died inside this plugin 3 times")
     server.start()
-    last = agent.proc.pid
-    wait_until(lambda: len(points_by_run(server, "plugged-1").get(last, ())) >= 10, timeout=60,
-               what=f"readings of the last run\n{agent.log()[-3000:]}")
+    wait_for_readings_of_the_last_run(server, "plugged-1", agent, 10)
     assert agent.running()
     assert agent.stop() == 0
-    runs = points_by_run(server, "plugged-1")
-    for pid in pids:
-        # Every reading queued before each crash arrived: count 1..n without a gap.
-        counts = runs.get(pid, set())
-        assert counts, f"nothing from run {pid}: {runs}"
-        assert counts == set(range(1, max(counts) + 1)), (pid, sorted(counts))
+    runs = assert_every_queued_reading_arrived(server, "plugged-1", pids)
     # The crasher ran 4 times per run (crash_after 4) before each crash: about 4 s of counting.
     assert all(max(runs[pid]) >= 5 for pid in pids), {p: max(runs[p]) for p in pids}
 
@@ -217,18 +232,9 @@ class Watchdog:
 def test_a_hanging_plugin_is_ended_by_the_watchdog_and_disabled_after_three(
         server, agents, tmp_path):
     watchdog = Watchdog(tmp_path, 2_000_000)
-    agent = agents({
-        "server": server_config(server),
-        "device": {"name": "plugged-2"},
-        "provisioning": {"key": PROVISION_KEY, "secret": PROVISION_SECRET},
-        "sources": [
-            {"name": "counter", "type": "plugin", "path": plugin_so("good"),
-             "interval": "200ms"},
-            {"name": "sleeper", "type": "plugin", "path": plugin_so("hang"),
-             "interval": "1s", "options": {"hang_after": 2}},
-        ],
-        "delivery": {"flush_interval": "100ms"},
-    })
+    agent = agents(counter_beside(server, "plugged-2", {
+        "name": "sleeper", "type": "plugin", "path": plugin_so("hang"), "interval": "1s",
+        "options": {"hang_after": 2}}))
     try:
         pids = []
         for strike in (1, 2, 3):
@@ -241,16 +247,11 @@ def test_a_hanging_plugin_is_ended_by_the_watchdog_and_disabled_after_three(
         agent.start(env=watchdog.env())
         agent.wait_log("strike 3 of 3")
         agent.wait_log("plugin source 'sleeper' (" + plugin_so("hang") + ") disabled")
-        last = agent.proc.pid
         pings = watchdog.pings
-        wait_until(lambda: len(points_by_run(server, "plugged-2").get(last, ())) >= 15,
-                   timeout=60, what=f"readings of the last run\n{agent.log()[-3000:]}")
+        wait_for_readings_of_the_last_run(server, "plugged-2", agent, 15)
         assert not watchdog.expired() and watchdog.pings > pings  # the loop turns
         assert agent.stop() == 0
-        runs = points_by_run(server, "plugged-2")
-        for pid in pids:
-            counts = runs.get(pid, set())
-            assert counts and counts == set(range(1, max(counts) + 1)), (pid, sorted(counts))
+        assert_every_queued_reading_arrived(server, "plugged-2", pids)
     finally:
         watchdog.close()
 

@@ -1,12 +1,14 @@
 # ctest-labels: package
 """The .deb and .rpm built by CPack from the build directory (packaging/README.md): contents,
 modes, conffiles, computed dependencies, maintainer scripts, the version, lintian and rpmlint,
-and an rpm install into an empty root. The life cycle in a booted systemd (install, upgrade,
+and an rpm install into an empty root; the plugin SDK's tb-agent-dev / tb-agent-devel (contents,
+dependency on the agent, lint, and the example plugin built against the unpacked .deb). The life cycle in a booted systemd (install, upgrade,
 remove, purge) is the systest's.
 
 Needs a build configured with -DCMAKE_INSTALL_PREFIX=/usr (scripts/test.sh does) and the tools
 dpkg-deb, lintian, rpm, rpmbuild, rpmlint (scripts/install-deps.sh)."""
 import gzip
+import json
 import os
 import re
 import stat
@@ -34,6 +36,8 @@ FILES = {
     "/usr/share/doc/tb-agent/dbus.md": 0o644,
     "/usr/share/doc/tb-agent/changelog.gz": 0o644,
     "/usr/share/doc/tb-agent/copyright": 0o644,
+    "/usr/share/doc/tb-agent/dashboard.md": 0o644,
+    "/usr/share/tb-agent/dashboards/system.json": 0o644,
 }
 if (SRC / "docs/man/tb-agent.yaml.5").exists():
     FILES["/usr/share/man/man5/tb-agent.yaml.5.gz"] = 0o644
@@ -55,13 +59,20 @@ def project_version():
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
+    """The agent's packages (CPackConfig.cmake) and the plugin SDK's (CPackDevConfig.cmake), as
+    scripts/build-packages.sh builds them."""
     out = tmp_path_factory.mktemp("packages")
-    for generator in ("DEB", "RPM"):
-        run("cpack", "-G", generator, "-B", out, "--config", BUILD / "CPackConfig.cmake")
-    debs = list(out.glob("*.deb"))
-    rpms = list(out.glob("*.rpm"))
-    assert len(debs) == 1 and len(rpms) == 1, sorted(p.name for p in out.iterdir())
-    return {"deb": debs[0], "rpm": rpms[0], "dir": out}
+    for config in ("CPackConfig.cmake", "CPackDevConfig.cmake"):
+        for generator in ("DEB", "RPM"):
+            run("cpack", "-G", generator, "-B", out, "--config", BUILD / config)
+    debs = sorted(out.glob("*.deb"))
+    rpms = sorted(out.glob("*.rpm"))
+    assert len(debs) == 2 and len(rpms) == 2, sorted(p.name for p in out.iterdir())
+    main_deb, dev_deb = (next(p for p in debs if p.name.startswith(prefix))
+                         for prefix in ("tb-agent_", "tb-agent-dev_"))
+    main_rpm, dev_rpm = (next(p for p in rpms if re.match(rf"{prefix}\d", p.name))
+                         for prefix in ("tb-agent-", "tb-agent-devel-"))
+    return {"deb": main_deb, "rpm": main_rpm, "dev_deb": dev_deb, "dev_rpm": dev_rpm, "dir": out}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +96,8 @@ def test_file_names_carry_version_and_architecture(packages):
     rpm_arch = run("rpm", "--eval", "%{_arch}").stdout.strip()
     assert packages["deb"].name == f"tb-agent_{v}_{arch}.deb"
     assert packages["rpm"].name == f"tb-agent-{v}-1.{rpm_arch}.rpm"
+    assert packages["dev_deb"].name == f"tb-agent-dev_{v}_{arch}.deb"
+    assert packages["dev_rpm"].name == f"tb-agent-devel-{v}-1.{rpm_arch}.rpm"
 
 
 def test_agent_version_is_the_package_version(packages, deb_tree):
@@ -179,9 +192,10 @@ def test_deb_preinst_creates_the_user_before_unpacking(deb_tree, tmp_path):
     assert re.search(r"^tb-agent:x:\d+:", (tmp_path / "etc/group").read_text(), re.M)
 
 
-def test_lintian_is_clean(packages):
+@pytest.mark.parametrize("which", ["deb", "dev_deb"])
+def test_lintian_is_clean(packages, which):
     # Overrides ship in the package (/usr/share/lintian/overrides/tb-agent), each with a reason.
-    r = run("lintian", "--fail-on", "error,warning", "--pedantic", packages["deb"], ok=False)
+    r = run("lintian", "--fail-on", "error,warning", "--pedantic", packages[which], ok=False)
     report = [ln for ln in r.stdout.splitlines() if re.match(r"[EWP]: ", ln)]
     assert r.returncode == 0 and not report, r.stdout + r.stderr
 
@@ -213,7 +227,8 @@ def test_rpm_files_modes_and_config(packages):
             assert "c" not in flags, f"{path} marked %config"
     # Directories other packages own are not ours (rpmlint: standard-dir-owned-by-package).
     dirs = {p for p, (perms, *_) in files.items() if perms.startswith("d")}
-    assert dirs <= {"/usr/share/doc/tb-agent"}, dirs
+    assert dirs <= {"/usr/share/doc/tb-agent", "/usr/share/tb-agent",
+                    "/usr/share/tb-agent/dashboards"}, dirs
     assert run("rpm", "-qpc", packages["rpm"]).stdout.split() == ["/etc/tb-agent.yaml"]
 
 
@@ -242,9 +257,10 @@ def test_rpm_scripts(packages):
         assert r.returncode == 0, (name, r.stderr)
 
 
-def test_rpmlint_is_clean(packages):
+@pytest.mark.parametrize("which", ["rpm", "dev_rpm"])
+def test_rpmlint_is_clean(packages, which):
     # Accepted messages are filtered in packaging/rpm/rpmlint.toml, each with its reason.
-    r = run("rpmlint", "-c", SRC / "packaging/rpm/rpmlint.toml", packages["rpm"], ok=False)
+    r = run("rpmlint", "-c", SRC / "packaging/rpm/rpmlint.toml", packages[which], ok=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"\b0 errors, 0 warnings\b", r.stdout), r.stdout
 
@@ -271,3 +287,89 @@ def test_rpm_installs_into_an_empty_root(packages, tmp_path):
     run("rpm", "--root", root, "-V", "--nodeps", "tb-agent")
     out = run(root / "usr/bin/tb-agent", "--version").stdout.strip()
     assert out == f"tb-agent {project_version()}"
+
+
+# --- the plugin SDK: tb-agent-dev / tb-agent-devel -----------------------------------------------
+
+def multiarch_libdir():
+    cache = (BUILD / "CMakeCache.txt").read_text()
+    m = re.search(r"^CMAKE_INSTALL_LIBDIR:PATH=(\S+)$", cache, re.M)
+    assert m, "no CMAKE_INSTALL_LIBDIR in CMakeCache.txt"
+    return "/usr/" + m.group(1)
+
+
+def sdk_files():
+    return {"/usr/include/tb-agent/source_plugin.h",
+            f"{multiarch_libdir()}/pkgconfig/tb-agent-plugin.pc"}
+
+
+def test_dev_deb_contents_and_control(packages, tmp_path):
+    deb = packages["dev_deb"]
+    listing = run("dpkg-deb", "-c", deb).stdout
+    files = {}
+    for line in listing.splitlines():
+        perms, owner, _size, _date, _time, name = line.split(None, 5)
+        if not perms.startswith("d"):
+            files[name.lstrip(".")] = (perms, owner)
+    assert set(files) == sdk_files() | {"/usr/share/doc/tb-agent-dev/copyright",
+                                        "/usr/share/doc/tb-agent-dev/changelog.gz"}, files
+    assert all(v == ("-rw-r--r--", "root/root") for v in files.values()), files
+    v = project_version()
+    assert deb_field(deb, "Package") == "tb-agent-dev"
+    assert deb_field(deb, "Section") == "libdevel"
+    assert deb_field(deb, "Depends") == f"tb-agent (= {v})"
+    assert deb_field(deb, "Pre-Depends") == ""
+    run("dpkg-deb", "-e", deb, tmp_path / "control")
+    # No maintainer scripts and no conffiles: the SDK is files only.
+    assert sorted(p.name for p in (tmp_path / "control").iterdir()) == ["control", "md5sums"]
+
+
+def test_devel_rpm_contents_and_requires(packages):
+    rpm = packages["dev_rpm"]
+    files = rpm_files(rpm)
+    assert set(files) == sdk_files() | {"/usr/include/tb-agent"}, files
+    for path, (perms, user, group, flags) in files.items():
+        assert (user, group) == ("root", "root") and "c" not in flags, path
+        assert perms == ("drwxr-xr-x" if path == "/usr/include/tb-agent" else "-rw-r--r--"), path
+    requires = run("rpm", "-qpR", rpm).stdout.splitlines()
+    assert f"tb-agent = {project_version()}-1" in requires, requires
+    assert run("rpm", "-qp", "--qf", "%{NAME} %{GROUP}", rpm).stdout == \
+        "tb-agent-devel Development/Libraries"
+    assert run("rpm", "-qp", "--scripts", rpm).stdout == ""
+
+
+def test_example_plugin_builds_against_the_dev_deb_and_the_packaged_agent_loads_it(
+        packages, deb_tree, tmp_path):
+    """examples/hwmon-plugin built in a clean directory against the header and .pc file unpacked
+    from tb-agent-dev (pkg-config with a sysroot, as for a cross build), then loaded by the
+    packaged agent's --test."""
+    sysroot = tmp_path / "sysroot"
+    run("dpkg-deb", "-x", packages["dev_deb"], sysroot)
+    pc_dir = sysroot / f"{multiarch_libdir()}/pkgconfig".lstrip("/")
+    work = tmp_path / "clean"
+    work.mkdir()
+    for f in ("hwmon.c", "Makefile"):
+        (work / f).write_bytes((SRC / "examples/hwmon-plugin" / f).read_bytes())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKG_CONFIG")}
+    env.update(PKG_CONFIG_SYSROOT_DIR=str(sysroot), PKG_CONFIG_LIBDIR=str(pc_dir),
+               PKG_CONFIG_PATH=str(pc_dir))
+    r = run("make", "CFLAGS=-O2 -Wall -Wextra -Werror", cwd=work, env=env)
+    # The only include path is the unpacked package's, never the source tree's.
+    includes = re.findall(r"-I(\S+)", r.stdout)
+    assert includes and all(Path(i).resolve() == sysroot / "usr/include" for i in includes), \
+        r.stdout
+    so = work / "hwmon.so"
+    exported = run("nm", "-D", "--defined-only", so).stdout.split()
+    assert "tb_source_plugin_v1" in exported
+
+    root, _ = deb_tree
+    config = tmp_path / "tb-agent.yaml"
+    config.write_text(json.dumps({
+        "server": {"host": "192.0.2.1"},  # never contacted
+        "sources": [{"name": "sim", "type": "plugin", "path": str(so),
+                     "options": {"simulate": True}}]}))
+    r = run(root / "usr/bin/tb-agent", "--test", "--config", config,
+            "--state-dir", tmp_path / "state", "--log-target", "stderr")
+    [record] = json.loads(r.stdout)
+    assert record["values"]["simulated"] is True, record
+    assert 30 <= record["values"]["temp1"] <= 50, record

@@ -17,6 +17,8 @@
 #include <string>
 
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
 #include <systemd/sd-event.h>
 
 #include "sources/source.hpp"
@@ -80,6 +82,35 @@ class LoopTest : public ::testing::Test {
 
   sd_event* loop = nullptr;
   std::filesystem::path dir;
+};
+
+// Captures what is logged while it lives (the last `lines` lines), in place of the default logger.
+class LogCapture {
+ public:
+  explicit LogCapture(std::size_t lines = 2000)
+      : sink_(std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(lines)) {
+    previous_ = spdlog::default_logger();
+    auto logger = std::make_shared<spdlog::logger>("capture", sink_);
+    logger->set_pattern("%v");
+    logger->set_level(spdlog::level::info);
+    spdlog::set_default_logger(logger);
+  }
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::size_t count(const std::string& needle) const {
+    std::size_t n = 0;
+    for (const auto& line : sink_->last_formatted())
+      if (line.find(needle) != std::string::npos) ++n;
+    return n;
+  }
+  std::string all() const {
+    std::string out;
+    for (const auto& line : sink_->last_formatted()) out += line;
+    return out;
+  }
+
+ private:
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
+  std::shared_ptr<spdlog::logger> previous_;
 };
 
 // Our child is reaped: waitid says there is no such child (a zombie would still be reported).

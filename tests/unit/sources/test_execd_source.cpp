@@ -4,8 +4,6 @@
 #include <signal.h>
 
 #include <gtest/gtest.h>
-#include <spdlog/sinks/ringbuffer_sink.h>
-#include <spdlog/spdlog.h>
 
 #include "harness.hpp"
 #include "sources/execd_source.hpp"
@@ -13,28 +11,6 @@
 
 namespace tb::sources::testing {
 namespace {
-
-class LogCapture {
- public:
-  LogCapture() : sink_(std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(2000)) {
-    previous_ = spdlog::default_logger();
-    auto logger = std::make_shared<spdlog::logger>("capture", sink_);
-    logger->set_pattern("%v");
-    logger->set_level(spdlog::level::info);
-    spdlog::set_default_logger(logger);
-  }
-  ~LogCapture() { spdlog::set_default_logger(previous_); }
-  std::size_t count(const std::string& needle) const {
-    std::size_t n = 0;
-    for (const auto& line : sink_->last_formatted())
-      if (line.find(needle) != std::string::npos) ++n;
-    return n;
-  }
-
- private:
-  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
-  std::shared_ptr<spdlog::logger> previous_;
-};
 
 config::SourceConfig execd(const std::string& script, Millis timeout = 5s) {
   config::SourceConfig c;

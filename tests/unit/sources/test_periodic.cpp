@@ -1,7 +1,5 @@
 // start()/stop(): ticks, skipping, other sources unaffected, error log rate limiting.
 #include <gtest/gtest.h>
-#include <spdlog/sinks/ringbuffer_sink.h>
-#include <spdlog/spdlog.h>
 
 #include "harness.hpp"
 #include "sources/exec_source.hpp"
@@ -101,33 +99,6 @@ TEST_F(PeriodicTest, StopFromInsideEmit) {
   run_for(350ms);
   EXPECT_EQ(emitted, 1);
 }
-
-class LogCapture {
- public:
-  LogCapture() : sink_(std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(1000)) {
-    previous_ = spdlog::default_logger();
-    auto logger = std::make_shared<spdlog::logger>("capture", sink_);
-    logger->set_pattern("%v");
-    logger->set_level(spdlog::level::info);
-    spdlog::set_default_logger(logger);
-  }
-  ~LogCapture() { spdlog::set_default_logger(previous_); }
-  std::size_t count(const std::string& needle) const {
-    std::size_t n = 0;
-    for (const auto& line : sink_->last_formatted())
-      if (line.find(needle) != std::string::npos) ++n;
-    return n;
-  }
-  std::string all() const {
-    std::string out;
-    for (const auto& line : sink_->last_formatted()) out += line;
-    return out;
-  }
-
- private:
-  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
-  std::shared_ptr<spdlog::logger> previous_;
-};
 
 TEST_F(PeriodicTest, ErrorsAreLoggedOncePerTextAndRecoveryIsLogged) {
   LogCapture logs;
