@@ -1,10 +1,10 @@
 # ctest-labels: integration soak
-"""Soak (issue 14 item 5): hours of readings in minutes. Sources at 10-100 ms intervals (a file
-source every 10 ms is 100 readings/s: two minutes are over three hours of a 1-s source), outages
+"""Soak (issue 14 item 5): hours of readings in minutes. Ten sources at the shortest interval,
+100 ms (about 90 records/s: 75 s hold what two hours of one 1-s source make), outages
 every few seconds so the queue fills and drains again and again, a reload now and then. Holds:
 no leak (LeakSanitizer in the sanitizer build: the agent must exit 0), RSS flat (the second
 half's peak against the first half's), the queue file flat once drained (SQLite's pages reused),
-every reading delivered. TB_SOAK_SECONDS sets the length (default 75; docs/testing.md)."""
+no reading dropped by the queue limits. TB_SOAK_SECONDS sets the length (default 75; docs/testing.md)."""
 import os
 import signal
 import time
@@ -48,9 +48,12 @@ def test_soak(tmp_path, agents):
             "server": server_config(srv, request_timeout="1s"),
             "device": {"name": DEVICE},
             "credentials": {"access_token": TOKEN},
+            # 100 ms is the shortest interval a source may have: eight file sources make 80
+            # readings/s, the system and exec sources 10 records/s more.
             "sources": [
-                {"name": "fast", "type": "file", "path": str(value), "key": "t",
-                 "interval": "10ms"},
+                {"name": f"fast{i}", "type": "file", "path": str(value), "key": "t",
+                 "interval": "100ms"} for i in range(8)
+            ] + [
                 {"name": "sys", "type": "system", "interval": "100ms"},
                 {"name": "exec", "type": "exec", "command": [str(counter)],
                  "interval": "100ms", "timeout": "100ms"},
@@ -100,7 +103,7 @@ def test_soak(tmp_path, agents):
             f"queue file grew across drains: {drained_sizes}"
         points = srv.points(DEVICE)
         fast = [p for p in points if p[0] == "t"]
-        assert len(fast) > seconds * 30, f"only {len(fast)} fast readings in {seconds} s"
+        assert len(fast) > seconds * 40, f"only {len(fast)} file readings in {seconds} s"
         print(f"soak {seconds:.0f} s: {len(points)} points, {cycle} outages, RSS "
               f"{first}->{second} KiB, drained queue sizes {drained_sizes}")
     finally:
