@@ -272,3 +272,83 @@ def test_a_500_to_provisioning_is_retried(server, agents, tmp_path):
     server.check("drop 3")
     agent.start()
     check_provisioned_once(agent, server, name)
+
+
+# ---- the switches on the wire (raw CoAP: what tb-test-server sends is checked directly) -------
+
+def test_fault_switches_on_the_wire(server):
+    import socket
+    from test_tbserver import ACK, BLOCK1, CON, POST, Raw, code_str, uint_opt
+    raw = Raw(server.port)
+    path = f"/api/v1/{TOKEN}/telemetry"
+
+    def datagrams(window=1.0):
+        out, end = [], time.monotonic() + window
+        while (left := end - time.monotonic()) > 0:
+            raw.sock.settimeout(left)
+            try:
+                out.append(raw.sock.recvfrom(65536)[0])
+            except socket.timeout:
+                break
+        return out
+
+    try:
+        from test_tbserver import decode
+        server.check("fault ack-only 1")
+        mid, _ = raw.request(POST, path, b'{"a":1}')
+        got = [decode(d) for d in datagrams()]
+        assert [(m["type"], m["code"], m["mid"]) for m in got] == [(ACK, 0, mid)]
+        assert len(server.points(DEVICE)) == 1  # processed all the same
+
+        server.check("fault duplicate 1")
+        _, token = raw.request(POST, path, b'{"a":2}')
+        got = [decode(d) for d in datagrams()]
+        answers = [m for m in got if m["type"] == CON and m["token"] == token]
+        assert len(answers) == 2 and answers[0]["mid"] != answers[1]["mid"]
+        for m in answers:
+            raw.ack(m)
+
+        server.check("fault wrong-token 1")
+        _, token = raw.request(POST, path, b'{"a":3}')
+        got = [decode(d) for d in datagrams()]
+        assert got and all(m["token"] != token for m in got)
+        for m in got:
+            raw.ack(m)
+
+        server.check("fault truncate 1")
+        raw.request(POST, path, b'{"a":4}')
+        assert [len(d) for d in datagrams()] == [4 + 4 - 1]  # header + token, cut by one byte
+
+        server.check("fault oversize 1")
+        raw.request(POST, path, b'{"a":5}')
+        assert [len(d) for d in datagrams()] == [4096]
+
+        server.check("fault reorder 1")
+        _, held = raw.request(POST, path, b'{"a":6}')
+        assert datagrams(0.7) == []
+        _, token = raw.request(POST, path, b'{"a":7}')
+        got = [decode(d) for d in datagrams()]
+        assert [m["token"] for m in got if m["code"]] == [token, held]  # the held one after
+        for m in got:
+            if m["type"] == CON:
+                raw.ack(m)
+
+        body = b'{"blob":"' + b"y" * 1500 + b'"}'
+        server.check("fault block1-refuse 1")
+        raw.request(POST, path, body[:1024], options=[(BLOCK1, uint_opt(0x8 | 6))])
+        assert code_str(raw.recv()["code"]) == "4.13"
+        server.check("fault block1-abort 1")
+        raw.request(POST, path, body[:1024], options=[(BLOCK1, uint_opt(0x8 | 6))])
+        assert code_str(raw.recv()["code"]) == "2.31"
+        raw.request(POST, path, body[1024:], options=[(BLOCK1, uint_opt(1 << 4 | 6))])
+        assert code_str(raw.recv()["code"]) == "4.08"
+
+        assert server.stats()["fault_answers"] == 8
+        assert server.command("fault sometimes").startswith("error usage")
+        server.check(f"delete {DEVICE}")
+        assert DEVICE not in server.devices()
+        raw.request(POST, path, b'{"a":8}')
+        assert code_str(raw.recv()["code"]) == "4.01"
+        assert server.command(f"delete {DEVICE}") == "error unknown device"
+    finally:
+        raw.close()
