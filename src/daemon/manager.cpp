@@ -3,13 +3,16 @@
 #include <signal.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <map>
 
 #include "sources/execd_source.hpp"
@@ -177,6 +180,8 @@ int Manager::init() {
   }
   if (queue_->queued_readings() > 0)
     spdlog::info("{} reading(s) queued from before", queue_->queued_readings());
+  restamp_after_id_ = queue_->last_id();
+  check_clock();
 
   client_ = coap::Client::create(loop_, {cfg_.server.host, cfg_.server.port},
                                  {.request_timeout = cfg_.server.request_timeout,
@@ -218,7 +223,11 @@ int Manager::init() {
   limits_timer_ = std::make_unique<Timer>(
       loop_,
       [this] {
-        if (const auto n = queue_->enforce_limits(wall_ms())) {
+        check_clock();
+        check_state_dir();
+        // max_age means nothing while the clock is not set: only the size limit applies.
+        const std::int64_t now = clock_set_ ? wall_ms() : std::numeric_limits<std::int64_t>::min();
+        if (const auto n = queue_->enforce_limits(now)) {
           spdlog::warn("queue limits reached: dropped the {} oldest reading(s)", n);
           update_status();
         }
@@ -312,7 +321,60 @@ void Manager::start_delivery(const credentials::Credentials& creds) {
   uploader_->start(client_.get(), creds.value);
 }
 
+void Manager::check_state_dir() {
+  if (::access(queue_->path().c_str(), F_OK) == 0 || errno != ENOENT) return;
+  // Someone removed the state directory (or the queue file) while we run. The open queue still
+  // holds every record: write it, and the credentials we hold, to a new directory.
+  spdlog::error(
+      "the queue file {} vanished (state directory removed?): making the state "
+      "directory anew and carrying the queued readings over",
+      queue_->path().string());
+  std::string err;
+  if (!ensure_directory(cfg_.state_dir, 0700, &err) || !queue_->recreate_file(&err)) {
+    spdlog::error("cannot make the state directory anew: {}", err);
+    set_error("state directory vanished: " + err);
+    return;
+  }
+  if (creds_ && cfg_.credentials.access_token.empty() &&
+      !credentials::save(cfg_.state_dir, *creds_, &err))
+    spdlog::error("cannot store the credentials again: {}", err);
+}
+
+std::int64_t Manager::check_clock() {
+  const std::int64_t step = clock_steps_.take_step();
+  std::string err;
+  std::uint64_t moved = 0;
+  if (step != 0) {
+    // The clock was wrong by `step` until now: what this run collected before carries the old
+    // clock's time, so it moves with it. Records of earlier runs keep their timestamps.
+    if (!queue_->shift_ts(restamp_after_id_, step, &moved, &err))
+      spdlog::error("the system clock was stepped, but cannot re-stamp queued readings: {}", err);
+    spdlog::warn("the system clock was stepped by {}{}; re-stamped {} queued record(s) of this run",
+                 step < 0 ? "-" : "+", format_duration(Millis(step < 0 ? -step : step)), moved);
+  }
+  const bool set = wall_clock_set(wall_ms());
+  if (set != clock_set_) {
+    clock_set_ = set;
+    queue_->hold_before(set ? 0 : clock_floor_ms());
+    if (set) {
+      spdlog::info("the system clock is set: delivering the readings held until now");
+      if (uploader_) uploader_->kick();
+    } else {
+      spdlog::warn(
+          "the system clock is not set (it is before this build): readings are queued but held "
+          "until it is, then re-stamped (docs/queue.md, \"Timestamps and the clock\")");
+    }
+  }
+  return step;
+}
+
 void Manager::on_record(telemetry::Record record) {
+  // Taken before the step was seen, the record carries the old clock's time (a record taken
+  // after it is within moments of now).
+  if (const std::int64_t step = check_clock();
+      step != 0 && std::llabs(record.ts_ms - wall_ms()) > std::llabs(step) / 2)
+    record.ts_ms += step;
+  check_state_dir();
   std::string err;
   const std::uint64_t n = record.readings.size();
   if (!queue_->push(record, &err)) {

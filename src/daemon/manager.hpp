@@ -22,6 +22,7 @@
 #include "provisioning/provisioner.hpp"
 #include "sources/source.hpp"
 #include "telemetry/queue.hpp"
+#include "util/clock.hpp"
 #include "util/timer.hpp"
 
 namespace tb::daemon {
@@ -54,6 +55,11 @@ class Manager {
   void start_provisioning();
   void start_delivery(const credentials::Credentials& creds);
   void on_record(telemetry::Record record);
+  // Wall clock steps and a clock not set yet (docs/queue.md, "Timestamps and the clock"); returns
+  // the step taken now (0: none).
+  std::int64_t check_clock();
+  // The state directory removed while running: made anew, the queue carried over.
+  void check_state_dir();
   void on_delivery_event(const DeliveryEvent& ev);
   void begin_shutdown();
   void maybe_finish_shutdown();
@@ -104,6 +110,9 @@ class Manager {
   std::uint64_t sent_readings_ = 0;
   std::uint64_t push_dropped_readings_ = 0;
   std::uint64_t last_success_us_ = 0;
+  WallClockSteps clock_steps_;
+  std::int64_t restamp_after_id_ = 0;  // records after this id were collected by this run
+  bool clock_set_ = true;
 };
 
 }  // namespace tb::daemon

@@ -193,6 +193,18 @@ void Uploader::on_outcome(const coap::Outcome& outcome) {
     return;
   }
 
+  if (outcome.answered() && outcome.response->code == 413 && batch.ids.size() > 1) {
+    // 4.13: "reduce the body" (docs/thingsboard-coap.md, recommendations). Resending the same
+    // batch would be refused forever; one record at a time is the smallest body we can send.
+    spdlog::warn(
+        "server refused a batch of {} records as too large (4.13); sending them one by one",
+        batch.ids.size());
+    queue_.release(batch);
+    single_record_mode_ = true;
+    suspects_left_ = batch.ids.size();
+    send_timer_.arm_in(Millis(0));
+    return;
+  }
   queue_.release(batch);
   if (outcome.answered() && outcome.response->code == 401) {
     const std::string msg =

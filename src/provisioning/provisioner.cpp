@@ -93,6 +93,15 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
     return;
   }
   const Answer a = decode_answer(outcome.response->code, outcome.response->payload);
+  if (outcome.response->code == 201 && a.verdict != Verdict::Success) {
+    // A 2.01 we cannot read (cut short, garbled on the way): the server has most likely created
+    // the device, so this is a lost answer, not a refusal. The retry gets FAILURE and the token
+    // check below settles it (§4.3; docs/testing.md "Fault suites").
+    retry_later(
+        "malformed provisioning answer (2.01: " + a.error_message + "); treating it as lost",
+        false);
+    return;
+  }
   switch (a.verdict) {
     case Verdict::Success:
       succeed(a.credentials_value);

@@ -116,6 +116,7 @@ class SqliteQueue final : public Queue {
       const std::int64_t id = sqlite3_column_int64(s, 0);
       if (in_flight_.count(id)) continue;
       const std::int64_t ts = sqlite3_column_int64(s, 1);
+      if (ts < hold_before_) continue;  // stamped while the clock was not set: held
       const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(s, 2));
       const auto len = static_cast<std::size_t>(sqlite3_column_bytes(s, 2));
       const std::size_t add = record_size(ts, len) + (b.ids.empty() ? 0 : 1);
@@ -162,6 +163,73 @@ class SqliteQueue final : public Queue {
   void set_limits(const config::QueueConfig& limits) override {
     limits_ = limits;
     if (db_) apply_wal_limit();
+  }
+
+  std::int64_t last_id() override {
+    std::int64_t id = 0;
+    if (ready(nullptr)) query_int("SELECT coalesce(max(id), 0) FROM records", &id);
+    return id;
+  }
+
+  bool shift_ts(std::int64_t after_id, std::int64_t delta_ms, std::uint64_t* moved,
+                std::string* error) override {
+    if (!ready(error)) return false;
+    sqlite3_stmt* s = nullptr;
+    int rc =
+        sqlite3_prepare_v2(db_, "UPDATE records SET ts = ts + ? WHERE id > ?", -1, &s, nullptr);
+    if (rc == SQLITE_OK) {
+      sqlite3_bind_int64(s, 1, delta_ms);
+      sqlite3_bind_int64(s, 2, after_id);
+      rc = sqlite3_step(s);
+    }
+    sqlite3_finalize(s);
+    if (rc != SQLITE_DONE) return fail(rc, "cannot re-stamp readings in", error);
+    if (moved) *moved = static_cast<std::uint64_t>(sqlite3_changes(db_));
+    return true;
+  }
+
+  void hold_before(std::int64_t ts_ms) override { hold_before_ = ts_ms; }
+
+  bool recreate_file(std::string* error) override {
+    if (!ready(error)) return false;
+    // The open connection still reads the deleted file: attach a new one at the old path (SQLite
+    // creates it), copy the records with their ids, then reopen on the new file.
+    sqlite3_stmt* s = nullptr;
+    int rc = sqlite3_prepare_v2(db_, "ATTACH DATABASE ? AS fresh", -1, &s, nullptr);
+    if (rc == SQLITE_OK) {
+      sqlite3_bind_text(s, 1, path_.c_str(), -1, SQLITE_TRANSIENT);
+      rc = sqlite3_step(s);
+    }
+    sqlite3_finalize(s);
+    if (rc != SQLITE_DONE) return fail(rc, "cannot make anew", error);
+    constexpr const char* kCopy = R"sql(
+PRAGMA fresh.auto_vacuum = INCREMENTAL;
+BEGIN;
+CREATE TABLE fresh.records(
+  id INTEGER PRIMARY KEY,
+  ts INTEGER NOT NULL,
+  values_json TEXT NOT NULL,
+  readings INTEGER NOT NULL,
+  bytes INTEGER NOT NULL
+);
+CREATE INDEX fresh.records_ts ON records(ts);
+INSERT INTO fresh.records SELECT id, ts, values_json, readings, bytes FROM main.records;
+PRAGMA fresh.user_version = 1;
+COMMIT;
+)sql";
+    static_assert(kSchemaVersion == 1, "kCopy creates schema version 1");
+    rc = exec(kCopy);
+    if (rc != SQLITE_OK) {
+      const std::string msg = errmsg();
+      exec("ROLLBACK");
+      exec("DETACH DATABASE fresh");
+      if (error) *error = "cannot copy the queue into a new " + path_.string() + ": " + msg;
+      return false;
+    }
+    exec("DETACH DATABASE fresh");
+    disconnect();
+    std::string warning;
+    return connect(false, &warning, error);
   }
 
   std::uint64_t queued_readings() const override { return queued_readings_; }
@@ -597,6 +665,7 @@ class SqliteQueue final : public Queue {
   int sync_full_ = -1;    // -1: unknown, 0: NORMAL, 1: FULL
   std::uint64_t page_size_ = 4096;
 
+  std::int64_t hold_before_ = 0;
   sqlite3_stmt* insert_ = nullptr;
   sqlite3_stmt* oldest_ = nullptr;
   sqlite3_stmt* newest_ = nullptr;

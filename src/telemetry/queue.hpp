@@ -67,6 +67,20 @@ class Queue {
   virtual std::uint64_t enforce_limits(std::int64_t now_ms) = 0;
   virtual void set_limits(const config::QueueConfig& limits) = 0;
 
+  // The wall clock was stepped (docs/queue.md, "Timestamps and the clock"): the newest record's
+  // id (0: none), and moving the ts of every record after a given id by the step.
+  virtual std::int64_t last_id() { return 0; }
+  virtual bool shift_ts(std::int64_t /*after_id*/, std::int64_t /*delta_ms*/,
+                        std::uint64_t* /*moved*/, std::string* /*error*/) {
+    return true;
+  }
+  // While the clock is not set, records stamped before `ts_ms` are kept but not handed out by
+  // next_batch (0: nothing held).
+  virtual void hold_before(std::int64_t /*ts_ms*/) {}
+  // The file was deleted while open (its state directory removed): copy every record into a new
+  // file at the same path and go on there. The directory must exist again.
+  virtual bool recreate_file(std::string* /*error*/) { return true; }
+
   virtual std::uint64_t queued_readings() const = 0;
   virtual std::uint64_t queued_records() const = 0;
   virtual std::uint64_t dropped_readings() const = 0;  // since open

@@ -1,6 +1,7 @@
 # ctest-labels: integration slow
 """Nothing lost (issue 3): kill -9 at random moments, outages past the age limit, a corrupt
 queue file, a full state directory — the real tb-agent against tb-test-server."""
+import contextlib
 import os
 import random
 import re
@@ -111,13 +112,24 @@ def test_a_corrupt_queue_file_is_moved_aside_and_the_agent_goes_on(server, agent
     assert "queue.db" in agent.log() and "corrupt" in agent.log().lower()
 
 
-def test_a_full_state_dir_is_reported_and_recovers(server, agents, tmp_path):
-    state = tmp_path / "small"
-    state.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
+@contextlib.contextmanager
+def scratch_mount(path, size="1m"):
+    """A tmpfs of its own at `path` (needs root: skips otherwise), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+@contextlib.contextmanager
+def full_state_dir(server, agents, tmp_path):
+    """An agent whose state dir (a 1 MiB tmpfs) fills up while the server takes nothing: yields
+    (agent, filler file, counter state) once the agent said it cannot queue readings."""
+    with scratch_mount(tmp_path / "small") as state:
         script, counter_state = counter_script(tmp_path)
         cfg = durable_config(server, tmp_path, script)
         cfg["state_dir"] = str(state)
@@ -125,10 +137,16 @@ def test_a_full_state_dir_is_reported_and_recovers(server, agents, tmp_path):
         agent.start()
         wait_until(lambda: len(seq_points(server)) >= 3, what="first readings")
         server.command("drop-all on")  # readings pile up in the queue...
+        time.sleep(1)
         filler = state / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "count=64"],
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=1024"],
                        capture_output=True)  # ...until the disk is full
         agent.wait_log("cannot queue readings", timeout=20)
+        yield agent, filler, counter_state
+
+
+def test_a_full_state_dir_is_reported_and_recovers(server, agents, tmp_path):
+    with full_state_dir(server, agents, tmp_path) as (agent, filler, _):
         assert agent.running(), "a full disk must not crash the agent"
         filler.unlink()
         server.command("drop-all off")
@@ -136,8 +154,6 @@ def test_a_full_state_dir_is_reported_and_recovers(server, agents, tmp_path):
         n = len(seq_points(server))
         wait_until(lambda: len(seq_points(server)) > n + 3, what="delivery after space returns")
         assert agent.stop() == 0
-    finally:
-        subprocess.run(["umount", "-l", str(state)])
 
 
 RECOVERED = "removing delivered readings from the queue works again"
@@ -151,24 +167,7 @@ def test_a_full_disk_at_ack_pauses_delivery_instead_of_a_resend_storm(server, ag
     """Issue 8 item 2: the server takes a batch but the full state disk cannot remove it from the
     queue. The batch stays queued and is sent again only after a backoff; nothing is counted as
     delivered twice; one log line for the episode; delivery recovers when space returns."""
-    state = tmp_path / "small"
-    state.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        script, counter_state = counter_script(tmp_path)
-        cfg = durable_config(server, tmp_path, script)
-        cfg["state_dir"] = str(state)
-        agent = agents(cfg)
-        agent.start()
-        wait_until(lambda: len(seq_points(server)) >= 3, what="first readings")
-        server.command("drop-all on")  # readings pile up in the queue...
-        time.sleep(1)
-        filler = state / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k", "count=1024"],
-                       capture_output=True)  # ...until the disk is full
-        agent.wait_log("cannot queue readings", timeout=20)
+    with full_state_dir(server, agents, tmp_path) as (agent, filler, counter_state):
         telemetry = lambda: sum(1 for r in server.records() if r.get("feature") == "telemetry")
         delivered = len(seq_points(server))
         server.command("drop-all off")  # the server takes everything; the queue cannot forget it
@@ -197,5 +196,3 @@ def test_a_full_disk_at_ack_pauses_delivery_instead_of_a_resend_storm(server, ag
         # Three readings per run; each counted once, when the queue forgot it.
         assert int(m.group(1)) <= 3 * produced, (m.group(0), produced)
         assert ack_errors(log) == log.count(RECOVERED) >= 1
-    finally:
-        subprocess.run(["umount", "-l", str(state)])

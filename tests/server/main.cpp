@@ -43,6 +43,7 @@
 #include <string>
 #include <vector>
 
+#include "faults.h"
 #include "tb_rules.h"
 #include "wire.h"
 
@@ -180,6 +181,7 @@ struct Reply {
   bool no_block1 = false;
   std::optional<uint32_t> block2;
   std::optional<uint32_t> size2;
+  FaultMode fault = FaultMode::kOff;  // control "fault" (faults.h)
 };
 
 struct Exchange {
@@ -256,7 +258,7 @@ class Server {
   std::optional<Reply> FailSwitch();
 
   // framing
-  void Deliver(const Request& rq, const Reply& rp, const std::string& exkey, ordered_json& rec);
+  void Deliver(const Request& rq, Reply rp, const std::string& exkey, ordered_json& rec);
   void Final(const Request& rq, const Reply& rp, const std::string& exkey);
   Message BaseResponse(const Request& rq, const Reply& rp);
   void SendEmptyAck(const Peer& p, uint16_t mid);
@@ -317,6 +319,7 @@ class Server {
   int64_t delay_ms_ = 0;
   Block2Mode block2_mode_ = Block2Mode::kOff;
   ContinueMode continue_mode_ = ContinueMode::kOff;
+  Faults faults_;
   std::map<std::string, int64_t> stats_;
 };
 
@@ -673,6 +676,15 @@ std::optional<Reply> Server::HandleBlock1(Request& rq, ordered_json& rec) {
   if (b.more && rq.msg.payload.size() != b.Size()) {
     rp.code = kBadRequest;
     rec["block_error"] = "non-final block of wrong size";
+    blocks_.erase(it);
+    return rp;
+  }
+  if (auto code = faults_.TakeForBlock1(b)) {
+    // Control "fault block1-abort|block1-refuse" (faults.h): a transfer broken off or refused.
+    rp.code = *code;
+    rec["fault"] = *code == kTooLarge ? "block1-refuse" : "block1-abort";
+    rec["block_num"] = b.num;
+    Count("fault_answers");
     blocks_.erase(it);
     return rp;
   }
@@ -1105,9 +1117,13 @@ Message Server::BaseResponse(const Request& rq, const Reply& rp) {
   return m;
 }
 
-void Server::Deliver(const Request& rq, const Reply& rp, const std::string& exkey,
-                     ordered_json& rec) {
+void Server::Deliver(const Request& rq, Reply rp, const std::string& exkey, ordered_json& rec) {
   rec["code"] = rp.none ? "none" : CodeString(rp.code);
+  if (!rp.lost && !rp.none) rp.fault = faults_.TakeForAnswer();
+  if (rp.fault != FaultMode::kOff) {
+    rec["fault"] = Faults::Name(rp.fault);
+    Count("fault_answers");
+  }
   if (rp.lost) {
     // Control "lose-provision-reply": the answer and its ACK are lost, and stay lost for every
     // retransmission of this MID; only a new request (new MID) gets an answer (FAILURE, §4.3).
@@ -1168,11 +1184,58 @@ void Server::Final(const Request& rq, const Reply& rp, const std::string& exkey)
   ex.answered = true;
   Message m = BaseResponse(rq, rp);
   const std::string what = CodeString(rp.code) + " " + (rq.path.empty() ? "" : rq.path.back());
+  // Control "fault reorder": an answer held back goes out after this one (faults.h).
+  std::optional<Faults::Held> late;
+  if (faults_.held && faults_.held->peer_key == rq.peer.key) late.swap(faults_.held);
+  struct SendLate {
+    Server* s;
+    const Peer& p;
+    std::optional<Faults::Held>& late;
+    ~SendLate() {
+      if (late) s->SendRaw(p, late->bytes);
+    }
+  } send_late{this, rq.peer, late};
+  switch (rp.fault) {
+    case FaultMode::kAckOnly:  // the answer never comes, only the empty ACK
+      if (rq.con && !ex.empty_acked) SendEmptyAck(rq.peer, rq.msg.mid);
+      ex.empty_acked = true;
+      return;
+    case FaultMode::kWrongToken:
+      m.token = Faults::OtherToken(m.token);
+      break;
+    case FaultMode::kTruncate:
+    case FaultMode::kOversize:
+    case FaultMode::kReorder: {
+      // Sent once as shaped, never retransmitted; the exchange is left without an answer, so a
+      // retransmission of the request gets nothing either (a lost or mangled answer).
+      m.type = rq.con && !ex.empty_acked ? MsgType::kAck : rq.con ? MsgType::kCon : MsgType::kNon;
+      m.mid = m.type == MsgType::kAck ? rq.msg.mid : ++mid_;
+      std::string bytes = Faults::Shape(rp.fault, m);
+      ex.lost = true;
+      if (rp.fault == FaultMode::kReorder)
+        faults_.held = Faults::Held{std::move(bytes), rq.peer.key};
+      else
+        SendRaw(rq.peer, bytes);
+      return;
+    }
+    default:
+      break;
+  }
   if (!rq.con) {
     m.type = MsgType::kNon;  // §6.6: a NON request gets a NON response (new MID)
     m.mid = ++mid_;
     SendRaw(rq.peer, Encode(m));
+    if (rp.fault == FaultMode::kDuplicate) {
+      m.mid = ++mid_;
+      SendRaw(rq.peer, Encode(m));
+    }
     return;
+  }
+  if (rp.fault == FaultMode::kDuplicate && (ex.empty_acked || rp.success)) {
+    // A second CON answer with a new MID and the same token, besides the real one below.
+    m.type = MsgType::kCon;
+    m.mid = ++mid_;
+    SendRaw(rq.peer, Encode(m));
   }
   if (ex.empty_acked) {
     m.type = MsgType::kCon;  // separate answer after the empty ACK
@@ -1193,6 +1256,7 @@ void Server::Final(const Request& rq, const Reply& rp, const std::string& exkey)
   m.mid = rq.msg.mid;
   ex.piggy = Encode(m);
   SendRaw(rq.peer, ex.piggy);
+  if (rp.fault == FaultMode::kDuplicate) SendRaw(rq.peer, ex.piggy);
 }
 
 void Server::SendRaw(const Peer& p, const std::string& bytes) {
@@ -1390,6 +1454,22 @@ std::string Server::Control(const std::string& line) {
     }
     devices_[it->second].token.clear();
     tokens_.erase(it);
+    SaveState();
+  } else if (cmd == "fault") {
+    return faults_.Control(a, b);
+  } else if (cmd == "delete") {
+    // The operator deletes the device (§7): its observations get 2.02, its token 4.01 from now
+    // on, and the name is free again (a new provisioning request may create it anew).
+    auto d = devices_.find(a);
+    if (d == devices_.end()) return "error unknown device";
+    for (auto* table : {&attr_observers_, &rpc_observers_}) {
+      auto o = table->find(a);
+      if (o == table->end()) continue;
+      SendDeleted(o->second, /*with_observe=*/false, "2.02 after delete");
+      table->erase(o);
+    }
+    tokens_.erase(d->second.token);
+    devices_.erase(d);
     SaveState();
   } else if (cmd == "framing") {
     auto f = ParseFraming(a);
