@@ -152,8 +152,8 @@ def test_link_down_for_minutes(link, server, proxy, agent):
 
 def test_server_address_changes(link, server, proxy, agent):
     """The name's answer changes: across a reload, across a restart, and with neither (the old
-    address goes away and the agent must ask again). Each time the old address is removed, so
-    only the new one works."""
+    address goes away and the agent must ask again). Each time the old address is then removed,
+    so only the new one works. Each address has its own proxy."""
     rss = start(agent, server)
     old, old_proxy = link.server_ip, proxy
     for step, octet in (("reload", 3), ("restart", 4), ("neither", 5)):
@@ -165,6 +165,10 @@ def test_server_address_changes(link, server, proxy, agent):
             agent.send_signal(signal.SIGHUP)
             wait_until(lambda: agent.log().count("configuration reloaded") > reloads,
                        timeout=10, what="the reload")
+            # The old address still answers, yet the reload asks for the name again and moves
+            # (it stayed on the old address for as long as that one answered).
+            wait_until(lambda: new_proxy.stats()["up"]["forwarded"] > 0, timeout=10,
+                       what="requests to the new address after the reload")
         elif step == "restart":
             assert agent.stop() == 0
             rss.stop()

@@ -1315,6 +1315,40 @@ TEST_F(CoapClientDns, TheNameIsResolvedAgainAfterANetworkFailure) {
   EXPECT_EQ(up.response->code, 201);
 }
 
+TEST_F(CoapClientDns, ARefreshFollowsAChangedAnswerWhileTheOldAddressStillAnswers) {
+  // A reload: the operator changed the name's answer; the old address still works.
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  const Outcome first = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(first.answered()) << first.error;
+  dns_.set_hosts("127.0.0.3 tb.test\n");  // nobody listens there: ICMP port unreachable
+  const Outcome same = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(same.answered()) << "a working session is kept without a refresh: " << same.error;
+  client_->refresh_address();
+  const Outcome moved = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  EXPECT_FALSE(moved.answered()) << "still on the old address after refresh_address()";
+  EXPECT_EQ(moved.failure, Failure::Network) << moved.error;
+}
+
+TEST_F(CoapClientDns, ARefreshWithTheSameOrNoAnswerKeepsTheSession) {
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  ASSERT_TRUE(call(*client_, Method::Post, {"piggy"}, "x", 10s).answered());
+  client_->refresh_address();
+  const Outcome same = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(same.answered()) << same.error;
+  EXPECT_EQ(same.response->code, 201);
+  // The name stops resolving (no hosts entry, no DNS): the address in use still works.
+  dns_.set_hosts("");
+  dns_.refuse();
+  client_->refresh_address();
+  const Outcome kept = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(kept.answered()) << kept.error;
+  EXPECT_EQ(kept.response->code, 201);
+}
+
 TEST_F(CoapClientDns, DestroyingTheClientWhileResolvingCallsNothing) {
   client_ = make_named("tb.example.com");
   ASSERT_TRUE(client_);
