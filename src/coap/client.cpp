@@ -532,6 +532,10 @@ struct Client::Impl {
         case COAP_NACK_ICMP_ISSUE:
           why = "ICMP error (server unreachable)";
           self->session_broken = true;
+          // libcoap 4.3.1 keeps the CON in its retransmit queue after an ICMP error: the request
+          // we fail now would go on being sent, and reach a server that comes back, on libcoap's
+          // schedule instead of our backoff. Drop the session once libcoap has returned.
+          if (s == self->session) self->drop_session_after_io = true;
           break;
         case COAP_NACK_TLS_FAILED:
           why = "TLS failure";

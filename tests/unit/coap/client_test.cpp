@@ -804,6 +804,26 @@ TEST_F(CoapClientTest, ServerDownThenBack) {
   client_.reset();  // before `late` goes away
 }
 
+TEST_F(CoapClientTest, ARequestFailedByICMPIsNotRetransmittedAfterwards) {
+  // The request failed (ICMP port unreachable); libcoap kept retransmitting its CON on the broken
+  // session until the next request replaced it, so a returning server got requests the agent had
+  // already counted as failed, on libcoap's schedule rather than the agent's backoff (found by the
+  // fleet test: retransmissions #1-#3 of failed requests during a server outage).
+  const uint16_t port = free_port();
+  ClientOptions opts;
+  opts.ack_timeout = 1s;
+  client_ = make_client(opts, port);
+  const Outcome down = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_EQ(down.failure, Failure::Network) << down.error;
+  const int listener = bind_udp(port);  // the server is back, on the same port
+  ASSERT_GE(listener, 0);
+  run_for(3500ms);  // retransmission #1 would come after 1-1.5 s, #2 after 2-3 s more
+  unsigned char buf[1500];
+  const ssize_t n = recv(listener, buf, sizeof buf, MSG_DONTWAIT);
+  EXPECT_LT(n, 0) << "a failed request was still retransmitted (" << n << " bytes)";
+  close(listener);
+}
+
 TEST_F(CoapClientTest, SmallPayloadIsOneDatagramWithoutBlock1) {
   client_ = make_client();
   const std::string body(1024, 'a');
