@@ -19,6 +19,7 @@ measures those bursts, not the retry wave (docs/testing.md, "Fleet").
 TB_FLEET_AGENTS (default 200) and TB_FLEET_OUTAGE_S (default 60) size the run: the issue's full
 size, about 4 minutes on two cores. Root not needed.
 """
+import json
 import os
 import time
 from collections import Counter
@@ -123,6 +124,12 @@ def test_fleet_storm_outage_and_retry_wave(server, fleet):
           f"{per_second.index(peak)}), mean {mean:.1f}/s: peak/mean = {ratio:.2f} "
           f"(before the outage: peak {b_peak}, mean {b_mean:.1f}/s, {b_ratio:.2f})")
     print("requests per second after the return:", per_second)
+    # Also kept in the build directory, for CI logs that do not show a passing test's output.
+    figure = {"agents": AGENTS, "interval": INTERVAL, "outage_s": OUTAGE_S, "peak": peak,
+              "mean": round(mean, 2), "ratio": round(ratio, 3), "baseline_ratio": round(b_ratio, 3),
+              "per_second": per_second}
+    with open(build_dir() / "fleet-figure.json", "w") as f:
+        json.dump(figure, f)
 
     # 3. Nothing lost.
     wanted = {i: produced(a, "temp") for i, a in enumerate(fleet)}
