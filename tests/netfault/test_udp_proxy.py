@@ -154,3 +154,29 @@ def test_link_down_and_up_at_run_time(echo, tmp_path):
     stats = json.loads(command(ctl, "stats"))
     assert stats["up"]["dropped_down"] == 40 and stats["up"]["lost"] == 20
     stop(p)
+
+
+def test_upstream_changes_at_run_time(echo, tmp_path):
+    p, port, ctl = start(echo, tmp_path)
+    assert len(exchange(echo, port, 10)) == 10
+    other = Echo()
+    try:
+        assert command(ctl, f"upstream 127.0.0.1:{other.port}") == "ok"
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.01)
+        answers = 0
+        for i in range(10):
+            s.sendto(b"%d" % i, ("127.0.0.1", port))
+            for _ in range(100):
+                other.pump()
+                try:
+                    s.recv(100)
+                    answers += 1
+                    break
+                except socket.timeout:
+                    pass
+        s.close()
+        assert answers == 10 and other.peers, "the new upstream answers"
+    finally:
+        other.sock.close()
+    stop(p)
