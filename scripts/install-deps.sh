@@ -20,6 +20,8 @@ PACKAGES=(
   # system tests (tests/system): a Debian 12 root booted with systemd-nspawn; dpkg-dev for
   # dpkg-buildflags (scripts/build-packages.sh)
   debootstrap systemd-container dpkg-dev
+  # network fault suite (tests/netfault): ip netns and veth pairs
+  iproute2
 )
 
 missing=()

@@ -211,6 +211,7 @@ struct Client::Impl {
   };
   std::unique_ptr<net::Resolver> resolver;
   bool fresh_address = false;  // `remote` is an answer no session has used yet
+  bool address_stale = false;  // refresh_address(): ask again before the next request
   std::deque<AwaitingAddress> awaiting_address;
   RequestId next_id = 1;
   bool destroying = false;
@@ -531,6 +532,10 @@ struct Client::Impl {
         case COAP_NACK_ICMP_ISSUE:
           why = "ICMP error (server unreachable)";
           self->session_broken = true;
+          // libcoap 4.3.1 keeps the CON in its retransmit queue after an ICMP error: the request
+          // we fail now would go on being sent, and reach a server that comes back, on libcoap's
+          // schedule instead of our backoff. Drop the session once libcoap has returned.
+          if (s == self->session) self->drop_session_after_io = true;
           break;
         case COAP_NACK_TLS_FAILED:
           why = "TLS failure";
@@ -657,21 +662,33 @@ struct Client::Impl {
   void on_resolved(net::Resolution r) {
     std::deque<AwaitingAddress> waiting;
     waiting.swap(awaiting_address);
-    if (!r.ok()) {
+    const bool refreshing = address_stale;
+    address_stale = false;
+    if (!r.ok() && refreshing && session_usable()) {
+      // Only a refresh: the address in use still works, keep it.
+      spdlog::debug("coap: cannot resolve {} again ({}); staying on {}", endpoint.host, r.error,
+                    remote_text);
+    } else if (!r.ok()) {
       const std::string why = "cannot resolve " + endpoint.host + ": " + r.error;
       spdlog::debug("coap: {}", why);
       for (auto& w : waiting) complete(w.id, failure(Failure::Network, why));
       return;
+    } else {
+      const net::Address& a = r.addresses.front();
+      coap_address_t answer;
+      coap_address_init(&answer);
+      answer.size = a.length;
+      std::memcpy(&answer.addr, &a.storage, a.length);
+      // A session is bound to its address: a new answer needs a new session.
+      if (session && !coap_address_equals(&answer, &remote)) session_broken = true;
+      remote = answer;
     }
-    const net::Address& a = r.addresses.front();
-    coap_address_init(&remote);
-    remote.size = a.length;
-    std::memcpy(&remote.addr, &a.storage, a.length);
     char buf[INET6_ADDRSTRLEN + 16] = {};
     coap_print_addr(&remote, reinterpret_cast<unsigned char*>(buf), sizeof(buf) - 1);
     if (remote_text != buf) spdlog::debug("coap: {} is {}", endpoint.host, buf);
     remote_text = buf;
-    fresh_address = true;
+    // An answer the session in use already has (a refresh that changed nothing) needs no session.
+    fresh_address = !session_usable();
     for (auto& w : waiting) {
       auto node = pending.extract(w.id);  // gone if it timed out or was canceled meanwhile
       if (!node) continue;
@@ -788,7 +805,7 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
                          std::string("sd_event_add_time: ") + std::strerror(-r));
   }
 
-  if (!im.session_usable() && !im.fresh_address) {
+  if ((!im.session_usable() || im.address_stale) && !im.fresh_address) {
     // A new session needs the server's address first (again after a failure: it may have moved).
     im.awaiting_address.push_back({id, method, path, std::move(payload)});
     im.pending.emplace(id, std::move(p));
@@ -867,6 +884,11 @@ RequestId Client::Impl::send(Pending p, Method method, const std::vector<std::st
 void Client::cancel(RequestId id) {
   // User code never runs inside libcoap callbacks, so releasing the session here is safe.
   impl_->abandon(id, Impl::failure(Failure::Canceled, "canceled"));
+}
+
+void Client::refresh_address() {
+  impl_->address_stale = true;
+  impl_->fresh_address = false;
 }
 
 void Client::cancel_all() {

@@ -97,6 +97,11 @@ class Client {
   // ignored.
   void cancel(RequestId id);
   void cancel_all();
+  // Looks the server's name up again before the next request (a reload: the operator may have
+  // changed the DNS answer while the old address still answers). A different address gets a new
+  // session, and requests still in flight on the old one fail as Failure::Network; the same
+  // address, or a lookup that fails, keeps the session as it is.
+  void refresh_address();
   // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
   const Endpoint& endpoint() const;

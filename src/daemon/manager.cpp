@@ -564,6 +564,9 @@ std::string Manager::apply(const config::Config& next) {
       cfg_ = next;
       start_provisioning();
     }
+  } else if (client_) {
+    // Same name, but its DNS answer may have changed: the next request asks again.
+    client_->refresh_address();
   }
 
   const bool token_changed = !next.credentials.access_token.empty() &&

@@ -804,6 +804,26 @@ TEST_F(CoapClientTest, ServerDownThenBack) {
   client_.reset();  // before `late` goes away
 }
 
+TEST_F(CoapClientTest, ARequestFailedByICMPIsNotRetransmittedAfterwards) {
+  // The request failed (ICMP port unreachable); libcoap kept retransmitting its CON on the broken
+  // session until the next request replaced it, so a returning server got requests the agent had
+  // already counted as failed, on libcoap's schedule rather than the agent's backoff (found by the
+  // fleet test: retransmissions #1-#3 of failed requests during a server outage).
+  const uint16_t port = free_port();
+  ClientOptions opts;
+  opts.ack_timeout = 1s;
+  client_ = make_client(opts, port);
+  const Outcome down = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_EQ(down.failure, Failure::Network) << down.error;
+  const int listener = bind_udp(port);  // the server is back, on the same port
+  ASSERT_GE(listener, 0);
+  run_for(3500ms);  // retransmission #1 would come after 1-1.5 s, #2 after 2-3 s more
+  unsigned char buf[1500];
+  const ssize_t n = recv(listener, buf, sizeof buf, MSG_DONTWAIT);
+  EXPECT_LT(n, 0) << "a failed request was still retransmitted (" << n << " bytes)";
+  close(listener);
+}
+
 TEST_F(CoapClientTest, SmallPayloadIsOneDatagramWithoutBlock1) {
   client_ = make_client();
   const std::string body(1024, 'a');
@@ -1313,6 +1333,40 @@ TEST_F(CoapClientDns, TheNameIsResolvedAgainAfterANetworkFailure) {
   const Outcome up = call(*client_, Method::Post, {"piggy"}, "x", 10s);
   ASSERT_TRUE(up.answered()) << up.error;
   EXPECT_EQ(up.response->code, 201);
+}
+
+TEST_F(CoapClientDns, ARefreshFollowsAChangedAnswerWhileTheOldAddressStillAnswers) {
+  // A reload: the operator changed the name's answer; the old address still works.
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  const Outcome first = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(first.answered()) << first.error;
+  dns_.set_hosts("127.0.0.3 tb.test\n");  // nobody listens there: ICMP port unreachable
+  const Outcome same = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(same.answered()) << "a working session is kept without a refresh: " << same.error;
+  client_->refresh_address();
+  const Outcome moved = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  EXPECT_FALSE(moved.answered()) << "still on the old address after refresh_address()";
+  EXPECT_EQ(moved.failure, Failure::Network) << moved.error;
+}
+
+TEST_F(CoapClientDns, ARefreshWithTheSameOrNoAnswerKeepsTheSession) {
+  dns_.set_hosts("127.0.0.1 tb.test\n");
+  client_ = make_named("tb.test");
+  ASSERT_TRUE(client_);
+  ASSERT_TRUE(call(*client_, Method::Post, {"piggy"}, "x", 10s).answered());
+  client_->refresh_address();
+  const Outcome same = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(same.answered()) << same.error;
+  EXPECT_EQ(same.response->code, 201);
+  // The name stops resolving (no hosts entry, no DNS): the address in use still works.
+  dns_.set_hosts("");
+  dns_.refuse();
+  client_->refresh_address();
+  const Outcome kept = call(*client_, Method::Post, {"piggy"}, "x", 10s);
+  ASSERT_TRUE(kept.answered()) << kept.error;
+  EXPECT_EQ(kept.response->code, 201);
 }
 
 TEST_F(CoapClientDns, DestroyingTheClientWhileResolvingCallsNothing) {
