@@ -14,6 +14,7 @@
 
 #include "sources/execd_source.hpp"
 #include "sources/plugin_source.hpp"
+#include "sources/source_type.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
@@ -391,7 +392,7 @@ void Manager::maybe_finish_shutdown() {
 std::string Manager::reload() {
   notifier_.reloading();
   sources::PluginSource::guard_forgive();  // an operator's reload tries disabled plugins again
-  auto result = config::load_file(cfg_.file);
+  auto result = config::load_file(cfg_.file, sources::source_types());
   std::string problems;
   if (!result.ok()) {
     problems = join_diagnostics(result.diagnostics);
