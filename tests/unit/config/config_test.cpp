@@ -654,7 +654,9 @@ TEST(Declarations, AreCompleteAndTheirDefaultsLoad) {
       EXPECT_TRUE(names.insert(k.name).second) << t->name << "." << k.name << " declared twice";
       EXPECT_FALSE(k.type.empty()) << t->name << "." << k.name;
       EXPECT_FALSE(k.description.empty()) << t->name << "." << k.name;
-      if (k.need == Need::Required) EXPECT_TRUE(k.default_text.empty()) << k.name;
+      if (k.need == Need::Required) {
+        EXPECT_TRUE(k.default_text.empty()) << k.name;
+      }
     }
   }
   const auto r = load(
