@@ -4,6 +4,8 @@
 //
 // The member initializers below are the defaults: the loader leaves a field alone when its key
 // is absent (docs/configuration.md documents the same values; config_test.cpp checks them).
+// Sources are the exception: config/ knows none of their types; each type in src/sources/
+// declares its own keys and defaults and reads them from a Value tree (SourceTypes below).
 #pragma once
 
 #include <array>

@@ -33,7 +33,7 @@ std::string server_string(const config::ServerConfig& s) {
   return s.host + ":" + std::to_string(s.port);
 }
 
-// Every setting, by construction (config::SourceSettings), but not the position: a source that
+// Every setting, by construction (config::same_settings), but not the position: a source that
 // only moved within the file keeps running on reload.
 bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
   return config::same_settings(a, b);
