@@ -1,8 +1,9 @@
-// Loading is table driven: every section is one Table of keys (name, required or not, setter,
-// and for sources the types a key belongs to). Adding a key is one line in its table plus a
-// field in config.hpp. Defaults live in one place only: the member initializers in config.hpp
-// (a key that is absent simply leaves its field alone), except device.name, which defaults to
-// the hostname at load time.
+// Loading is table driven: every section is one Table of keys (name, required or not, setter).
+// Adding a key is one line in its table plus a field in config.hpp. Sources are the exception:
+// each item of `sources:` becomes a Value tree that its type reads with its own declaration
+// table (src/sources/, config/schema.hpp), so a new source type touches nothing here. Defaults live
+// in one place only: the member initializers in config.hpp (a key that is absent simply leaves its
+// field alone), except device.name, which defaults to the hostname at load time.
 //
 // The loader never stops at the first problem: every setter reports into a shared Ctx and the
 // walk goes on, so `--check-config` shows everything at once. A Config is returned only when
@@ -29,6 +30,7 @@
 #include <string_view>
 #include <utility>
 
+#include "config/schema.hpp"
 #include "util/units.hpp"
 #include "util/utf8.hpp"
 
@@ -109,11 +111,14 @@ bool read_file(const std::filesystem::path& path, std::size_t max, std::string* 
 }
 
 // Collects diagnostics for one load.
-class Ctx {
+class Ctx final : public Report {
  public:
   explicit Ctx(std::string file) : file_(std::move(file)) {}
 
-  void error(Position at, std::string message) {
+  // The items of `sources:` as trees, with what messages call each ("sources[2]").
+  std::vector<std::pair<std::string, Value>> source_items;
+
+  void error(Position at, std::string message) override {
     diagnostics_.push_back({file_, at, std::move(message)});
   }
   void error(const YAML::Mark& at, std::string message) {
@@ -182,30 +187,6 @@ const char* kind(const YAML::Node& n) {
   }
 }
 
-// Users' values quoted back in messages, cut short and without control characters.
-std::string shown(std::string_view s) {
-  // Cut on a character boundary: half a character would make the message invalid UTF-8, and
-  // messages travel on to D-Bus (LastError, Reload's error) and the journal.
-  const std::string_view cut = utf8::prefix(s, 60);
-  std::string out = "'";
-  for (const char ch : cut) {
-    const auto c = static_cast<unsigned char>(ch);
-    out += (c < 0x20 || c == 0x7f) ? '?' : ch;
-  }
-  if (cut.size() < s.size()) out += "...";
-  return utf8::sanitized(out + "'");
-}
-
-// Whether an unknown key is worth quoting back. A "key" with spaces or punctuation is usually
-// several lines run together by a quote or indentation slip, and may hold a secret's line.
-bool looks_like_key(std::string_view name) {
-  if (name.empty() || name.size() > 40) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-           c == '-' || c == '.';
-  });
-}
-
 // The text of a scalar value, or nullopt after reporting why there is none.
 std::optional<std::string> scalar(Ctx& ctx, const Item& item, std::string_view expected) {
   if (item.value.IsScalar()) return item.value.Scalar();
@@ -225,20 +206,11 @@ using Setter = std::function<void(Ctx&, const Item&, T&)>;
 
 enum Need { Optional, Required };
 
-// Source types as bits, so a key can belong to several. Sections other than sources use kAll.
-constexpr unsigned kFile = 1;
-constexpr unsigned kExec = 2;
-constexpr unsigned kSystem = 4;
-constexpr unsigned kPlugin = 8;
-constexpr unsigned kExecd = 16;
-constexpr unsigned kAll = kFile | kExec | kSystem | kPlugin | kExecd;
-
 template <class T>
 struct Key {
   std::string_view name;
   Need need;
   Setter<T> set;
-  unsigned types = kAll;
 };
 
 template <class T>
@@ -248,24 +220,11 @@ using Table = std::vector<Key<T>>;
 using Seen = std::map<std::string, Item, std::less<>>;
 
 struct WalkOptions {
-  unsigned types = kAll;        // the source type(s) this map is; keys of other types are misplaced
-  bool only_common = false;     // skip keys that are not common to all types (unsupported types)
   bool secret_section = false;  // do not quote unknown key names (they could be a pasted token)
 };
 
-std::string type_names(unsigned types) {
-  std::string out;
-  for (const auto& [bit, name] : {std::pair{kFile, "file"},
-                                  {kExec, "exec"},
-                                  {kSystem, "system"},
-                                  {kExecd, "execd"},
-                                  {kPlugin, "plugin"}})
-    if (types & bit) out += (out.empty() ? "" : " and ") + std::string(name);
-  return out;
-}
-
-// Applies `table` to every pair of `map` (a map or null = empty); reports unknown, duplicate,
-// misplaced and missing keys. `missing_at` is where a missing key is reported (the section's
+// Applies `table` to every pair of `map` (a map or null = empty); reports unknown, duplicate
+// and missing keys. `missing_at` is where a missing key is reported (the section's
 // own key).
 template <class T>
 Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<T>& table, T& out,
@@ -291,11 +250,9 @@ Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<
       }
       const auto k =
           std::find_if(table.begin(), table.end(), [&](const Key<T>& c) { return c.name == name; });
-      if (opt.only_common && (k == table.end() || k->types != kAll)) continue;
       if (k == table.end()) {
         std::string known;
         for (const auto& c : table) {
-          if ((c.types & opt.types) == 0) continue;
           known += known.empty() ? "" : ", ";
           known += c.name;
         }
@@ -307,27 +264,17 @@ Seen walk(Ctx& ctx, const YAML::Node& map, const std::string& path, const Table<
         continue;
       }
       seen.emplace(name, item);
-      if ((k->types & opt.types) == 0) {
-        ctx.error(key.Mark(), item.path + ": only " + type_names(k->types) +
-                                  " sources have this key, not " + type_names(opt.types) +
-                                  " sources");
-        continue;
-      }
       k->set(ctx, item, out);
     }
   }
   for (const auto& k : table) {
     if (k.need != Required || seen.count(k.name)) continue;
-    if ((k.types & opt.types) != opt.types) continue;  // belongs to another source type
-    if (opt.only_common && k.types != kAll) continue;
     ctx.error(missing_at, where + "missing required key '" + std::string(k.name) + "'");
   }
   return seen;
 }
 
 // --- value setters (one per kind of value) --------------------------------------------------
-
-using Check = std::function<std::string(const std::string&)>;  // "" = fine, else a sentence
 
 // A non-empty string. Secrets are never quoted back.
 template <class T>
@@ -350,11 +297,6 @@ Setter<T> text(std::string T::*field, Check check = {}, bool secret = false) {
   };
 }
 
-std::string check_absolute(const std::string& v) {
-  if (v.front() != '/') return "must be an absolute path (starting with /), not " + shown(v);
-  return "";
-}
-
 std::string check_host(const std::string& v) {
   if (v.find("://") != std::string::npos || v.find('/') != std::string::npos) {
     return "must be a host name or address, not a URL: " + shown(v) +
@@ -362,14 +304,6 @@ std::string check_host(const std::string& v) {
   }
   for (char c : v) {
     if (static_cast<unsigned char>(c) <= ' ') return "must not contain spaces: " + shown(v);
-  }
-  return "";
-}
-
-std::string check_printable(const std::string& v) {
-  for (char c : v) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u < 0x20 || u == 0x7f) return "must not contain control characters";
   }
   return "";
 }
@@ -645,143 +579,26 @@ const Table<LoggingConfig> kLogging = {
 };
 
 // --- sources --------------------------------------------------------------------------------
+// config/ only turns each item into a Value tree with positions; the source types declare and
+// read their own keys (src/sources/, through SourceTypes), after the walk, once plugin_dir is
+// known.
 
-void check_command(Ctx& ctx, const Item& item, SourceConfig& out) {
-  const char* expected = "a list of strings (program and arguments; no shell)";
-  if (!item.value.IsSequence()) {
-    ctx.error(item.where(),
-              item.path + ": expected " + std::string(expected) + ", not " + kind(item.value));
-    return;
-  }
-  if (item.value.size() == 0) {
-    ctx.error(item.where(), item.path + ": must name at least the program to run");
-    return;
-  }
-  std::vector<std::string> argv;
-  bool ok = true;
-  for (std::size_t i = 0; i < item.value.size(); ++i) {
-    const YAML::Node arg = item.value[i];
-    const std::string path = item.path + "[" + std::to_string(i) + "]";
-    if (!arg.IsScalar()) {
-      ctx.error(arg.IsNull() ? item.value.Mark() : arg.Mark(),
-                path + ": expected a string, not " + kind(arg));
-      ok = false;
-    } else if (i == 0 && arg.Scalar().empty()) {
-      ctx.error(arg.Mark(), path + ": the program must not be empty");
-      ok = false;
-    } else {
-      argv.push_back(arg.Scalar());
-    }
-  }
-  if (ok) out.command = std::move(argv);
-}
+// Bounds of one item's tree. The file is at most 1 MiB anyway; these keep a pathological one
+// (thousands of nested flow lists) from costing deep recursion or much memory.
+constexpr int kMaxTreeDepth = 32;
+constexpr std::size_t kMaxTreeNodes = 10000;
 
-// env: NAME: value pairs added to a program's small environment. Values are never quoted back
-// (they may hold credentials).
-void check_env(Ctx& ctx, const Item& item, SourceConfig& out) {
-  if (!item.value.IsMap()) {
-    ctx.error(item.where(), item.path + ": expected a map of NAME: value, not " + kind(item.value));
-    return;
-  }
-  std::map<std::string, std::string> env;
-  bool ok = true;
-  for (auto it = item.value.begin(); it != item.value.end(); ++it) {
-    const YAML::Node name = it->first;
-    const YAML::Node value = it->second;
-    if (!name.IsScalar()) {
-      ctx.error(name.Mark(),
-                item.path + ": a variable name must be a plain name, not " + kind(name));
-      ok = false;
-      continue;
-    }
-    const std::string& n = name.Scalar();
-    const std::string path = item.path + "." + n;
-    const bool valid = !n.empty() && !std::isdigit(static_cast<unsigned char>(n.front())) &&
-                       std::all_of(n.begin(), n.end(), [](char c) {
-                         return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-                       });
-    if (!valid) {
-      ctx.error(name.Mark(), item.path + ": " + shown(n) +
-                                 " is not a variable name (letters, digits and _, not starting "
-                                 "with a digit)");
-      ok = false;
-    } else if (env.count(n)) {
-      ctx.error(name.Mark(), path + ": listed twice");
-      ok = false;
-    } else if (!value.IsScalar()) {
-      ctx.error(value.IsNull() ? name.Mark() : value.Mark(),
-                path + ": expected a string, not " + kind(value));
-      ok = false;
-    } else if (value.Scalar().find('\0') != std::string::npos) {
-      ctx.error(value.Mark(), path + ": must not contain a NUL character");
-      ok = false;
-    } else {
-      env.emplace(n, value.Scalar());
-    }
-  }
-  if (ok) out.env = std::move(env);
-}
-
-void check_metrics(Ctx& ctx, const Item& item, SourceConfig& out) {
-  std::string names;
-  for (auto m : kSystemMetrics) names += (names.empty() ? "" : ", ") + std::string(m);
-  if (!item.value.IsSequence() || item.value.size() == 0) {
-    ctx.error(item.where(), item.path + ": expected a non-empty list of " + names + ", not " +
-                                (item.value.IsSequence() ? "an empty list" : kind(item.value)));
-    return;
-  }
-  std::vector<std::string> metrics;
-  for (std::size_t i = 0; i < item.value.size(); ++i) {
-    const YAML::Node m = item.value[i];
-    const std::string path = item.path + "[" + std::to_string(i) + "]";
-    if (!m.IsScalar()) {
-      ctx.error(m.IsNull() ? item.value.Mark() : m.Mark(),
-                path + ": expected one of " + names + ", not " + kind(m));
-    } else if (std::find(kSystemMetrics.begin(), kSystemMetrics.end(), m.Scalar()) ==
-               kSystemMetrics.end()) {
-      ctx.error(m.Mark(), path + ": unknown metric " + shown(m.Scalar()) + " (use " + names + ")");
-    } else if (std::find(metrics.begin(), metrics.end(), m.Scalar()) != metrics.end()) {
-      ctx.error(m.Mark(), path + ": " + shown(m.Scalar()) + " is listed twice");
-    } else {
-      metrics.push_back(m.Scalar());
-    }
-  }
-  out.metrics = std::move(metrics);
-}
-
-// file: an absolute path. plugin: an absolute path, or a name looked up in plugin_dir ("hwmon"
-// → plugin_dir/hwmon.so); the loader resolves names once plugin_dir is known.
-void check_source_path(Ctx& ctx, const Item& item, SourceConfig& out) {
-  auto v = scalar(ctx, item, "a string");
-  if (!v) return;
-  std::string problem;
-  if (v->empty()) {
-    problem = "must not be empty";
-  } else if (out.type != SourceType::Plugin || v->front() == '/') {
-    problem = check_absolute(*v);
-  } else if (!looks_like_key(*v) || *v == "." || *v == "..") {
-    problem =
-        "must be an absolute path or a plugin name (letters, digits, _ - .), not " + shown(*v);
-  }
-  if (!problem.empty()) {
-    ctx.error(item.where(), item.path + ": " + problem);
-    return;
-  }
-  out.path = *v;
-}
-
-// A plugin's `options:`: any YAML map, typed into a config::Value tree, bounded in depth, size
-// and string length.
-bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int depth,
-              std::size_t& nodes, Value& out) {
-  if (++nodes > kMaxOptionNodes) {
+bool to_tree(Ctx& ctx, const YAML::Node& node, const std::string& path, int depth,
+             std::size_t& nodes, Value& out) {
+  out.position = to_position(node.Mark());
+  if (++nodes > kMaxTreeNodes) {
     ctx.error(node.Mark(),
-              path + ": too many options (at most " + std::to_string(kMaxOptionNodes) + " values)");
+              path + ": too many values (at most " + std::to_string(kMaxTreeNodes) + ")");
     return false;
   }
-  if (depth > kMaxOptionDepth) {
-    ctx.error(node.Mark(), path + ": nested too deeply (at most " +
-                               std::to_string(kMaxOptionDepth) + " levels)");
+  if (depth > kMaxTreeDepth) {
+    ctx.error(node.Mark(),
+              path + ": nested too deeply (at most " + std::to_string(kMaxTreeDepth) + " levels)");
     return false;
   }
   if (node.IsNull()) {
@@ -790,23 +607,17 @@ bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int dep
   }
   if (node.IsScalar()) {
     const std::string& text = node.Scalar();
-    if (text.size() > kMaxOptionString) {
-      ctx.error(node.Mark(), path + ": longer than " + std::to_string(kMaxOptionString) + " bytes");
-      return false;
-    }
-    if (node.Tag() != "!") {  // plain (unquoted): YAML 1.2 core schema
-      if (text == "true" || text == "True" || text == "TRUE") {
-        out.data = true;
-        return true;
-      }
-      if (text == "false" || text == "False" || text == "FALSE") {
-        out.data = false;
-        return true;
-      }
-      if (text == "~" || text == "null" || text == "Null" || text == "NULL") {
-        out.data = std::monostate{};
-        return true;
-      }
+    out.text = text;
+    out.data = text;
+    if (node.Tag() == "!") return true;  // quoted: a string
+    // Plain: YAML 1.2 core schema.
+    if (text == "true" || text == "True" || text == "TRUE") {
+      out.data = true;
+    } else if (text == "false" || text == "False" || text == "FALSE") {
+      out.data = false;
+    } else if (text == "~" || text == "null" || text == "Null" || text == "NULL") {
+      out.data = std::monostate{};
+    } else {
       // from_chars takes no leading '+'; only digits, sign, '.' and exponents make a number
       // (not "inf", "nan" or hex spellings).
       std::string_view body = text;
@@ -816,26 +627,22 @@ bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int dep
       });
       const char* last = body.data() + body.size();
       std::int64_t i = 0;
+      double d = 0;
       if (auto [p, ec] = std::from_chars(body.data(), last, i);
           numeric && ec == std::errc() && p == last) {
         out.data = i;
-        return true;
-      }
-      double d = 0;
-      if (auto [p, ec] = std::from_chars(body.data(), last, d);
-          numeric && ec == std::errc() && p == last && std::isfinite(d)) {
+      } else if (auto [q, ec2] = std::from_chars(body.data(), last, d);
+                 numeric && ec2 == std::errc() && q == last && std::isfinite(d)) {
         out.data = d;
-        return true;
       }
     }
-    out.data = text;
     return true;
   }
   if (node.IsSequence()) {
     Value::List list;
     for (std::size_t i = 0; i < node.size(); ++i) {
       Value v;
-      if (!to_value(ctx, node[i], path + "[" + std::to_string(i) + "]", depth + 1, nodes, v))
+      if (!to_tree(ctx, node[i], path + "[" + std::to_string(i) + "]", depth + 1, nodes, v))
         return false;
       list.push_back(std::move(v));
     }
@@ -845,21 +652,18 @@ bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int dep
   if (node.IsMap()) {
     Value::Map map;
     for (auto it = node.begin(); it != node.end(); ++it) {
+      // Copies, not references: yaml-cpp's iterator hands out a temporary pair.
       const YAML::Node key = it->first;
       const YAML::Node value = it->second;
-      if (!key.IsScalar() || key.Scalar().empty() || !utf8::valid(key.Scalar()) ||
-          key.Scalar().size() > 256) {
-        ctx.error(key.Mark(), path + ": an option's name must be a non-empty string");
-        return false;
+      if (!key.IsScalar()) {
+        ctx.error(key.Mark(), path + ": a key must be a plain name, not " + kind(key));
+        continue;  // reported; the other keys are still read
       }
-      const std::string name = key.Scalar();
-      if (std::any_of(map.begin(), map.end(), [&](const auto& kv) { return kv.first == name; })) {
-        ctx.error(key.Mark(), path + "." + name + ": duplicate key");
+      Value::Entry entry(key.Scalar(), {});
+      entry.key_position = to_position(key.Mark());
+      if (!to_tree(ctx, value, path + "." + key.Scalar(), depth + 1, nodes, entry.second))
         return false;
-      }
-      Value v;
-      if (!to_value(ctx, value, path + "." + name, depth + 1, nodes, v)) return false;
-      map.emplace_back(name, std::move(v));
+      map.push_back(std::move(entry));
     }
     out.data = std::move(map);
     return true;
@@ -868,140 +672,13 @@ bool to_value(Ctx& ctx, const YAML::Node& node, const std::string& path, int dep
   return false;
 }
 
-void check_options(Ctx& ctx, const Item& item, SourceConfig& out) {
-  if (!item.value.IsMap() && !item.value.IsNull()) {
-    ctx.error(item.where(),
-              item.path + ": expected a map of option names to values, not " + kind(item.value));
-    return;
-  }
-  std::size_t nodes = 0;
-  Value v;
-  if (to_value(ctx, item.value, item.path, 0, nodes, v)) out.options = std::move(v);
-}
-
-// A list of interface names or shell globs (eth*, veth*).
-Setter<SourceConfig> interface_list(std::vector<std::string> SourceConfig::*field) {
-  return [=](Ctx& ctx, const Item& item, SourceConfig& out) {
-    if (!item.value.IsSequence() || item.value.size() == 0) {
-      ctx.error(item.where(), item.path + ": expected a non-empty list of interface names, not " +
-                                  (item.value.IsSequence() ? "an empty list" : kind(item.value)));
-      return;
-    }
-    std::vector<std::string> names;
-    for (std::size_t i = 0; i < item.value.size(); ++i) {
-      const YAML::Node n = item.value[i];
-      const std::string path = item.path + "[" + std::to_string(i) + "]";
-      if (!n.IsScalar() || n.Scalar().empty()) {
-        ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
-                  path + ": expected an interface name, not " + kind(n));
-        return;
-      }
-      if (auto problem = check_printable(n.Scalar()); !problem.empty()) {
-        ctx.error(n.Mark(), path + ": " + problem);
-        return;
-      }
-      names.push_back(n.Scalar());
-    }
-    out.*field = std::move(names);
-  };
-}
-
-// disks: absolute paths, each a file system `disk` also reports (keys disk_<path>_…).
-void check_disks(Ctx& ctx, const Item& item, SourceConfig& out) {
-  if (!item.value.IsSequence() || item.value.size() == 0) {
-    ctx.error(item.where(), item.path + ": expected a non-empty list of absolute paths, not " +
-                                (item.value.IsSequence() ? "an empty list" : kind(item.value)));
-    return;
-  }
-  std::vector<std::string> paths;
-  for (std::size_t i = 0; i < item.value.size(); ++i) {
-    const YAML::Node n = item.value[i];
-    const std::string path = item.path + "[" + std::to_string(i) + "]";
-    if (!n.IsScalar() || n.Scalar().empty()) {
-      ctx.error(n.IsNull() ? item.value.Mark() : n.Mark(),
-                path + ": expected an absolute path, not " + kind(n));
-      return;
-    }
-    if (auto problem = check_absolute(n.Scalar()); !problem.empty()) {
-      ctx.error(n.Mark(), path + ": " + problem);
-      return;
-    }
-    if (std::find(paths.begin(), paths.end(), n.Scalar()) != paths.end()) {
-      ctx.error(n.Mark(), path + ": " + shown(n.Scalar()) + " is listed twice");
-      return;
-    }
-    paths.push_back(n.Scalar());
-  }
-  out.disks = std::move(paths);
-}
-
-const Table<SourceConfig> kSource = {
-    {"name", Required, text(&SourceConfig::name, check_printable)},
-    {"type", Required, [](Ctx&, const Item&, SourceConfig&) {}},  // read before the walk
-    // execd has no interval: its program reports whenever it has readings.
-    {"interval", Optional, duration(&SourceConfig::interval, 100ms, Millis::max()), kAll & ~kExecd},
-    {"path", Required, check_source_path, kFile | kPlugin},
-    {"key", Required, text(&SourceConfig::key, check_printable), kFile},
-    {"scale", Optional, number(&SourceConfig::scale, -1e300, 1e300), kFile},
-    {"offset", Optional, number(&SourceConfig::offset, -1e300, 1e300), kFile},
-    {"command", Required, check_command, kExec | kExecd},
-    {"timeout", Optional, duration(&SourceConfig::timeout, 100ms, Millis::max()),
-     kExec | kExecd | kPlugin},
-    {"env", Optional, check_env, kExec | kExecd},
-    {"working_directory", Optional, text(&SourceConfig::working_directory, check_absolute),
-     kExec | kExecd},
-    {"metrics", Optional, check_metrics, kSystem},
-    {"disk_path", Optional, text(&SourceConfig::disk_path, check_absolute), kSystem},
-    {"disks", Optional, check_disks, kSystem},
-    {"interfaces", Optional, interface_list(&SourceConfig::interfaces), kSystem},
-    {"exclude_interfaces", Optional, interface_list(&SourceConfig::exclude_interfaces), kSystem},
-    {"options", Optional, check_options, kPlugin},
-};
-
-// The type decides which keys are allowed, so it is read first. Returns the type bits for the
-// walk: kAll when the type is missing or wrong (report every key's own problems, but no
-// misplaced-key noise), 0 for types this build knows of but does not have.
-unsigned source_type(Ctx& ctx, const YAML::Node& map, const std::string& path, SourceConfig& out) {
-  const YAML::Node type = map["type"];
-  if (!type) return kAll;  // reported as a missing required key by the walk
-  if (!type.IsScalar()) {
-    ctx.error(type.IsNull() ? map.Mark() : type.Mark(),
-              path + ".type: expected file, exec, system, execd or plugin, not " + kind(type));
-    return kAll;
-  }
-  const std::string& t = type.Scalar();
-  if (t == "file") {
-    out.type = SourceType::File;
-    return kFile;
-  }
-  if (t == "exec") {
-    out.type = SourceType::Exec;
-    return kExec;
-  }
-  if (t == "system") {
-    out.type = SourceType::System;
-    return kSystem;
-  }
-  if (t == "execd") {
-    out.type = SourceType::Execd;
-    return kExecd;
-  }
-  if (t == "plugin") {
-    out.type = SourceType::Plugin;
-    return kPlugin;
-  }
-  ctx.error(type.Mark(), path + ".type: unknown source type " + shown(t) +
-                             " (use file, exec, system, execd or plugin)");
-  return kAll;
-}
-
-void parse_sources(Ctx& ctx, const Item& item, Config& out) {
+// Collects the items; load() hands them to their types once the walk is done.
+void parse_sources(Ctx& ctx, const Item& item, Config&) {
   if (item.value.IsNull()) return;  // `sources:` with every example commented out
   if (!item.value.IsSequence()) {
     ctx.error(item.where(), item.path + ": expected a list of sources, not " + kind(item.value));
     return;
   }
-  std::map<std::string, int> names;  // name → line of first use
   for (std::size_t i = 0; i < item.value.size(); ++i) {
     const YAML::Node node = item.value[i];
     const std::string path = "sources[" + std::to_string(i) + "]";
@@ -1010,37 +687,33 @@ void parse_sources(Ctx& ctx, const Item& item, Config& out) {
                 path + ": expected a map (name:, type:, …), not " + kind(node));
       continue;
     }
-    SourceConfig source;
-    source.position = to_position(node.Mark());
-    const unsigned types = source_type(ctx, node, path, source);
-    WalkOptions opt;
-    opt.types = types == 0 ? kAll : types;
-    opt.only_common = types == 0;
-    const Seen seen = walk(ctx, node, path, kSource, source, node.Mark(), opt);
+    std::size_t nodes = 0;
+    Value tree;
+    if (!to_tree(ctx, node, path, 0, nodes, tree)) continue;  // reported
+    ctx.source_items.emplace_back(path, std::move(tree));
+  }
+}
 
-    if (auto name = seen.find("name"); name != seen.end() && !source.name.empty()) {
-      const int line = to_position(name->second.key.Mark()).line;
-      if (auto [first, fresh] = names.emplace(source.name, line); !fresh) {
-        ctx.error(name->second.where(), path + ".name: duplicate source name " +
-                                            shown(source.name) + " (first used at line " +
-                                            std::to_string(first->second) + ")");
+// Each item read by its type; names unique.
+void read_sources(Ctx& ctx, const SourceTypes& types, Config& config) {
+  std::map<std::string, int> names;  // name → line of first use
+  for (const auto& [path, tree] : ctx.source_items) {
+    auto source = types.parse(tree, path, SourceContext{config.plugin_dir}, ctx);
+    // Names are unique even among items whose type was wrong (everything is reported at once).
+    const Value::Map* map = tree.map();
+    const auto name = std::find_if(map->begin(), map->end(),
+                                   [](const Value::Entry& e) { return e.first == "name"; });
+    if (name != map->end() && name->second.is_scalar() && !name->second.text.empty() &&
+        check_printable(name->second.text).empty()) {
+      const std::string& text = name->second.text;
+      if (auto [first, fresh] = names.emplace(text, name->key_position.line); !fresh) {
+        ctx.error(name->second.position, path + ".name: duplicate source name " + shown(text) +
+                                             " (first used at line " +
+                                             std::to_string(first->second) + ")");
       }
     }
-    // Without an explicit timeout a fast source gets one that fits its interval: the default
-    // (5s) would otherwise make every short interval an error.
-    const bool timed = types == kExec || types == kPlugin;
-    if (timed && seen.find("timeout") == seen.end() && source.timeout > source.interval)
-      source.timeout = source.interval;
-    if (timed && source.timeout > source.interval && !invalid(ctx, seen, "timeout") &&
-        !invalid(ctx, seen, "interval")) {
-      // A run that may outlast the interval would overlap the next one.
-      const auto timeout = seen.find("timeout");
-      const std::string message = path + ".timeout (" + format_duration(source.timeout) +
-                                  ") must not be longer than interval (" +
-                                  format_duration(source.interval) + ")";
-      ctx.error(timeout->second.where(), message);
-    }
-    if (types != 0) out.sources.push_back(std::move(source));
+    if (!source) continue;
+    config.sources.push_back(std::move(*source));
   }
 }
 
@@ -1146,7 +819,7 @@ bool check_utf8(Ctx& ctx, const std::string& text) {
   return reported == 0;
 }
 
-LoadResult load(const std::string& text, const std::string& name) {
+LoadResult load(const std::string& text, const std::string& name, const SourceTypes& types) {
   Ctx ctx(name);
   if (!check_utf8(ctx, text)) return finish(ctx, std::nullopt);
   YAML::Node root;
@@ -1186,12 +859,7 @@ LoadResult load(const std::string& text, const std::string& name) {
   Config config;
   config.file = name;
   walk(ctx, root, "", kTop, config, root.Mark());
-  // A plugin given by name is a file in plugin_dir, which may be set after the sources.
-  for (auto& s : config.sources) {
-    if (s.type != SourceType::Plugin || s.path.empty() || s.path.front() == '/') continue;
-    const bool has_suffix = s.path.size() > 3 && s.path.compare(s.path.size() - 3, 3, ".so") == 0;
-    s.path = (config.plugin_dir / (has_suffix ? s.path : s.path + ".so")).string();
-  }
+  read_sources(ctx, types, config);
 
   if (config.device.name.empty()) {
     char host[HOST_NAME_MAX + 1] = {};
@@ -1213,10 +881,10 @@ LoadResult internal_error(const std::string& name, const char* what) {
 
 }  // namespace
 
-LoadResult load_string(const std::string& text, const std::string& name) {
+LoadResult load_string(const std::string& text, const std::string& name, const SourceTypes& types) {
   // Public API: nothing escapes; yaml-cpp and std::bad_alloc become a diagnostic.
   try {
-    return load(text, name);
+    return load(text, name, types);
   } catch (const std::exception& e) {
     return internal_error(name, e.what());
   } catch (...) {
@@ -1224,7 +892,7 @@ LoadResult load_string(const std::string& text, const std::string& name) {
   }
 }
 
-LoadResult load_file(const std::filesystem::path& path) {
+LoadResult load_file(const std::filesystem::path& path, const SourceTypes& types) {
   try {
     std::string text, error;
     if (!read_file(path, kMaxConfigBytes, &text, &error)) {
@@ -1232,7 +900,7 @@ LoadResult load_file(const std::filesystem::path& path) {
       result.diagnostics.push_back({path.string(), {}, error});
       return result;
     }
-    LoadResult result = load_string(text, path.string());
+    LoadResult result = load_string(text, path.string(), types);
     if (result.config) result.config->file = path;
     return result;
   } catch (const std::exception& e) {

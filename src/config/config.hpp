@@ -4,12 +4,15 @@
 //
 // The member initializers below are the defaults: the loader leaves a field alone when its key
 // is absent (docs/configuration.md documents the same values; config_test.cpp checks them).
+// Sources are the exception: config/ knows none of their types; each type in src/sources/
+// declares its own keys and defaults and reads them from a Value tree (SourceTypes below).
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -51,21 +54,29 @@ struct CredentialsConfig {
   std::string access_token;  // empty = none configured
 };
 
-enum class SourceType { File, Exec, System, Plugin, Execd };
-
-// What a `system` source can report (docs/sources.md lists the telemetry keys of each).
-// All but cpu_cores are reported by default (an empty `metrics`).
-inline constexpr std::array<std::string_view, 9> kSystemMetrics = {
-    "cpu", "memory", "load", "uptime", "disk", "temperature", "swap", "network", "cpu_cores"};
-
-// A typed value from the YAML, for a plugin's `options:` (yaml-cpp stays inside config/). Plain
-// scalars are typed as YAML 1.2's core schema does (true/false, null/~, integers, finite
-// numbers); quoted scalars are strings. Maps keep the file's order.
+// A value from the YAML as the source types read it (yaml-cpp stays inside config/): the loader
+// turns each item of `sources:` into a tree of these, and a plugin gets its `options:` as one.
+// Plain scalars are typed as YAML 1.2's core schema does (true/false, null/~, integers, finite
+// numbers); quoted scalars are strings. Maps keep the file's order (and, for the readers to
+// report, repeated keys).
 struct Value {
   struct Entry;  // one name: value of a map
   using List = std::vector<Value>;
   using Map = std::vector<Entry>;
-  std::variant<std::monostate, bool, std::int64_t, double, std::string, List, Map> data;
+  using Data = std::variant<std::monostate, bool, std::int64_t, double, std::string, List, Map>;
+  Data data;
+  // Where it is written, and a scalar's text as written (`007`, `1.50`, `yes`): a key that wants
+  // a string or a duration reads this, not the typed value. Neither is part of ==.
+  Position position;
+  std::string text;
+
+  Value() = default;
+  Value(Data value);  // NOLINT(google-explicit-constructor): Value{2.5}, {std::string("x")}
+
+  bool is_null() const { return data.index() == 0; }
+  bool is_scalar() const { return data.index() >= 1 && data.index() <= 4; }
+  const List* list() const { return std::get_if<List>(&data); }
+  const Map* map() const { return std::get_if<Map>(&data); }
 
   // Defined below, once Entry is complete (clang 14 refuses a defaulted == here).
   bool operator==(const Value& other) const;
@@ -73,14 +84,19 @@ struct Value {
 
 // Not std::pair: libstdc++'s pair needs a complete Value where clang 14 instantiates it.
 struct Value::Entry {
-  std::string first;  // the option's name
+  std::string first;  // the key
   Value second;
+  Position key_position;  // not part of ==
   Entry() = default;
   Entry(std::string name, Value value) : first(std::move(name)), second(std::move(value)) {}
-  bool operator==(const Entry&) const = default;
+  bool operator==(const Entry& other) const {
+    return first == other.first && second == other.second;
+  }
 };
 
-// Every field of Value (it has one).
+inline Value::Value(Data value) : data(std::move(value)) {}
+
+// The value only: a source that moved within the file compares equal.
 inline bool Value::operator==(const Value& other) const { return data == other.data; }
 
 // Bounds of an `options:` tree: a plugin's options are a few settings, not a data set.
@@ -88,49 +104,78 @@ inline constexpr int kMaxOptionDepth = 8;
 inline constexpr std::size_t kMaxOptionNodes = 1000;
 inline constexpr std::size_t kMaxOptionString = 4096;
 
-// Everything that decides what a source does. A reload keeps a running source exactly when its
-// settings compare equal, so every setting must live here: the defaulted == compares them all,
-// and a new field cannot be forgotten (issue 8: metrics and disk_path once were).
+// The settings of one source type, declared beside its code in src/sources/ (each type's table
+// of keys builds them). Derive through SettingsOf, whose equals() is the type's defaulted ==.
 struct SourceSettings {
-  std::string name;
-  SourceType type = SourceType::File;
-  Millis interval = 30s;
-
-  // type: file; type: plugin (the shared object, resolved against plugin_dir by the loader)
-  std::string path;
-  std::string key;
-  double scale = 1.0;
-  double offset = 0.0;
-
-  // type: exec (and execd: command; timeout bounds how long --test waits for its first line)
-  std::vector<std::string> command;        // argv; no shell
-  Millis timeout = 5s;                     // exec, execd (--test) and plugin
-  std::map<std::string, std::string> env;  // added to the program's small environment
-  std::string working_directory = "/";     // must exist (checked when the source is built)
-
-  // type: plugin
-  Value options;  // the `options:` map (a Value::Map), or null
-
-  // type: system
-  std::vector<std::string> metrics;     // from kSystemMetrics; empty = all this machine has
-  std::string disk_path = "/";          // the file system `disk` reports on
-  std::vector<std::string> disks;       // more file systems `disk` reports, with prefixed keys
-  std::vector<std::string> interfaces;  // `network`: names or globs; empty = all but lo
-  std::vector<std::string> exclude_interfaces;  // `network`: names or globs left out
-
-  bool operator==(const SourceSettings&) const = default;
+  virtual ~SourceSettings() = default;
+  virtual bool equals(const SourceSettings& other) const = 0;
+  bool operator==(const SourceSettings&) const = default;  // no fields: for the types' ==
 };
 
-// A source as configured: its settings, and where it is written. Nothing but the position goes
-// here: a source that only moved within the file keeps running on reload.
-struct SourceConfig : SourceSettings {
+template <class Self>
+struct SettingsOf : SourceSettings {
+  bool operator==(const SettingsOf&) const = default;
+  bool equals(const SourceSettings& other) const override {
+    const auto* o = dynamic_cast<const Self*>(&other);
+    return o != nullptr && static_cast<const Self&>(*this) == *o;
+  }
+};
+
+// What every source has.
+struct SourceCommon {
+  std::string name;
+  std::string type;       // as written in `type:`, a name in src/sources/registry.cpp
+  Millis interval = 30s;  // 0 for a type without one (execd reports whenever it has readings)
+  bool operator==(const SourceCommon&) const = default;
+};
+
+// A source as configured: the common keys, the type's own settings, and where it is written.
+struct SourceConfig : SourceCommon {
+  std::shared_ptr<const SourceSettings> settings;  // never null in a loaded config
   Position position;  // of the list item, for runtime messages that point back into the file
 };
 
-// Whether a reload may keep a source running: equal settings, wherever each is written.
+// Whether a reload may keep a source running: equal settings, wherever each is written. Every
+// field counts by construction (the defaulted == of SourceCommon and of the type's settings), so
+// a key added later cannot be forgotten (issue 8: metrics and disk_path once were).
 inline bool same_settings(const SourceConfig& a, const SourceConfig& b) {
-  return static_cast<const SourceSettings&>(a) == static_cast<const SourceSettings&>(b);
+  if (!(static_cast<const SourceCommon&>(a) == static_cast<const SourceCommon&>(b))) return false;
+  if (!a.settings || !b.settings) return a.settings == b.settings;
+  return a.settings->equals(*b.settings);
 }
+
+// The type's own settings of `source`, or nullptr when it is of another type.
+template <class S>
+const S* settings_of(const SourceConfig& source) {
+  return dynamic_cast<const S*>(source.settings.get());
+}
+
+// Where the problems of a load go: every one with its position, all reported at once.
+class Report {
+ public:
+  virtual void error(Position at, std::string message) = 0;
+
+ protected:
+  ~Report() = default;
+};
+
+// What a source's keys may depend on beyond its own item.
+struct SourceContext {
+  std::filesystem::path plugin_dir;
+};
+
+// The source layer as the loader sees it (sources::source_types(), src/sources/registry.cpp):
+// config/ turns each item of `sources:` into a Value tree, the types read their own keys.
+class SourceTypes {
+ public:
+  // One item (a Value::Map). `path` is what messages call it ("sources[2]"). Every problem goes
+  // to `report`; nullopt when there is no usable source.
+  virtual std::optional<SourceConfig> parse(const Value& item, const std::string& path,
+                                            const SourceContext& context, Report& report) const = 0;
+
+ protected:
+  ~SourceTypes() = default;
+};
 
 enum class DrainOrder { OldestFirst, NewestFirst };
 
@@ -192,8 +237,9 @@ struct LoadResult {
 
 // Neither throws: every problem, including an unreadable file or a YAML syntax error, comes
 // back as a Diagnostic. Secrets (provisioning key/secret, access token) never appear in one.
-LoadResult load_file(const std::filesystem::path& path);
+// `types` reads the sources' own keys (sources::source_types()).
+LoadResult load_file(const std::filesystem::path& path, const SourceTypes& types);
 // `name` is what diagnostics call the file.
-LoadResult load_string(const std::string& text, const std::string& name);
+LoadResult load_string(const std::string& text, const std::string& name, const SourceTypes& types);
 
 }  // namespace tb::config

@@ -18,6 +18,7 @@
 #include "daemon/status_report.hpp"
 #include "dbus/status_client.hpp"
 #include "sources/source.hpp"
+#include "sources/source_type.hpp"
 #include "telemetry/record.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
@@ -57,7 +58,7 @@ config::BusKind bus_of(const Args& args, const std::optional<config::Config>& cf
 }
 
 std::optional<config::Config> load_quietly(const Args& args) {
-  auto result = config::load_file(args.config_path);
+  auto result = config::load_file(args.config_path, sources::source_types());
   if (!result.ok()) return std::nullopt;
   return std::move(result.config);
 }
@@ -85,7 +86,7 @@ int status(const Args& args) {
 }
 
 std::optional<config::Config> load_or_report(const Args& args, int* exit_code) {
-  auto result = config::load_file(args.config_path);
+  auto result = config::load_file(args.config_path, sources::source_types());
   if (!result.ok()) {
     for (const auto& d : result.diagnostics) std::cout << d.to_string() << "\n";
     std::cout.flush();

@@ -17,6 +17,7 @@
 
 #include "sources/execd_source.hpp"
 #include "sources/plugin_source.hpp"
+#include "sources/source_type.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
@@ -35,7 +36,7 @@ std::string server_string(const config::ServerConfig& s) {
   return s.host + ":" + std::to_string(s.port);
 }
 
-// Every setting, by construction (config::SourceSettings), but not the position: a source that
+// Every setting, by construction (config::same_settings), but not the position: a source that
 // only moved within the file keeps running on reload.
 bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
   return config::same_settings(a, b);
@@ -453,7 +454,7 @@ void Manager::maybe_finish_shutdown() {
 std::string Manager::reload() {
   notifier_.reloading();
   sources::PluginSource::guard_forgive();  // an operator's reload tries disabled plugins again
-  auto result = config::load_file(cfg_.file);
+  auto result = config::load_file(cfg_.file, sources::source_types());
   std::string problems;
   if (!result.ok()) {
     problems = join_diagnostics(result.diagnostics);

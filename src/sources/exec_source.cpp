@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "sources/source_type.hpp"
 #include "sources/text.hpp"
 #include "util/log.hpp"
 #include "util/units.hpp"
@@ -170,17 +172,115 @@ bool parse_output(std::string_view output, telemetry::Record* record, std::strin
   return true;
 }
 
+namespace {
+
+using config::Need;
+using P = ProgramSettings;
+
+// command: the argv, a non-empty list of strings whose first (the program) is not empty.
+std::optional<std::vector<std::string>> read_command(const config::Field& f) {
+  const config::Value::List* list = f.value.list();
+  if (!list) {
+    f.error("expected a list of strings (program and arguments; no shell), not " +
+            std::string(config::kind(f.value)));
+    return std::nullopt;
+  }
+  if (list->empty()) {
+    f.error("must name at least the program to run");
+    return std::nullopt;
+  }
+  std::vector<std::string> argv;
+  bool ok = true;
+  for (std::size_t i = 0; i < list->size(); ++i) {
+    const config::Value& arg = (*list)[i];
+    const std::string path = f.path + "[" + std::to_string(i) + "]";
+    if (!arg.is_scalar()) {
+      f.report.error(arg.is_null() ? f.value.position : arg.position,
+                     path + ": expected a string, not " + config::kind(arg));
+      ok = false;
+    } else if (i == 0 && arg.text.empty()) {
+      f.report.error(arg.position, path + ": the program must not be empty");
+      ok = false;
+    } else {
+      argv.push_back(arg.text);
+    }
+  }
+  if (!ok) return std::nullopt;
+  return argv;
+}
+
+// env: NAME: value pairs. Values are never quoted back (they may hold credentials).
+std::optional<std::map<std::string, std::string>> read_env(const config::Field& f) {
+  const config::Value::Map* map = f.value.map();
+  if (!map) {
+    f.error("expected a map of NAME: value, not " + std::string(config::kind(f.value)));
+    return std::nullopt;
+  }
+  std::map<std::string, std::string> env;
+  bool ok = true;
+  for (const config::Value::Entry& e : *map) {
+    const std::string& n = e.first;
+    const config::Value& value = e.second;
+    const std::string path = f.path + "." + n;
+    const bool valid = !n.empty() && !std::isdigit(static_cast<unsigned char>(n.front())) &&
+                       std::all_of(n.begin(), n.end(), [](char c) {
+                         return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+                       });
+    if (!valid) {
+      f.report.error(e.key_position, f.path + ": " + config::shown(n) +
+                                         " is not a variable name (letters, digits and _, not "
+                                         "starting with a digit)");
+      ok = false;
+    } else if (env.count(n)) {
+      f.report.error(e.key_position, path + ": listed twice");
+      ok = false;
+    } else if (!value.is_scalar()) {
+      f.report.error(value.is_null() ? e.key_position : value.position,
+                     path + ": expected a string, not " + config::kind(value));
+      ok = false;
+    } else if (value.text.find('\0') != std::string::npos) {
+      f.report.error(value.position, path + ": must not contain a NUL character");
+      ok = false;
+    } else {
+      env.emplace(n, value.text);
+    }
+  }
+  if (!ok) return std::nullopt;
+  return env;
+}
+
+}  // namespace
+
+// exec and execd share it.
+const config::Keys<ProgramSettings> kProgramKeys = {
+    {"command", Need::Required, "list of strings", "", config::into(&P::command, read_command),
+     "The program and its arguments (argv); no shell."},
+    {"timeout", Need::Optional, "duration, at least 100ms", "5s",
+     config::into(&P::timeout, config::duration(Millis(100), Millis::max())),
+     "exec: how long a run may take; execd: how long --test waits for the first line."},
+    {"env", Need::Optional, "map of NAME: value", "", config::into(&P::env, read_env),
+     "Variables added to the program's small environment."},
+    {"working_directory", Need::Optional, "absolute path", "/",
+     config::into(&P::working_directory, config::text(config::check_absolute)),
+     "The program's working directory; must exist."},
+};
+
+const SourceType& ExecSource::declaration() {
+  static const SourceType type =
+      declare<ProgramSettings>("exec", Collection::Periodic, kProgramKeys, &ExecSource::create,
+                               [](const CheckContext& c, P& s) { fit_timeout(c, s.timeout); });
+  return type;
+}
+
+std::string check_program(const ProgramSettings& settings) {
+  if (settings.command.empty() || settings.command.front().empty()) return "command is empty";
+  if (settings.timeout.count() <= 0) return "timeout must be positive";
+  return check_working_directory(settings.working_directory);
+}
+
 SourcePtr ExecSource::create(sd_event* loop, const config::SourceConfig& config,
                              std::string* error) {
-  if (config.command.empty() || config.command.front().empty()) {
-    *error = "command is empty";
-    return nullptr;
-  }
-  if (config.timeout.count() <= 0) {
-    *error = "timeout must be positive";
-    return nullptr;
-  }
-  if (std::string e = check_working_directory(config.working_directory); !e.empty()) {
+  if (std::string e = check_program(*config::settings_of<ProgramSettings>(config)); !e.empty()) {
     *error = std::move(e);
     return nullptr;
   }
@@ -188,7 +288,9 @@ SourcePtr ExecSource::create(sd_event* loop, const config::SourceConfig& config,
 }
 
 ExecSource::ExecSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "exec"), env_(program_environment(config_)) {}
+    : Source(loop, std::move(config), "exec"),
+      settings_(static_cast<const ProgramSettings&>(*config_.settings)),
+      env_(program_environment(config_.name, settings_)) {}
 
 ExecSource::~ExecSource() { cancel(); }
 
@@ -199,7 +301,8 @@ void ExecSource::begin() {
   if (!err.empty()) complete({std::nullopt, std::move(err)});
 }
 
-std::vector<std::string> program_environment(const config::SourceConfig& config) {
+std::vector<std::string> program_environment(const std::string& source_name,
+                                             const ProgramSettings& settings) {
   // A small, predictable environment instead of the agent's: programs behave the same under
   // systemd, from a shell and in tests, and nothing of the agent's (credentials paths, tokens in
   // variables) leaks into them. LANG=C keeps decimal points '.', as JSON needs.
@@ -207,10 +310,10 @@ std::vector<std::string> program_environment(const config::SourceConfig& config)
   const char* path = std::getenv("PATH");
   vars["PATH"] = path && *path ? path : kDefaultPath;
   vars["LANG"] = "C";
-  vars["TB_AGENT_SOURCE"] = config.name;
+  vars["TB_AGENT_SOURCE"] = source_name;
   for (const char* name : {"TZ", "CREDENTIALS_DIRECTORY"})
     if (const char* v = std::getenv(name)) vars[name] = v;
-  for (const auto& [name, value] : config.env) vars[name] = value;
+  for (const auto& [name, value] : settings.env) vars[name] = value;
   std::vector<std::string> env;
   for (const auto& [name, value] : vars) env.push_back(name + "=" + value);
   return env;
@@ -286,9 +389,9 @@ std::string spawn_program(const std::vector<std::string>& command,
 }
 
 std::string ExecSource::spawn() {
-  const std::string& program = config_.command.front();
+  const std::string& program = settings_.command.front();
   SpawnedProgram spawned;
-  if (std::string e = spawn_program(config_.command, env_, config_.working_directory, &spawned);
+  if (std::string e = spawn_program(settings_.command, env_, settings_.working_directory, &spawned);
       !e.empty())
     return e;
   const pid_t pid = spawned.pid;
@@ -326,7 +429,7 @@ std::string ExecSource::spawn() {
     sd_event_source_set_io_fd_own(*src, 1);
     sd_event_source_set_priority(*src, kCollectionPriority);
   }
-  const std::uint64_t timeout = static_cast<std::uint64_t>(config_.timeout.count()) * 1000;
+  const std::uint64_t timeout = static_cast<std::uint64_t>(settings_.timeout.count()) * 1000;
   r = sd_event_add_time_relative(loop_, &run_->timer, CLOCK_BOOTTIME, timeout,
                                  std::clamp<std::uint64_t>(timeout / 20, 1, 100000),
                                  &ExecSource::on_timer, this);
@@ -436,7 +539,7 @@ void ExecSource::timer_fired() {
   switch (run.phase) {
     case 0:
       if (run.failure.empty()) {
-        run.failure = "timed out after " + format_duration(config_.timeout);
+        run.failure = "timed out after " + format_duration(settings_.timeout);
         if (run.exited && !run.out_eof)
           run.failure += " (the program exited, but a process it started kept stdout open)";
       }

@@ -7,14 +7,29 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "config/schema.hpp"
 #include "sources/source.hpp"
 
 namespace tb::sources {
+
+struct SourceType;
+
+// What a program source runs (exec and execd): their keys are one table, kProgramKeys in
+// exec_source.cpp, and their one check is check_program() below, beside spawn_program().
+struct ProgramSettings : config::SettingsOf<ProgramSettings> {
+  std::vector<std::string> command;        // argv; no shell
+  Millis timeout{5000};                    // exec: a run; execd: --test's wait for a first line
+  std::map<std::string, std::string> env;  // added to the program's small environment
+  std::string working_directory = "/";     // must exist (checked when the source is built)
+  bool operator==(const ProgramSettings&) const = default;
+};
+extern const config::Keys<ProgramSettings> kProgramKeys;
 
 class ExecSource final : public Source {
  public:
@@ -23,6 +38,7 @@ class ExecSource final : public Source {
   // After the timeout the program gets SIGTERM, then this long to exit before SIGKILL.
   static constexpr Millis kKillGrace{1000};
 
+  static const SourceType& declaration();
   static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
   // Kills a running program (its whole process group); see cancel().
   ~ExecSource() override;
@@ -58,6 +74,7 @@ class ExecSource final : public Source {
   Collected verdict();
   void release_child();
 
+  const ProgramSettings& settings_;
   std::vector<std::string> env_;
   std::unique_ptr<Run> run_;
 };
@@ -65,10 +82,15 @@ class ExecSource final : public Source {
 // The environment every program a source runs gets (exec and execd): PATH, LANG=C,
 // TB_AGENT_SOURCE=<name>, TZ and CREDENTIALS_DIRECTORY when the agent has them, then the
 // source's `env` (which wins over those). Nothing else of the agent's environment.
-std::vector<std::string> program_environment(const config::SourceConfig& config);
+std::vector<std::string> program_environment(const std::string& source_name,
+                                             const ProgramSettings& settings);
 
 // "" when `dir` is an existing directory, else why not (working_directory).
 std::string check_working_directory(const std::string& dir);
+
+// What both program sources check when they are built: "" when `settings` can run, else why not
+// (an empty command, a timeout that is not positive, a working_directory that does not exist).
+std::string check_program(const ProgramSettings& settings);
 
 struct SpawnedProgram {
   pid_t pid = 0;

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "sources/exec_source.hpp"
+#include "sources/source_type.hpp"
 #include "sources/text.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
@@ -98,17 +99,15 @@ struct ExecdSource::Watch {
   }
 };
 
+const SourceType& ExecdSource::declaration() {
+  static const SourceType type =
+      declare("execd", Collection::Push, kProgramKeys, &ExecdSource::create);
+  return type;
+}
+
 SourcePtr ExecdSource::create(sd_event* loop, const config::SourceConfig& config,
                               std::string* error) {
-  if (config.command.empty() || config.command.front().empty()) {
-    *error = "command is empty";
-    return nullptr;
-  }
-  if (config.timeout.count() <= 0) {
-    *error = "timeout must be positive";
-    return nullptr;
-  }
-  if (std::string e = check_working_directory(config.working_directory); !e.empty()) {
+  if (std::string e = check_program(*config::settings_of<ProgramSettings>(config)); !e.empty()) {
     *error = std::move(e);
     return nullptr;
   }
@@ -116,7 +115,9 @@ SourcePtr ExecdSource::create(sd_event* loop, const config::SourceConfig& config
 }
 
 ExecdSource::ExecdSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "execd"), env_(program_environment(config_)) {
+    : Source(loop, std::move(config), "execd"),
+      settings_(static_cast<const ProgramSettings&>(*config_.settings)),
+      env_(program_environment(config_.name, settings_)) {
   status_.interval = Millis(0);  // no interval: the program reports when it has readings
 }
 
@@ -160,7 +161,7 @@ void ExecdSource::stop() {
 bool ExecdSource::spawn() {
   log::FieldGuard field("TB_SOURCE", config_.name);
   SpawnedProgram p;
-  if (std::string e = spawn_program(config_.command, env_, config_.working_directory, &p);
+  if (std::string e = spawn_program(settings_.command, env_, settings_.working_directory, &p);
       !e.empty()) {
     ++status_.errors;
     status_.last_error = e;
@@ -212,7 +213,7 @@ bool ExecdSource::spawn() {
     sd_event_source_set_io_fd_own(*src, 1);
     sd_event_source_set_priority(*src, kCollectionPriority);
   }
-  spdlog::info("source '{}': started {} (pid {})", config_.name, config_.command.front(), p.pid);
+  spdlog::info("source '{}': started {} (pid {})", config_.name, settings_.command.front(), p.pid);
   return true;
 }
 
@@ -233,7 +234,7 @@ void ExecdSource::schedule_restart() {
   }
   sd_event_source_set_enabled(restart_timer_, SD_EVENT_ONESHOT);
   log::FieldGuard field("TB_SOURCE", config_.name);
-  spdlog::info("source '{}': restarting {} in {}", config_.name, config_.command.front(),
+  spdlog::info("source '{}': restarting {} in {}", config_.name, settings_.command.front(),
                format_duration(delay));
 }
 
@@ -312,8 +313,8 @@ void ExecdSource::child_exited(const siginfo_t& si) {
   }
   if (!started_) return;
   log::FieldGuard field("TB_SOURCE", config_.name);
-  spdlog::error("source '{}': {} (pid {}) {} after {}", config_.name, config_.command.front(), pid_,
-                how, format_duration(Millis(static_cast<std::int64_t>(ran / 1000))));
+  spdlog::error("source '{}': {} (pid {}) {} after {}", config_.name, settings_.command.front(),
+                pid_, how, format_duration(Millis(static_cast<std::int64_t>(ran / 1000))));
   if (ran >= usec(kHealthyRun)) backoff_.reset();
   schedule_restart();
 }
@@ -554,7 +555,7 @@ void ExecdSource::timer_fired(sd_event_source* s) {
   } else if (s == wait_timer_) {
     if (!waiting_) return;
     waiting_ = false;
-    complete({std::nullopt, "printed no reading within " + format_duration(config_.timeout)});
+    complete({std::nullopt, "printed no reading within " + format_duration(settings_.timeout)});
     if (!started_) terminate();
   }
 }
@@ -568,7 +569,7 @@ void ExecdSource::begin() {
     complete({std::nullopt, status_.last_error});
     return;
   }
-  const std::uint64_t at = now_usec() + usec(config_.timeout);
+  const std::uint64_t at = now_usec() + usec(settings_.timeout);
   if (!wait_timer_) {
     if (sd_event_add_time(loop_, &wait_timer_, CLOCK_BOOTTIME, at, 10000, &ExecdSource::on_timer,
                           this) < 0) {

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "sources/exec_source.hpp"
 #include "sources/source.hpp"
 #include "util/backoff.hpp"
 
@@ -33,6 +34,7 @@ class ExecdSource final : public Source {
   // A program that ran this long before it died starts the restart backoff over.
   static constexpr Millis kHealthyRun{60000};
 
+  static const SourceType& declaration();  // its keys: kProgramKeys, as exec's
   static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
   ~ExecdSource() override;
 
@@ -60,6 +62,7 @@ class ExecdSource final : public Source {
  private:
   struct Watch;
   ExecdSource(sd_event* loop, config::SourceConfig config);
+  const ProgramSettings& settings_;
 
   bool spawn();
   void schedule_restart();

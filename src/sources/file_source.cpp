@@ -9,9 +9,34 @@
 #include <cmath>
 #include <cstring>
 
+#include "sources/source_type.hpp"
 #include "sources/text.hpp"
 
 namespace tb::sources {
+
+namespace {
+
+using config::Need;
+using S = FileSettings;
+
+const config::Keys<S> kFileKeys = {
+    {"path", Need::Required, "absolute path", "",
+     config::into(&S::path, config::text(config::check_absolute)), "The file to read."},
+    {"key", Need::Required, "string", "",
+     config::into(&S::key, config::text(config::check_printable)), "The telemetry key."},
+    {"scale", Need::Optional, "number", "1", config::into(&S::scale, config::number(-1e300, 1e300)),
+     "Multiplier, e.g. 0.001 for millidegrees."},
+    {"offset", Need::Optional, "number", "0",
+     config::into(&S::offset, config::number(-1e300, 1e300)), "Added after scaling."},
+};
+
+}  // namespace
+
+const SourceType& FileSource::declaration() {
+  static const SourceType type =
+      declare("file", Collection::Periodic, kFileKeys, &FileSource::create);
+  return type;
+}
 
 std::optional<std::variant<std::int64_t, double>> parse_number(std::string_view text) {
   std::string_view body = trim(text);
@@ -39,11 +64,12 @@ std::optional<std::variant<std::int64_t, double>> parse_number(std::string_view 
 
 SourcePtr FileSource::create(sd_event* loop, const config::SourceConfig& config,
                              std::string* error) {
-  if (config.path.empty()) {
+  const auto& settings = *config::settings_of<FileSettings>(config);
+  if (settings.path.empty()) {
     *error = "path is empty";
     return nullptr;
   }
-  if (config.key.empty()) {
+  if (settings.key.empty()) {
     *error = "key is empty";
     return nullptr;
   }
@@ -51,14 +77,15 @@ SourcePtr FileSource::create(sd_event* loop, const config::SourceConfig& config,
 }
 
 FileSource::FileSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "file") {}
+    : Source(loop, std::move(config), "file"),
+      settings_(static_cast<const FileSettings&>(*config_.settings)) {}
 
 FileSource::~FileSource() = default;
 
 void FileSource::begin() { complete(read_now()); }
 
 Collected FileSource::read_now() const {
-  const std::string& path = config_.path;
+  const std::string& path = settings_.path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) return {std::nullopt, "cannot open " + path + ": " + std::strerror(errno)};
   // One byte more than allowed tells "exactly 4 KiB" from "larger". sysfs reports st_size 4096
@@ -87,12 +114,12 @@ Collected FileSource::read_now() const {
 
   telemetry::Value value;
   const auto* as_int = std::get_if<std::int64_t>(&*raw);
-  if (as_int && config_.scale == 1.0 && config_.offset == 0.0) {
+  if (as_int && settings_.scale == 1.0 && settings_.offset == 0.0) {
     // Unscaled integers stay integers: ThingsBoard keeps longs and doubles apart.
     value = *as_int;
   } else {
     const double x = as_int ? static_cast<double>(*as_int) : std::get<double>(*raw);
-    const double v = x * config_.scale + config_.offset;
+    const double v = x * settings_.scale + settings_.offset;
     if (!std::isfinite(v))
       return {std::nullopt, "'" + printable(trim(text)) + "' * scale + offset is out of range"};
     value = v;
@@ -100,7 +127,7 @@ Collected FileSource::read_now() const {
   telemetry::Record rec;
   rec.ts_ms = ts;
   rec.source = config_.name;
-  rec.readings.push_back({config_.key, std::move(value)});
+  rec.readings.push_back({settings_.key, std::move(value)});
   return {std::move(rec), {}};
 }
 

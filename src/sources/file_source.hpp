@@ -13,12 +13,24 @@
 
 namespace tb::sources {
 
+struct SourceType;
+
+// Its keys: the table in file_source.cpp.
+struct FileSettings : config::SettingsOf<FileSettings> {
+  std::string path;  // absolute
+  std::string key;   // the telemetry key
+  double scale = 1.0;
+  double offset = 0.0;
+  bool operator==(const FileSettings&) const = default;
+};
+
 class FileSource final : public Source {
  public:
   // Files larger than this are refused: a sensor value is a few bytes, and sysfs attributes are
   // at most a page.
   static constexpr std::size_t kMaxSize = 4096;
 
+  static const SourceType& declaration();
   static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
   ~FileSource() override;
 
@@ -31,6 +43,7 @@ class FileSource final : public Source {
 
  private:
   FileSource(sd_event* loop, config::SourceConfig config);
+  const FileSettings& settings_;
 };
 
 // One number, surrounding whitespace ignored: an optional sign, digits, optionally a fraction and

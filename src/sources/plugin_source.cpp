@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 #include <tb-agent/source_plugin.h>
 
+#include "sources/source_type.hpp"
 #include "sources/text.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
@@ -280,7 +281,7 @@ int host_option_string(tb_host* host, const char* key, const char** out) noexcep
 const char* host_option_key(tb_host* host, std::size_t index) noexcept {
   const Impl* impl = of(host);
   if (!impl) return nullptr;
-  const auto* map = std::get_if<config::Value::Map>(&impl->self->config().options.data);
+  const auto* map = std::get_if<config::Value::Map>(&impl->self->settings().options.data);
   if (!map || index >= map->size()) return nullptr;
   return (*map)[index].first.c_str();
 }
@@ -313,7 +314,7 @@ int on_timeout(sd_event_source*, std::uint64_t, void* userdata) {
       impl->abandoned = true;
       impl->record.reset();
       impl->self->fail_collection(impl->what + ": collect did not complete within " +
-                                  format_duration(impl->self->config().timeout));
+                                  format_duration(impl->self->settings().timeout));
     }
   } catch (...) {
   }
@@ -324,15 +325,15 @@ int on_timeout(sd_event_source*, std::uint64_t, void* userdata) {
 
 const config::Value* Impl::option(const char* key) const {
   if (!key) return nullptr;
-  const auto* map = std::get_if<config::Value::Map>(&self->config().options.data);
+  const auto* map = std::get_if<config::Value::Map>(&self->settings().options.data);
   if (!map) return nullptr;
-  for (const auto& [k, v] : *map)
-    if (k == key) return &v;
+  for (const auto& entry : *map)
+    if (entry.first == key) return &entry.second;
   return nullptr;
 }
 
 std::string Impl::load() {
-  const std::string& path = self->config().path;
+  const std::string& path = self->settings().path;
   if (auto problem = PluginSource::untrusted(path); !problem.empty()) return problem;
   plugin_name = std::filesystem::path(path).filename().string();
 
@@ -551,7 +552,7 @@ void Impl::collect() {
     in_collect = false;
     pending = true;
     abandoned = false;
-    const std::uint64_t usec = static_cast<std::uint64_t>(self->config().timeout.count()) * 1000;
+    const std::uint64_t usec = static_cast<std::uint64_t>(self->settings().timeout.count()) * 1000;
     if (!timer) {
       if (sd_event_add_time_relative(self->loop_, &timer, CLOCK_BOOTTIME, usec, 0, on_timeout,
                                      this) < 0) {
@@ -612,10 +613,12 @@ void Impl::finish(int status, const char* message) {
 // --- PluginSource ---------------------------------------------------------------------------
 
 PluginSource::PluginSource(sd_event* loop, config::SourceConfig config)
-    : Source(loop, std::move(config), "plugin"), impl_(std::make_unique<Impl>()) {
+    : Source(loop, std::move(config), "plugin"),
+      settings_(static_cast<const PluginSettings&>(*config_.settings)),
+      impl_(std::make_unique<Impl>()) {
   impl_->self = this;
   impl_->what = "plugin source '" + config_.name + "'";
-  impl_->plugin_name = std::filesystem::path(config_.path).filename().string();
+  impl_->plugin_name = std::filesystem::path(settings_.path).filename().string();
 }
 
 PluginSource::~PluginSource() {
@@ -627,13 +630,14 @@ PluginSource::~PluginSource() {
 
 namespace {
 std::string disabled_reason(const config::SourceConfig& config) {
+  const std::string& path = config::settings_of<PluginSettings>(config)->path;
   auto& g = guard();
   auto it = g.strikes.find(config.name);
   if (it == g.strikes.end()) return "";
   if (it->second.fingerprint.empty()) {  // a strike counted at start, before the config was read
-    it->second.fingerprint = fingerprint(config.path);
+    it->second.fingerprint = fingerprint(path);
     save_strikes();
-  } else if (it->second.fingerprint != fingerprint(config.path)) {
+  } else if (it->second.fingerprint != fingerprint(path)) {
     // The plugin file changed (or moved): a new plugin gets a clean slate.
     g.strikes.erase(it);
     save_strikes();
@@ -646,9 +650,114 @@ std::string disabled_reason(const config::SourceConfig& config) {
 }
 }  // namespace
 
+namespace {
+
+using config::Need;
+using S = PluginSettings;
+
+// path: absolute, or a plugin's name looked up in plugin_dir ("hwmon" → plugin_dir/hwmon.so).
+std::optional<std::string> read_path(const config::Field& f) {
+  auto v = config::text()(f);
+  if (!v) return std::nullopt;
+  std::string problem;
+  if (v->front() == '/') {
+    problem = config::check_absolute(*v);
+  } else if (!config::looks_like_key(*v) || *v == "." || *v == "..") {
+    problem = "must be an absolute path or a plugin name (letters, digits, _ - .), not " +
+              config::shown(*v);
+  }
+  if (!problem.empty()) {
+    f.error(problem);
+    return std::nullopt;
+  }
+  return v;
+}
+
+// The bounds of `options:` (kMaxOption*): false after reporting the first excess.
+bool bounded(const config::Value& v, const std::string& path, int depth, std::size_t& nodes,
+             config::Report& report) {
+  if (++nodes > config::kMaxOptionNodes) {
+    report.error(v.position, path + ": too many options (at most " +
+                                 std::to_string(config::kMaxOptionNodes) + " values)");
+    return false;
+  }
+  if (depth > config::kMaxOptionDepth) {
+    report.error(v.position, path + ": nested too deeply (at most " +
+                                 std::to_string(config::kMaxOptionDepth) + " levels)");
+    return false;
+  }
+  if (v.is_scalar() && v.text.size() > config::kMaxOptionString) {
+    report.error(v.position,
+                 path + ": longer than " + std::to_string(config::kMaxOptionString) + " bytes");
+    return false;
+  }
+  if (const auto* list = v.list()) {
+    for (std::size_t i = 0; i < list->size(); ++i)
+      if (!bounded((*list)[i], path + "[" + std::to_string(i) + "]", depth + 1, nodes, report))
+        return false;
+  }
+  if (const auto* map = v.map()) {
+    for (std::size_t i = 0; i < map->size(); ++i) {
+      const std::string& name = (*map)[i].first;
+      const config::Value& value = (*map)[i].second;
+      if (name.empty() || !utf8::valid(name) || name.size() > 256) {
+        report.error((*map)[i].key_position,
+                     path + ": an option's name must be a non-empty string");
+        return false;
+      }
+      for (std::size_t j = 0; j < i; ++j) {
+        if ((*map)[j].first == name) {
+          report.error((*map)[i].key_position, path + "." + name + ": duplicate key");
+          return false;
+        }
+      }
+      if (!bounded(value, path + "." + name, depth + 1, nodes, report)) return false;
+    }
+  }
+  return true;
+}
+
+// options: any map, handed to the plugin as typed values.
+std::optional<config::Value> read_options(const config::Field& f) {
+  if (!f.value.map() && !f.value.is_null()) {
+    f.error("expected a map of option names to values, not " + std::string(config::kind(f.value)));
+    return std::nullopt;
+  }
+  std::size_t nodes = 0;
+  if (!bounded(f.value, f.path, 0, nodes, f.report)) return std::nullopt;
+  return f.value;
+}
+
+const config::Keys<S> kPluginKeys = {
+    {"path", Need::Required, "absolute path, or a name", "", config::into(&S::path, read_path),
+     "The plugin: an absolute path, or a name looked up in plugin_dir."},
+    {"timeout", Need::Optional, "duration, at least 100ms", "5s",
+     config::into(&S::timeout, config::duration(Millis(100), Millis::max())),
+     "How long an asynchronous collection may take."},
+    {"options", Need::Optional, "map", "", config::into(&S::options, read_options),
+     "Handed to the plugin as typed values."},
+};
+
+void check_plugin(const CheckContext& c, S& s) {
+  fit_timeout(c, s.timeout);
+  // A name is a file in plugin_dir (which may be set after the sources).
+  if (s.path.empty() || s.path.front() == '/') return;
+  const bool has_suffix = s.path.size() > 3 && s.path.compare(s.path.size() - 3, 3, ".so") == 0;
+  s.path = (c.context.plugin_dir / (has_suffix ? s.path : s.path + ".so")).string();
+}
+
+}  // namespace
+
+const SourceType& PluginSource::declaration() {
+  static const SourceType type = declare<PluginSettings>(
+      "plugin", Collection::Periodic, kPluginKeys, &PluginSource::create, check_plugin);
+  return type;
+}
+
 SourcePtr PluginSource::create(sd_event* loop, const config::SourceConfig& config,
                                std::string* error) {
-  if (config.path.empty()) {
+  const std::string& path = config::settings_of<PluginSettings>(config)->path;
+  if (path.empty()) {
     *error = "path is empty";
     return nullptr;
   }
@@ -657,7 +766,7 @@ SourcePtr PluginSource::create(sd_event* loop, const config::SourceConfig& confi
     s->impl_->disabled = disabled_reason(config);
     if (!s->impl_->disabled.empty()) {
       log::FieldGuard field("TB_SOURCE", config.name);
-      spdlog::error("{} ({}) {}", s->impl_->what, config.path, s->impl_->disabled);
+      spdlog::error("{} ({}) {}", s->impl_->what, path, s->impl_->disabled);
       return s;
     }
   }

@@ -21,6 +21,16 @@
 
 namespace tb::sources {
 
+struct SourceType;
+
+// Its keys: the table in plugin_source.cpp.
+struct PluginSettings : config::SettingsOf<PluginSettings> {
+  std::string path;       // absolute; a name in the file was resolved against plugin_dir
+  Millis timeout{5000};   // an asynchronous collection must complete within it
+  config::Value options;  // the `options:` map (a Value::Map), or null
+  bool operator==(const PluginSettings&) const = default;
+};
+
 class PluginSource final : public Source {
  public:
   static constexpr int kMaxStrikes = 3;
@@ -30,8 +40,11 @@ class PluginSource final : public Source {
   // Outside the daemon (--check-config, --test, tests) a plugin that cannot be loaded fails
   // create(). In the daemon (after guard_open) it is a runtime error of that source only, shown
   // in its status and retried each interval: one broken plugin never stops the other sources.
+  static const SourceType& declaration();
   static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
   ~PluginSource() override;
+
+  const PluginSettings& settings() const { return settings_; }
 
   // The daemon's crash guard (one per process): opens state_dir/plugin-guard, counts a strike for
   // a record left by the previous run (logged), and loads the strikes (state_dir/plugin-strikes).
@@ -57,6 +70,7 @@ class PluginSource final : public Source {
 
  private:
   PluginSource(sd_event* loop, config::SourceConfig config);
+  const PluginSettings& settings_;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -132,10 +132,8 @@ class Source {
 
 using SourcePtr = std::unique_ptr<Source>;
 
-// Builds a source from its config via the registry of types. nullptr + *error on failure.
+// Builds a source from its config via the registry of types (registry.cpp). nullptr + *error
+// on failure.
 SourcePtr make_source(sd_event* loop, const config::SourceConfig& config, std::string* error);
-
-// The name a type has in the config ("file", "exec"); "unknown" for a type with no factory.
-std::string_view type_name(config::SourceType type);
 
 }  // namespace tb::sources

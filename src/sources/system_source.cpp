@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "sources/source_type.hpp"
 #include "sources/text.hpp"
 #include "util/fs.hpp"
 
@@ -154,7 +155,7 @@ bool matches_any(const std::vector<std::string>& patterns, const std::string& na
 
 // /proc/net/dev: per interface, the kernel's cumulative counters since boot (collectd's
 // interface plugin sends the same): bytes, packets, errors, drops, received and transmitted.
-bool read_network(const fs::path& root, const config::SourceConfig& config, Readings& out,
+bool read_network(const fs::path& root, const SystemSettings& config, Readings& out,
                   std::string* error) {
   const fs::path path = root / "proc/net/dev";
   auto text = read_kernel_file(path, error);
@@ -324,6 +325,80 @@ std::optional<SystemSource::CpuTimes> SystemSource::parse_proc_stat(std::string_
   return parse_cpu_fields(f);
 }
 
+namespace {
+
+using config::Need;
+using S = SystemSettings;
+
+std::string metric_names() {
+  std::string names;
+  for (auto m : kSystemMetrics) names += (names.empty() ? "" : ", ") + std::string(m);
+  return names;
+}
+
+// metrics: names from kSystemMetrics, each once. Every bad one is reported.
+std::optional<std::vector<std::string>> read_metrics(const config::Field& f) {
+  const std::string names = metric_names();
+  const config::Value::List* list = f.value.list();
+  if (!list || list->empty()) {
+    f.error("expected a non-empty list of " + names + ", not " +
+            (list ? "an empty list" : config::kind(f.value)));
+    return std::nullopt;
+  }
+  std::vector<std::string> metrics;
+  bool ok = true;
+  for (std::size_t i = 0; i < list->size(); ++i) {
+    const config::Value& m = (*list)[i];
+    const std::string path = f.path + "[" + std::to_string(i) + "]";
+    if (!m.is_scalar()) {
+      f.report.error(m.is_null() ? f.value.position : m.position,
+                     path + ": expected one of " + names + ", not " + config::kind(m));
+      ok = false;
+    } else if (std::find(kSystemMetrics.begin(), kSystemMetrics.end(), m.text) ==
+               kSystemMetrics.end()) {
+      f.report.error(m.position,
+                     path + ": unknown metric " + config::shown(m.text) + " (use " + names + ")");
+      ok = false;
+    } else if (std::find(metrics.begin(), metrics.end(), m.text) != metrics.end()) {
+      f.report.error(m.position, path + ": " + config::shown(m.text) + " is listed twice");
+      ok = false;
+    } else {
+      metrics.push_back(m.text);
+    }
+  }
+  if (!ok) return std::nullopt;
+  return metrics;
+}
+
+const config::Keys<S> kSystemKeys = {
+    {"metrics", Need::Optional, "list of metric names", "", config::into(&S::metrics, read_metrics),
+     "What to report; by default all but cpu_cores."},
+    {"disk_path", Need::Optional, "absolute path", "/",
+     config::into(&S::disk_path, config::text(config::check_absolute)),
+     "A path on the file system `disk` reports."},
+    {"disks", Need::Optional, "list of absolute paths", "",
+     config::into(&S::disks, config::string_list("absolute paths", "an absolute path",
+                                                 config::check_absolute, true)),
+     "More file systems `disk` reports, with their own keys."},
+    {"interfaces", Need::Optional, "list of interface names or globs", "",
+     config::into(&S::interfaces, config::string_list("interface names", "an interface name",
+                                                      config::check_printable)),
+     "Which interfaces `network` reports; by default all but lo."},
+    {"exclude_interfaces", Need::Optional, "list of interface names or globs", "",
+     config::into(
+         &S::exclude_interfaces,
+         config::string_list("interface names", "an interface name", config::check_printable)),
+     "Interfaces `network` leaves out."},
+};
+
+}  // namespace
+
+const SourceType& SystemSource::declaration() {
+  static const SourceType type =
+      declare("system", Collection::Periodic, kSystemKeys, &SystemSource::create);
+  return type;
+}
+
 SourcePtr SystemSource::create(sd_event* loop, const config::SourceConfig& config,
                                std::string* error) {
   return create_with_root(loop, config, "/", error);
@@ -331,18 +406,22 @@ SourcePtr SystemSource::create(sd_event* loop, const config::SourceConfig& confi
 
 SourcePtr SystemSource::create_with_root(sd_event* loop, const config::SourceConfig& config,
                                          std::filesystem::path root, std::string* error) {
-  for (const auto& m : config.metrics) {
-    if (std::find(config::kSystemMetrics.begin(), config::kSystemMetrics.end(), m) ==
-        config::kSystemMetrics.end()) {
+  const auto* settings = config::settings_of<SystemSettings>(config);
+  if (!settings) {
+    *error = "not a system source's settings";
+    return nullptr;
+  }
+  for (const auto& m : settings->metrics) {
+    if (std::find(kSystemMetrics.begin(), kSystemMetrics.end(), m) == kSystemMetrics.end()) {
       *error = "unknown metric '" + m + "'";
       return nullptr;
     }
   }
-  if (config.disk_path.empty() || config.disk_path.front() != '/') {
+  if (settings->disk_path.empty() || settings->disk_path.front() != '/') {
     *error = "disk_path must be an absolute path";
     return nullptr;
   }
-  for (const auto& d : config.disks) {
+  for (const auto& d : settings->disks) {
     if (d.empty() || d.front() != '/') {
       *error = "disks must be absolute paths";
       return nullptr;
@@ -352,14 +431,17 @@ SourcePtr SystemSource::create_with_root(sd_event* loop, const config::SourceCon
 }
 
 SystemSource::SystemSource(sd_event* loop, config::SourceConfig config, std::filesystem::path root)
-    : Source(loop, std::move(config), "system"), root_(std::move(root)) {}
+    : Source(loop, std::move(config), "system"),
+      settings_(static_cast<const SystemSettings&>(*config_.settings)),
+      root_(std::move(root)) {}
 
 SystemSource::~SystemSource() { cancel(); }
 
 bool SystemSource::wants(std::string_view metric) const {
   // Per-core usage is opt-in: a many-core host would otherwise send dozens of keys by default.
-  return (config_.metrics.empty() && metric != "cpu_cores") ||
-         std::find(config_.metrics.begin(), config_.metrics.end(), metric) != config_.metrics.end();
+  return (settings_.metrics.empty() && metric != "cpu_cores") ||
+         std::find(settings_.metrics.begin(), settings_.metrics.end(), metric) !=
+             settings_.metrics.end();
 }
 
 void SystemSource::begin() {
@@ -454,12 +536,12 @@ void SystemSource::finish_collection() {
   attempt("memory", [&](std::string& error) { return read_memory(root_, rec.readings, &error); });
   attempt("swap", [&](std::string& error) { return read_swap(root_, rec.readings, &error); });
   attempt("network",
-          [&](std::string& error) { return read_network(root_, config_, rec.readings, &error); });
+          [&](std::string& error) { return read_network(root_, settings_, rec.readings, &error); });
   attempt("load", [&](std::string& error) { return read_load(root_, rec.readings, &error); });
   attempt("uptime", [&](std::string& error) { return read_uptime(root_, rec.readings, &error); });
   attempt("disk", [&](std::string& error) {
-    bool ok = read_disk(config_.disk_path, "disk_", rec.readings, &error);
-    for (const auto& path : config_.disks) {
+    bool ok = read_disk(settings_.disk_path, "disk_", rec.readings, &error);
+    for (const auto& path : settings_.disks) {
       std::string e;
       if (!read_disk(path, "disk_" + disk_key_name(path) + "_", rec.readings, &e)) {
         error += (error.empty() ? "" : "; ") + e;
@@ -471,7 +553,7 @@ void SystemSource::finish_collection() {
   attempt("temperature", [&](std::string& error) {
     if (read_temperature(root_, rec.readings, &error)) return true;
     // No thermal zones is normal unless the config asked for the temperature by name.
-    if (error.empty() && !config_.metrics.empty())
+    if (error.empty() && !settings_.metrics.empty())
       error = "no thermal zones in " + (root_ / "sys/class/thermal").string();
     return false;
   });

@@ -3,18 +3,39 @@
 // the reads are synchronous on the loop. Telemetry keys per metric are listed in docs/sources.md.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "sources/source.hpp"
 
 namespace tb::sources {
 
+struct SourceType;
+
+// What a `system` source can report (docs/sources.md lists the telemetry keys of each).
+// All but cpu_cores are reported by default (an empty `metrics`).
+inline constexpr std::array<std::string_view, 9> kSystemMetrics = {
+    "cpu", "memory", "load", "uptime", "disk", "temperature", "swap", "network", "cpu_cores"};
+
+// Its keys: the table in system_source.cpp.
+struct SystemSettings : config::SettingsOf<SystemSettings> {
+  std::vector<std::string> metrics;     // from kSystemMetrics; empty = all this machine has
+  std::string disk_path = "/";          // the file system `disk` reports on
+  std::vector<std::string> disks;       // more file systems `disk` reports, with prefixed keys
+  std::vector<std::string> interfaces;  // `network`: names or globs; empty = all but lo
+  std::vector<std::string> exclude_interfaces;  // `network`: names or globs left out
+  bool operator==(const SystemSettings&) const = default;
+};
+
 class SystemSource final : public Source {
  public:
+  static const SourceType& declaration();
   static SourcePtr create(sd_event* loop, const config::SourceConfig& config, std::string* error);
   // For tests: /proc and /sys are read under `root` (disk_path is not; it is a real path).
   static SourcePtr create_with_root(sd_event* loop, const config::SourceConfig& config,
@@ -53,6 +74,7 @@ class SystemSource final : public Source {
   // Reads everything selected and completes the collection.
   void finish_collection();
 
+  const SystemSettings& settings_;
   std::filesystem::path root_;
   std::optional<CpuTimes> previous_cpu_;
   std::map<int, CpuTimes> previous_cores_;

@@ -1,6 +1,7 @@
-// Fuzzes the YAML config loader (tb::config::load_string): every input, valid YAML or not, must
-// come back as a config or as diagnostics — no exception, no crash, bounded time and memory.
-// An accepted config then goes where the agent sends it first: into the provisioning request.
+// Fuzzes the YAML config loader (tb::config::load_string, with the source types reading their
+// keys): every input, valid YAML or not, must come back as a config or as diagnostics — no
+// exception, no crash, bounded time and memory. An accepted config then goes where the agent sends
+// it first: into the provisioning request.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -8,6 +9,7 @@
 #include "config/config.hpp"
 #include "fuzz_util.hpp"
 #include "provisioning/codec.hpp"
+#include "sources/source_type.hpp"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   tb::fuzz::quiet_logs();
@@ -16,7 +18,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string text(tb::fuzz::as_text(data, size));
-  const auto result = tb::config::load_string(text, "fuzz.yaml");
+  const auto result = tb::config::load_string(text, "fuzz.yaml", tb::sources::source_types());
   TB_FUZZ_CHECK(result.ok() == result.diagnostics.empty(), "config xor diagnostics");
   for (const auto& d : result.diagnostics) {
     TB_FUZZ_CHECK(!d.message.empty(), "diagnostic without a message");

@@ -8,6 +8,9 @@
 * The configuration reference exists once per audience and they agree: every key documented in
   docs/configuration.md has an entry in the man page docs/man/tb-agent.yaml.5 and the other way
   round, and every key the loader's tables in src/config/config.cpp accept is documented.
+* Each source type's keys, as its declaration table in src/sources/ declares them (issue 10), are
+  the keys its table in docs/configuration.md and its entries in the man page list, no more and
+  no fewer, and docs/sources.md has a section for every type.
 
 Pure file checks: no build needed.
 """
@@ -17,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+import declarations
 
 ROOT = Path(os.environ.get("TB_SOURCE_DIR", Path(__file__).resolve().parents[2]))
 SCANNED = ["src", "tests", "docs", "bench", "systemd", "config", "scripts", "README.md"]
@@ -183,7 +188,9 @@ def keys_in_loader():
         if table:
             keys |= {qualified(name, k) for k in tables[table.group(1)]}
         elif name == "sources":
-            keys |= {qualified("sources", k) for k in tables["kSource"]}
+            keys |= {qualified("sources", k.name) for k in declarations.common_keys()}
+            for type_name in declarations.types():
+                keys |= {qualified("sources", k.name) for k in declarations.keys_of(type_name)}
         else:
             keys.add(name)
     return keys
@@ -213,3 +220,94 @@ def test_the_man_pages_render_without_warnings():
                                  env={**os.environ, "LC_ALL": "C.UTF-8"})
             assert run.returncode == 0 and run.stderr == "", f"{page} at {width}: {run.stderr}"
             assert "tb-agent" in run.stdout
+
+
+# --- source types: their declaration tables (src/sources/) <-> the docs' per-type key lists ---
+
+def source_keys_in_configuration_md():
+    """{"": keys of every source, type: its own keys} from the '## `sources`' table and the
+    '### `type: x`' tables of docs/configuration.md."""
+    tables = {}
+    current = None
+    in_sources = False
+    for line in (ROOT / "docs/configuration.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            in_sources = line.strip() == "## `sources`"
+            current = "" if in_sources else None
+            continue
+        heading = re.match(r"^### `type: (\w+)`\s*$", line)
+        if in_sources and heading:
+            current = heading.group(1)
+            continue
+        if in_sources and line.startswith("### "):
+            current = None
+        if current is None or not line.startswith("|"):
+            continue
+        key = re.fullmatch(r"`(\w+)`", line.strip().strip("|").split("|")[0].strip())
+        if key:
+            tables.setdefault(current, []).append(key.group(1))
+    return tables
+
+
+def source_keys_in_man_page():
+    """{"": keys of every source, type: keys whose entry names it} from the SOURCES part of
+    tb-agent.yaml.5: an entry `.BR sources[].key " (…; file and plugin sources)"` belongs to the
+    types it names; one without such a note, to every source."""
+    lines = (ROOT / "docs/man/tb-agent.yaml.5").read_text(encoding="utf-8").splitlines()
+    out = {}
+    in_sources = False
+    for i, line in enumerate(lines):
+        if line.startswith(".SH"):
+            in_sources = line[3:].strip().strip('"') == "SOURCES"
+        if not (in_sources and line == ".TP" and i + 1 < len(lines)):
+            continue
+        entry = re.match(r'^\.BR? sources\[\]\.(\w+)(?: "(.*)")?', lines[i + 1])
+        assert entry, f"tb-agent.yaml.5:{i + 2}: expected a sources[].key entry"
+        note = re.search(r";\s*([\w ,]+?) sources\)", entry.group(2) or "")
+        owners = re.split(r",\s*|\s+and\s+", note.group(1)) if note else [""]
+        for owner in owners:
+            out.setdefault(owner, []).append(entry.group(1))
+    return out
+
+
+def test_each_source_types_documented_keys_are_its_declared_keys():
+    types = declarations.types()
+    assert set(types) == {"file", "exec", "system", "execd", "plugin"}, types
+    common = [k.name for k in declarations.common_keys()]
+    md = source_keys_in_configuration_md()
+    man = source_keys_in_man_page()
+    assert sorted(md.get("", [])) == sorted(common), "configuration.md: keys of every source"
+    assert sorted(man.get("", [])) == sorted(common), "tb-agent.yaml.5: keys of every source"
+    for name, (periodic, own) in types.items():
+        declared = sorted(k.name for k in own)
+        assert sorted(md.get(name, [])) == declared, f"configuration.md, type: {name}"
+        assert sorted(man.get(name, [])) == declared, f"tb-agent.yaml.5, type: {name}"
+    assert set(md) - {""} == set(types), "configuration.md documents a type that does not exist"
+    assert set(man) - {""} == set(types), "tb-agent.yaml.5 documents a type that does not exist"
+
+
+def test_a_type_without_an_interval_is_named_where_interval_is_documented():
+    push = [name for name, (periodic, _) in declarations.types().items() if not periodic]
+    assert push == ["execd"], push
+    md = (ROOT / "docs/configuration.md").read_text(encoding="utf-8")
+    row = next(line for line in md.splitlines() if line.startswith("| `interval` |"))
+    man = (ROOT / "docs/man/tb-agent.yaml.5").read_text(encoding="utf-8")
+    entry = man[man.index(".BR sources[].interval"):][:300]
+    for name in push:
+        assert f"`{name}`" in row, row
+        assert name in entry, entry
+
+
+def test_sources_md_has_a_section_for_every_type():
+    text = (ROOT / "docs/sources.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^## `?type: (\w+)`?\s*$", text, re.M))
+    assert sections == set(declarations.types()), sections
+
+
+def test_the_declarations_parser_sees_what_it_must():
+    file_keys = [k.name for k in declarations.types()["file"][1]]
+    assert file_keys == ["path", "key", "scale", "offset"], file_keys
+    assert [k.name for k in declarations.keys_of("execd")] == [
+        "name", "type", "command", "timeout", "env", "working_directory"]
+    interval = next(k for k in declarations.common_keys() if k.name == "interval")
+    assert not interval.required and interval.default == "30s"

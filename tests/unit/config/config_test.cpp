@@ -14,6 +14,12 @@
 #include <string>
 #include <vector>
 
+#include "sources/exec_source.hpp"
+#include "sources/file_source.hpp"
+#include "sources/plugin_source.hpp"
+#include "sources/source_type.hpp"
+#include "sources/system_source.hpp"
+
 namespace tb::config {
 namespace {
 
@@ -22,7 +28,23 @@ using ::testing::HasSubstr;
 
 const std::string kData = std::string(TB_SOURCE_DIR) + "/tests/data/config/";
 
-LoadResult load(const std::string& text) { return load_string(text, "test.yaml"); }
+// The whole loader: config/ with the source types of src/sources/ reading their own keys.
+const SourceTypes& types() { return sources::source_types(); }
+LoadResult load(const std::string& text) { return load_string(text, "test.yaml", types()); }
+LoadResult load_file(const std::string& path) { return config::load_file(path, types()); }
+
+const sources::FileSettings& file(const SourceConfig& c) {
+  return *settings_of<sources::FileSettings>(c);
+}
+const sources::ProgramSettings& program(const SourceConfig& c) {
+  return *settings_of<sources::ProgramSettings>(c);
+}
+const sources::SystemSettings& system(const SourceConfig& c) {
+  return *settings_of<sources::SystemSettings>(c);
+}
+const sources::PluginSettings& plugin(const SourceConfig& c) {
+  return *settings_of<sources::PluginSettings>(c);
+}
 
 std::string all(const LoadResult& r) {
   std::string out;
@@ -90,25 +112,26 @@ TEST(Load, FullConfigHasEveryValue) {
   ASSERT_EQ(c.sources.size(), 3u);
   const SourceConfig& room = c.sources[0];
   EXPECT_EQ(room.name, "room");
-  EXPECT_EQ(room.type, SourceType::File);
-  EXPECT_EQ(room.path, "/sys/bus/iio/devices/iio:device0/in_temp_input");
-  EXPECT_EQ(room.key, "temperature");
-  EXPECT_DOUBLE_EQ(room.scale, 0.001);
-  EXPECT_DOUBLE_EQ(room.offset, -1.5);
+  EXPECT_EQ(room.type, "file");
+  EXPECT_EQ(file(room).path, "/sys/bus/iio/devices/iio:device0/in_temp_input");
+  EXPECT_EQ(file(room).key, "temperature");
+  EXPECT_DOUBLE_EQ(file(room).scale, 0.001);
+  EXPECT_DOUBLE_EQ(file(room).offset, -1.5);
   EXPECT_EQ(room.interval, 30s);
   EXPECT_EQ(room.position.line, 21);
   EXPECT_EQ(room.position.column, 5);
   const SourceConfig& sensors = c.sources[1];
   EXPECT_EQ(sensors.name, "sensors");
-  EXPECT_EQ(sensors.type, SourceType::Exec);
-  EXPECT_EQ(sensors.command, (std::vector<std::string>{"/usr/local/bin/read-sensors", "--json"}));
+  EXPECT_EQ(sensors.type, "exec");
+  EXPECT_EQ(program(sensors).command,
+            (std::vector<std::string>{"/usr/local/bin/read-sensors", "--json"}));
   EXPECT_EQ(sensors.interval, 1min);
-  EXPECT_EQ(sensors.timeout, 5s);
+  EXPECT_EQ(program(sensors).timeout, 5s);
   const SourceConfig& host = c.sources[2];
-  EXPECT_EQ(host.type, SourceType::System);
+  EXPECT_EQ(host.type, "system");
   EXPECT_EQ(host.interval, 10s);
-  EXPECT_EQ(host.metrics, (std::vector<std::string>{"cpu", "memory", "disk"}));
-  EXPECT_EQ(host.disk_path, "/var");
+  EXPECT_EQ(system(host).metrics, (std::vector<std::string>{"cpu", "memory", "disk"}));
+  EXPECT_EQ(system(host).disk_path, "/var");
 
   EXPECT_EQ(c.queue.max_size, 16ull << 20);
   EXPECT_EQ(c.queue.max_age, 48h);
@@ -157,10 +180,10 @@ sources:
 )");
   ASSERT_TRUE(r.ok()) << all(r);
   EXPECT_EQ(r.config->sources[0].interval, 30s);
-  EXPECT_EQ(r.config->sources[0].scale, 1.0);
-  EXPECT_EQ(r.config->sources[0].offset, 0.0);
+  EXPECT_EQ(file(r.config->sources[0]).scale, 1.0);
+  EXPECT_EQ(file(r.config->sources[0]).offset, 0.0);
   EXPECT_EQ(r.config->sources[1].interval, 500ms);
-  EXPECT_EQ(r.config->sources[1].timeout, 200ms);
+  EXPECT_EQ(program(r.config->sources[1]).timeout, 200ms);
 }
 
 TEST(Load, EmptySectionsMeanDefaults) {
@@ -350,10 +373,9 @@ TEST(Errors, Sources) {
       7, 14, "sources[0].timeout (3s) must not be longer than interval (2s)");
   {
     // Without an explicit timeout a short interval is the timeout.
-    auto r = tb::config::load_string(
-        head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n", "t.yaml");
+    auto r = load(head + "  - name: a\n    type: exec\n    command: [x]\n    interval: 2s\n");
     ASSERT_TRUE(r.ok());
-    EXPECT_EQ(r.config->sources[0].timeout, tb::Millis(2000));
+    EXPECT_EQ(program(r.config->sources[0]).timeout, tb::Millis(2000));
   }
   // An invalid timeout is reported once, not again as "the default is too long".
   expect_one(head + "  - {name: a, type: exec, command: [x], interval: 1s, timeout: 1y}\n", 3, 64,
@@ -545,9 +567,9 @@ TEST(Plugin, OptionsAreTypedValuesInFileOrder) {
       "      b: true\n      n: ~\n      l: [1, two]\n      m: {k: false}\n");
   ASSERT_TRUE(r.ok()) << all(r);
   const auto& src = r.config->sources.at(0);
-  EXPECT_EQ(src.type, SourceType::Plugin);
-  EXPECT_EQ(src.path, "/opt/p.so");
-  EXPECT_EQ(src.timeout, 5s);
+  EXPECT_EQ(src.type, "plugin");
+  EXPECT_EQ(plugin(src).path, "/opt/p.so");
+  EXPECT_EQ(plugin(src).timeout, 5s);
   const Value::Map expected = {
       {"s", {std::string("text")}},
       {"q", {std::string("42")}},  // quoted: a string
@@ -559,7 +581,7 @@ TEST(Plugin, OptionsAreTypedValuesInFileOrder) {
       {"l", {Value::List{{std::int64_t{1}}, {std::string("two")}}}},
       {"m", {Value::Map{{"k", {false}}}}},
   };
-  EXPECT_EQ(src.options, Value{expected});
+  EXPECT_EQ(plugin(src).options, Value{expected});
 }
 
 TEST(Plugin, ANameIsLookedUpInPluginDir) {
@@ -567,7 +589,7 @@ TEST(Plugin, ANameIsLookedUpInPluginDir) {
   auto path = [&](const std::string& tail) {
     const auto r = load(head + tail);
     EXPECT_TRUE(r.ok()) << all(r);
-    return r.ok() ? r.config->sources.at(0).path : std::string();
+    return r.ok() ? plugin(r.config->sources.at(0)).path : std::string();
   };
   EXPECT_EQ(path("hwmon}\n"), "/usr/lib/tb-agent/plugins/hwmon.so");
   EXPECT_EQ(path("hwmon.so}\n"), "/usr/lib/tb-agent/plugins/hwmon.so");
@@ -577,7 +599,7 @@ TEST(Plugin, ANameIsLookedUpInPluginDir) {
   // The timeout fits a short interval, as for exec.
   const auto r = load(head + "p, interval: 1s}\n");
   ASSERT_TRUE(r.ok()) << all(r);
-  EXPECT_EQ(r.config->sources.at(0).timeout, 1s);
+  EXPECT_EQ(plugin(r.config->sources.at(0)).timeout, 1s);
 }
 
 TEST(Plugin, OptionsAreBounded) {
@@ -598,26 +620,61 @@ TEST(Plugin, OptionsAreBounded) {
 
 // --- reload: which sources a reload restarts --------------------------------------------------
 
-// The keys the loader knows for a source of `type`, as its "unknown key" message lists them.
+// The keys a source of `type` has, from the declaration tables (src/sources/): the common ones
+// that apply to it, then its own.
 std::vector<std::string> source_keys(const std::string& type) {
-  const auto r = load("server: {host: h}\nsources:\n  - {name: s, type: " + type + ", zzz: 1}\n");
+  const auto* t = sources::find_type(type);
+  EXPECT_NE(t, nullptr) << type;
   std::vector<std::string> keys;
-  for (const auto& d : r.diagnostics) {
-    const auto at = d.message.find("(known keys: ");
-    if (at == std::string::npos) continue;
-    std::string list = d.message.substr(at + 13, d.message.size() - at - 14);
-    for (std::size_t b = 0; b <= list.size();) {
-      const std::size_t e = std::min(list.find(", ", b), list.size());
-      keys.push_back(list.substr(b, e - b));
-      b = e + 2;
+  if (!t) return keys;
+  for (const auto& k : sources::common_keys())
+    if (k.name != "interval" || t->periodic) keys.emplace_back(k.name);
+  for (const auto& k : t->keys) keys.emplace_back(k.name);
+  return keys;
+}
+
+// The "known keys" an unknown key's message lists are the declared ones.
+TEST(Declarations, UnknownKeyMessagesListTheDeclaredKeys) {
+  for (const auto* t : sources::all_types()) {
+    const std::string type(t->name);
+    const auto r = load("server: {host: h}\nsources:\n  - {name: s, type: " + type + ", zzz: 1}\n");
+    std::string expected;
+    for (const auto& k : source_keys(type)) expected += (expected.empty() ? "" : ", ") + k;
+    EXPECT_THAT(all(r), HasSubstr("unknown key 'zzz' (known keys: " + expected + ")")) << type;
+  }
+}
+
+// Every declared key has a type and a description for the docs; a required one has no
+// default; every default is valid (a source with only its required keys loads).
+TEST(Declarations, AreCompleteAndTheirDefaultsLoad) {
+  EXPECT_EQ(sources::all_types().size(), 5u);
+  for (const auto* t : sources::all_types()) {
+    std::set<std::string_view> names;
+    for (const auto& k : t->keys) {
+      EXPECT_TRUE(names.insert(k.name).second) << t->name << "." << k.name << " declared twice";
+      EXPECT_FALSE(k.type.empty()) << t->name << "." << k.name;
+      EXPECT_FALSE(k.description.empty()) << t->name << "." << k.name;
+      if (k.need == Need::Required) {
+        EXPECT_TRUE(k.default_text.empty()) << k.name;
+      }
     }
   }
-  return keys;
+  const auto r = load(
+      "server: {host: h}\nsources:\n  - {name: a, type: file, path: /x, key: k}\n"
+      "  - {name: b, type: exec, command: [x]}\n  - {name: c, type: system}\n"
+      "  - {name: d, type: execd, command: [x]}\n  - {name: e, type: plugin, path: p}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->sources[0].interval, 30s);
+  EXPECT_EQ(r.config->sources[3].interval, Millis(0));  // execd has none
+  EXPECT_EQ(system(r.config->sources[2]).disk_path, "/");
+  EXPECT_EQ(program(r.config->sources[1]).working_directory, "/");
+  EXPECT_EQ(program(r.config->sources[3]).timeout, 5s);
 }
 
 // Issue 8 #7: a reload compared sources field by field and forgot metrics and disk_path, so a
 // changed system source kept running with its old keys. Every key of every type must count;
-// the list of keys comes from the loader itself, so a key added later without a line here fails.
+// the list of keys comes from the declaration tables, so a key added later without a line here
+// fails (and so does a type added without its block).
 TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
   struct Type {
     std::string name;
@@ -663,6 +720,10 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
     EXPECT_TRUE(r.ok()) << all(r);
     return r.ok() ? r.config->sources.at(0) : SourceConfig{};
   };
+  std::set<std::string> tested;
+  for (const auto& type : types) tested.insert(type.name);
+  for (const auto* t : sources::all_types())
+    EXPECT_TRUE(tested.count(std::string(t->name))) << "type " << t->name << " is not tested here";
   for (const auto& type : types) {
     std::set<std::string> covered{"type"};  // the type is checked below
     for (const auto& [k, v] : type.values) covered.insert(k);
@@ -686,10 +747,10 @@ TEST(Reload, EveryKeyOfEveryTypeChangesTheSettings) {
     }
   }
   SourceConfig file, exec;
-  exec.type = SourceType::Exec;
+  exec.type = "exec";
   EXPECT_FALSE(same_settings(file, exec));
   SourceConfig execd;
-  execd.type = SourceType::Execd;
+  execd.type = "execd";
   EXPECT_FALSE(same_settings(exec, execd));
 }
 
@@ -701,12 +762,13 @@ TEST(Exec, EnvAndWorkingDirectory) {
   auto r = load(head + "    env: {MODEM: /dev/ttyUSB2, LEVEL: 3}\n    working_directory: /tmp\n");
   ASSERT_TRUE(r.ok()) << all(r);
   const auto& s = r.config->sources.at(0);
-  EXPECT_EQ(s.env, (std::map<std::string, std::string>{{"LEVEL", "3"}, {"MODEM", "/dev/ttyUSB2"}}));
-  EXPECT_EQ(s.working_directory, "/tmp");
+  EXPECT_EQ(program(s).env,
+            (std::map<std::string, std::string>{{"LEVEL", "3"}, {"MODEM", "/dev/ttyUSB2"}}));
+  EXPECT_EQ(program(s).working_directory, "/tmp");
   r = load(head);
   ASSERT_TRUE(r.ok()) << all(r);
-  EXPECT_TRUE(r.config->sources.at(0).env.empty());
-  EXPECT_EQ(r.config->sources.at(0).working_directory, "/");
+  EXPECT_TRUE(program(r.config->sources.at(0)).env.empty());
+  EXPECT_EQ(program(r.config->sources.at(0)).working_directory, "/");
   r = load(head + "    env: {1BAD: SECRET-VALUE-7, OK: [x]}\n");
   EXPECT_FALSE(r.ok());
   EXPECT_THAT(all(r), HasSubstr("'1BAD' is not a variable name"));
@@ -725,8 +787,8 @@ TEST(Exec, EnvAndWorkingDirectory) {
 TEST(Execd, HasCommandAndTimeoutButNoInterval) {
   auto r = load("server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat]}\n");
   ASSERT_TRUE(r.ok()) << all(r);
-  EXPECT_EQ(r.config->sources.at(0).type, SourceType::Execd);
-  EXPECT_EQ(r.config->sources.at(0).command, std::vector<std::string>{"/bin/cat"});
+  EXPECT_EQ(r.config->sources.at(0).type, "execd");
+  EXPECT_EQ(program(r.config->sources.at(0)).command, std::vector<std::string>{"/bin/cat"});
   r = load(
       "server: {host: h}\nsources:\n  - {name: m, type: execd, command: [/bin/cat], "
       "interval: 5s}\n");

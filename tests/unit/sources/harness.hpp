@@ -21,6 +21,8 @@
 #include <spdlog/spdlog.h>
 #include <systemd/sd-event.h>
 
+#include "sources/exec_source.hpp"
+#include "sources/file_source.hpp"
 #include "sources/source.hpp"
 
 namespace tb::sources::testing {
@@ -130,24 +132,41 @@ inline bool dead(pid_t pid) {
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
 }
 
+// A config of type `type` whose settings are S's defaults; edit<S>() changes them.
+template <class S>
+config::SourceConfig source_config(const std::string& name, const std::string& type) {
+  config::SourceConfig c;
+  c.name = name;
+  c.type = type;
+  c.settings = std::make_shared<S>();
+  return c;
+}
+
+// The settings of `c` to change: a copy, so other configs sharing them stay as they are.
+template <class S>
+S& edit(config::SourceConfig& c) {
+  auto copy = std::make_shared<S>(*config::settings_of<S>(c));
+  S& settings = *copy;
+  c.settings = std::move(copy);
+  return settings;
+}
+
 inline config::SourceConfig file_config(const std::string& path, double scale = 1.0,
                                         double offset = 0.0) {
-  config::SourceConfig c;
-  c.name = "room";
-  c.type = config::SourceType::File;
-  c.path = path;
-  c.key = "temperature";
-  c.scale = scale;
-  c.offset = offset;
+  auto c = source_config<FileSettings>("room", "file");
+  auto& s = edit<FileSettings>(c);
+  s.path = path;
+  s.key = "temperature";
+  s.scale = scale;
+  s.offset = offset;
   return c;
 }
 
 inline config::SourceConfig exec_config(std::vector<std::string> command, Millis timeout = 5s) {
-  config::SourceConfig c;
-  c.name = "sensors";
-  c.type = config::SourceType::Exec;
-  c.command = std::move(command);
-  c.timeout = timeout;
+  auto c = source_config<ProgramSettings>("sensors", "exec");
+  auto& s = edit<ProgramSettings>(c);
+  s.command = std::move(command);
+  s.timeout = timeout;
   return c;
 }
 

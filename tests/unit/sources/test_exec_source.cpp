@@ -235,8 +235,8 @@ TEST_F(ExecSourceTest, EnvAndWorkingDirectory) {
   setenv("TB_SOURCES_TEST_SECRET", "x", 1);
   auto cfg = sh(R"sh(printf '{"modem":"%s","lang":"%s","secret":"%s","cwd":"%s"}' )sh"
                 R"sh("$MODEM" "$LANG" "${TB_SOURCES_TEST_SECRET-unset}" "$(pwd)")sh");
-  cfg.env = {{"MODEM", "/dev/ttyUSB2"}, {"LANG", "C.UTF-8"}};
-  cfg.working_directory = dir.string();
+  edit<ProgramSettings>(cfg).env = {{"MODEM", "/dev/ttyUSB2"}, {"LANG", "C.UTF-8"}};
+  edit<ProgramSettings>(cfg).working_directory = dir.string();
   const auto c = run(cfg);
   unsetenv("TB_SOURCES_TEST_SECRET");
   ASSERT_TRUE(c.record) << c.error;
@@ -247,16 +247,18 @@ TEST_F(ExecSourceTest, EnvAndWorkingDirectory) {
 }
 
 TEST_F(ExecSourceTest, AMissingWorkingDirectoryIsRefusedWhenBuilt) {
-  for (auto type : {config::SourceType::Exec, config::SourceType::Execd}) {
+  for (auto type : {"exec", "execd"}) {
     auto cfg = sh("true");
     cfg.type = type;
-    cfg.working_directory = (dir / "missing").string();
+    auto& program = edit<ProgramSettings>(cfg);
+    program.working_directory = (dir / "missing").string();
     std::string err;
     EXPECT_FALSE(make_source(loop, cfg, &err));
-    EXPECT_EQ(err, "working_directory " + cfg.working_directory + ": No such file or directory");
-    cfg.working_directory = write_file("plain", "x");
+    EXPECT_EQ(err,
+              "working_directory " + program.working_directory + ": No such file or directory");
+    program.working_directory = write_file("plain", "x");
     EXPECT_FALSE(make_source(loop, cfg, &err));
-    EXPECT_EQ(err, "working_directory " + cfg.working_directory + " is not a directory");
+    EXPECT_EQ(err, "working_directory " + program.working_directory + " is not a directory");
   }
 }
 

@@ -13,11 +13,10 @@ namespace tb::sources::testing {
 namespace {
 
 config::SourceConfig execd(const std::string& script, Millis timeout = 5s) {
-  config::SourceConfig c;
-  c.name = "modem";
-  c.type = config::SourceType::Execd;
-  c.command = {"/bin/sh", "-c", script};
-  c.timeout = timeout;
+  auto c = source_config<ProgramSettings>("modem", "execd");
+  c.interval = Millis(0);
+  edit<ProgramSettings>(c).command = {"/bin/sh", "-c", script};
+  edit<ProgramSettings>(c).timeout = timeout;
   return c;
 }
 
@@ -207,8 +206,8 @@ TEST_F(ExecdTest, CollectWaitsForTheFirstLineWithinTheTimeout) {
 
 TEST_F(ExecdTest, EnvAndWorkingDirectory) {
   auto c = execd(R"sh(printf '{"modem":"%s","cwd":"%s"}\n' "$MODEM" "$(pwd)"; exec sleep 60)sh");
-  c.env = {{"MODEM", "/dev/ttyUSB2"}};
-  c.working_directory = dir.string();
+  edit<ProgramSettings>(c).env = {{"MODEM", "/dev/ttyUSB2"}};
+  edit<ProgramSettings>(c).working_directory = dir.string();
   auto s = make(c);
   start(*s);
   ASSERT_TRUE(run_until([&] { return !records.empty(); }));
@@ -218,7 +217,7 @@ TEST_F(ExecdTest, EnvAndWorkingDirectory) {
 
 TEST_F(ExecdTest, AMissingProgramIsAnErrorAndRetried) {
   auto c = execd("");
-  c.command = {"/nonexistent/modem-watch"};
+  edit<ProgramSettings>(c).command = {"/nonexistent/modem-watch"};
   auto s = make(c);
   s->set_restart_backoff(50ms, 100ms);
   start(*s);

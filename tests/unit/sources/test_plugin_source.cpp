@@ -29,13 +29,12 @@ config::Value::Map options() {
 }
 
 config::SourceConfig plugin_config(const std::string& path, Millis timeout = 2s) {
-  config::SourceConfig c;
-  c.name = "plug";
-  c.type = config::SourceType::Plugin;
-  c.path = path;
+  auto c = source_config<PluginSettings>("plug", "plugin");
   c.interval = 10s;
-  c.timeout = timeout;
-  c.options.data = options();
+  auto& s = edit<PluginSettings>(c);
+  s.path = path;
+  s.timeout = timeout;
+  s.options.data = options();
   return c;
 }
 
@@ -89,8 +88,9 @@ TEST_F(Plugin, GoodPluginGetsItsTypedOptionsAndItsReadingsArrive) {
 
 TEST_F(Plugin, AnOptionOfAnotherTypeIsNotHandedOut) {
   auto c = plugin_config(plugin("good"));
-  c.options.data = config::Value::Map{{"number", {std::string("forty-two")}},
-                                      {"ratio", {std::int64_t{2}}}};  // an int serves as double
+  edit<PluginSettings>(c).options.data =
+      config::Value::Map{{"number", {std::string("forty-two")}},
+                         {"ratio", {std::int64_t{2}}}};  // an int serves as double
   std::string err;
   auto s = make(c, &err);
   ASSERT_NE(s, nullptr) << err;

@@ -63,12 +63,10 @@ class SystemSourceTest : public LoopTest {
     write_file(z + "/temp", temp + "\n");
   }
   config::SourceConfig config(std::vector<std::string> metrics = {}) {
-    config::SourceConfig c;
-    c.name = "host";
-    c.type = config::SourceType::System;
+    auto c = source_config<SystemSettings>("host", "system");
     c.interval = 10s;
-    c.metrics = std::move(metrics);
-    c.disk_path = dir.string();
+    edit<SystemSettings>(c).metrics = std::move(metrics);
+    edit<SystemSettings>(c).disk_path = dir.string();
     return c;
   }
   SourcePtr make(const config::SourceConfig& c) {
@@ -107,7 +105,7 @@ TEST(ParseProcStat, SumsTheAggregateLine) {
 TEST_F(SystemSourceTest, SeveralDisksWithPrefixedKeys) {
   fs::create_directories(dir / "data");
   auto c = config({"disk"});
-  c.disks = {"/", (dir / "data").string()};
+  edit<SystemSettings>(c).disks = {"/", (dir / "data").string()};
   auto s = make(c);
   const auto got = collect_once(*s);
   ASSERT_TRUE(got.record) << got.error;
@@ -120,7 +118,7 @@ TEST_F(SystemSourceTest, SeveralDisksWithPrefixedKeys) {
   EXPECT_EQ(v.count(data + "available"), 1u) << data;
   EXPECT_EQ(v.size(), 9u);
 
-  c.disks = {(dir / "missing").string()};
+  edit<SystemSettings>(c).disks = {(dir / "missing").string()};
   auto bad = make(c);
   const auto failed = collect_once(*bad);
   EXPECT_FALSE(failed.record);
@@ -129,8 +127,8 @@ TEST_F(SystemSourceTest, SeveralDisksWithPrefixedKeys) {
 
 TEST_F(SystemSourceTest, InterfacesIncludeAndExclude) {
   auto c = config({"network"});
-  c.interfaces = {"lo", "eth*", "br-*", "veth*"};
-  c.exclude_interfaces = {"veth*"};
+  edit<SystemSettings>(c).interfaces = {"lo", "eth*", "br-*", "veth*"};
+  edit<SystemSettings>(c).exclude_interfaces = {"veth*"};
   auto s = make(c);
   const auto got = collect_once(*s);
   ASSERT_TRUE(got.record) << got.error;
@@ -273,7 +271,7 @@ TEST_F(SystemSourceTest, UnreadableOrGarbageIsAnErrorThatSaysWhere) {
 
 TEST_F(SystemSourceTest, ABadDiskPathIsAnError) {
   auto c = config({"disk"});
-  c.disk_path = (dir / "does-not-exist").string();
+  edit<SystemSettings>(c).disk_path = (dir / "does-not-exist").string();
   auto s = make(c);
   const auto got = collect_once(*s);
   EXPECT_FALSE(got.record);
@@ -294,7 +292,7 @@ TEST_F(SystemSourceTest, AbortDuringTheCpuWindowEndsQuietly) {
 
 TEST_F(SystemSourceTest, TheRealMachine) {
   auto c = config();
-  c.disk_path = "/";
+  edit<SystemSettings>(c).disk_path = "/";
   std::string err;
   auto s = make_source(loop, c, &err);  // through the registry, reading the real /proc
   ASSERT_TRUE(s) << err;
