@@ -175,6 +175,7 @@ struct Client::Impl {
     sd_event_source* timeout = nullptr;
     std::string log_path;
     std::string body;  // Block2 blocks received so far (RFC 7959 §2.4), at most max_response_body
+    uint64_t started_us = 0;  // CLOCK_MONOTONIC, for Outcome::elapsed
   };
   struct Ready {
     Callback callback;
@@ -362,6 +363,10 @@ struct Client::Impl {
       spdlog::debug("coap: {} failed: {}", p.log_path, outcome.error);
     }
     if (destroying) return;
+    uint64_t now_us = 0;
+    sd_event_now(loop, CLOCK_MONOTONIC, &now_us);
+    outcome.elapsed = std::chrono::duration_cast<Millis>(
+        std::chrono::microseconds(now_us > p.started_us ? now_us - p.started_us : 0));
     ready.push_back(Ready{std::move(p.callback), std::move(outcome)});
     sd_event_source_set_enabled(dispatcher, SD_EVENT_ONESHOT);
   }
@@ -609,6 +614,7 @@ struct Client::Impl {
     }
     coap_session_set_ack_timeout(session, to_fixed(options.ack_timeout));
     coap_session_set_max_retransmit(session, static_cast<uint16_t>(options.max_retransmit));
+    coap_session_set_nstart(session, static_cast<uint16_t>(options.max_in_flight));
     return true;
   }
 
@@ -712,6 +718,9 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   if (options.max_retransmit < 1 || options.max_retransmit > 20) {
     return fail("max_retransmit must be between 1 and 20");
   }
+  if (options.max_in_flight < 1 || options.max_in_flight > 256) {
+    return fail("max_in_flight must be between 1 and 256");
+  }
   if (options.max_response_body < 1024) {
     return fail("max_response_body must be at least 1 KiB");  // one full block (SZX 6)
   }
@@ -780,6 +789,7 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
   const auto timeout_us = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::microseconds>(im.options.request_timeout).count());
   const RequestId id = p.id;
+  p.started_us = now;
   const int r = sd_event_add_time(im.loop, &p.timeout, CLOCK_MONOTONIC, now + timeout_us, 10000,
                                   &Impl::on_request_timeout, &im);
   if (r < 0) {

@@ -42,6 +42,11 @@ struct ClientOptions {
   // of one exchange (16 with 1024-byte blocks, at most 1024 with 16-byte ones). A larger answer,
   // or a Size2 above it, ends the exchange with Failure::Protocol. At least 1024 (create()).
   std::size_t max_response_body = 16 * 1024;
+  // NSTART (RFC 7252 §4.7): confirmable requests outstanding at once on the session. 1 is the
+  // RFC's default; a caller that raises it must run its own congestion control (RFC 7252 §4.7,
+  // RFC 8085 §3.1), as daemon::Uploader does. Requests beyond it wait in libcoap's queue and go
+  // out as earlier ones complete. 1..256 (create()).
+  unsigned max_in_flight = 1;
 };
 
 // CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
@@ -65,6 +70,9 @@ struct Outcome {
   std::optional<Response> response;
   Failure failure = Failure::None;
   std::string error;  // human readable when !response
+  // From request() to the answer or failure. Longer than ack_timeout means a datagram was
+  // retransmitted (or the server answered late): a congestion signal (RFC 8085 §3.1.3).
+  Millis elapsed{0};
   bool answered() const { return response.has_value(); }
 };
 

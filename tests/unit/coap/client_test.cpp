@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -952,6 +953,43 @@ TEST_F(CoapClientTest, ManyConcurrentRequests) {
   }
 }
 
+// NSTART (RFC 7252 §4.7): with max_in_flight N, libcoap puts exactly N CONs on the wire while
+// none is answered; the rest wait and go out as answers come. 1 stays the default.
+TEST_F(CoapClientTest, MaxInFlightBoundsTheConsOnTheWire) {
+  const auto first_transmissions = [&] {
+    std::set<int> mids;
+    for (const auto& d : relay_->where([](const Datagram& d) { return d.to_server; }))
+      mids.insert(d.mid);
+    return mids.size();
+  };
+  for (const unsigned n : {1u, 4u}) {
+    relay_->log.clear();
+    relay_->drop = true;
+    ClientOptions opts;
+    opts.max_in_flight = n;
+    opts.request_timeout = 10s;
+    client_ = make_client(opts);
+    int calls = 0;
+    for (int i = 0; i < 8; ++i)
+      client_->request(Method::Post, {"piggy"}, std::to_string(i),
+                       [&](const Outcome&) { ++calls; });
+    run_for(300ms);  // well under the first retransmission (ack_timeout 2 s)
+    EXPECT_EQ(first_transmissions(), n);
+    relay_->drop = false;
+    ASSERT_TRUE(run_until([&] { return calls == 8; }, 20s));
+    EXPECT_EQ(first_transmissions(), 8u);
+    client_.reset();
+  }
+}
+
+TEST_F(CoapClientTest, ElapsedIsMeasured) {
+  client_ = make_client();
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "x");
+  ASSERT_TRUE(o.answered());
+  EXPECT_GE(o.elapsed.count(), 0);
+  EXPECT_LT(o.elapsed, 2s);
+}
+
 TEST_F(CoapClientTest, CancelDeliversCanceledFromTheLoop) {
   relay_->drop = true;
   client_ = make_client();
@@ -1218,6 +1256,11 @@ TEST(CoapClientCreate, AnyHostAndBadOptions) {
   ClientOptions tiny_answers;
   tiny_answers.max_response_body = 1023;
   EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, tiny_answers, &error));
+  for (const unsigned n : {0u, 257u}) {
+    ClientOptions window;
+    window.max_in_flight = n;
+    EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, window, &error)) << n;
+  }
   EXPECT_TRUE(Client::create(loop, Endpoint{"::1", 5683}, {}, &error)) << error;
   auto ok = Client::create(loop, Endpoint{"localhost", 5683}, {}, &error);
   EXPECT_TRUE(ok) << error;
