@@ -889,6 +889,12 @@ void Client::cancel_all() {
 
 std::size_t Client::in_flight() const { return impl_->pending.size(); }
 
+void Client::set_max_in_flight(unsigned n) {
+  impl_->options.max_in_flight = std::clamp(n, 1u, 256u);
+  if (impl_->session)
+    coap_session_set_nstart(impl_->session, static_cast<uint16_t>(impl_->options.max_in_flight));
+}
+
 const Endpoint& Client::endpoint() const { return impl_->endpoint; }
 
 std::string code_string(int code) {

@@ -107,6 +107,8 @@ class Client {
   void cancel_all();
   // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
+  // ClientOptions::max_in_flight for the current session and later ones (1..256, clamped).
+  void set_max_in_flight(unsigned n);
   const Endpoint& endpoint() const;
 
  private:
