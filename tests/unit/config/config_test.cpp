@@ -119,6 +119,7 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_EQ(c.delivery.backoff_initial, 2s);
   EXPECT_EQ(c.delivery.backoff_max, 10min);
   EXPECT_EQ(c.delivery.shutdown_timeout, 3s);
+  EXPECT_EQ(c.delivery.max_in_flight, 4u);
   EXPECT_EQ(c.dbus.bus, BusKind::Session);
   EXPECT_EQ(c.logging.level, "debug");
 }
