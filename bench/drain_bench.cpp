@@ -386,6 +386,7 @@ int run_agent(const Args& a) {
   const long anon = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssAnon");
   const long file = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssFile");
   const std::uint64_t requests = server->counter("requests");
+  if (std::getenv("TB_BENCH_STATS")) std::fprintf(stderr, "server: %s", server->ask("stats").c_str());
   if (a.smaps && done) print_smaps("/proc/" + std::to_string(agent) + "/smaps");
   kill(agent, SIGTERM);
   int status = 0;

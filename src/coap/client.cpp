@@ -614,7 +614,6 @@ struct Client::Impl {
     }
     coap_session_set_ack_timeout(session, to_fixed(options.ack_timeout));
     coap_session_set_max_retransmit(session, static_cast<uint16_t>(options.max_retransmit));
-    coap_session_set_nstart(session, static_cast<uint16_t>(options.max_in_flight));
     return true;
   }
 
@@ -717,9 +716,6 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   }
   if (options.max_retransmit < 1 || options.max_retransmit > 20) {
     return fail("max_retransmit must be between 1 and 20");
-  }
-  if (options.max_in_flight < 1 || options.max_in_flight > 256) {
-    return fail("max_in_flight must be between 1 and 256");
   }
   if (options.max_response_body < 1024) {
     return fail("max_response_body must be at least 1 KiB");  // one full block (SZX 6)
@@ -889,10 +885,14 @@ void Client::cancel_all() {
 
 std::size_t Client::in_flight() const { return impl_->pending.size(); }
 
-void Client::set_max_in_flight(unsigned n) {
-  impl_->options.max_in_flight = std::clamp(n, 1u, 256u);
-  if (impl_->session)
-    coap_session_set_nstart(impl_->session, static_cast<uint16_t>(impl_->options.max_in_flight));
+std::unique_ptr<Client> Client::clone(std::string* error) const {
+  auto c = create(impl_->loop, impl_->endpoint, impl_->options, error);
+  if (c && impl_->remote.size > 0) {  // resolved once: no second lookup for the same name
+    c->impl_->remote = impl_->remote;
+    c->impl_->remote_text = impl_->remote_text;
+    c->impl_->fresh_address = true;
+  }
+  return c;
 }
 
 const Endpoint& Client::endpoint() const { return impl_->endpoint; }

@@ -42,11 +42,6 @@ struct ClientOptions {
   // of one exchange (16 with 1024-byte blocks, at most 1024 with 16-byte ones). A larger answer,
   // or a Size2 above it, ends the exchange with Failure::Protocol. At least 1024 (create()).
   std::size_t max_response_body = 16 * 1024;
-  // NSTART (RFC 7252 §4.7): confirmable requests outstanding at once on the session. 1 is the
-  // RFC's default; a caller that raises it must run its own congestion control (RFC 7252 §4.7,
-  // RFC 8085 §3.1), as daemon::Uploader does. Requests beyond it wait in libcoap's queue and go
-  // out as earlier ones complete. 1..256 (create()).
-  unsigned max_in_flight = 1;
 };
 
 // CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
@@ -107,8 +102,13 @@ class Client {
   void cancel_all();
   // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
-  // ClientOptions::max_in_flight for the current session and later ones (1..256, clamped).
-  void set_max_in_flight(unsigned n);
+  // Another client to the same server with the same options, and the address this one resolved
+  // (if any): its own socket, session and libcoap context. Several exchanges in flight at once
+  // each take one (daemon::Uploader), rather than one session with libcoap's NSTART raised:
+  // libcoap 4.3.1 loses a retransmission deadline when a separate response (ThingsBoard's
+  // success framing, §8) ends an exchange while others wait in the same context's send queue,
+  // and the next one is retransmitted at once (docs/coap.md). Null only if create() would be.
+  std::unique_ptr<Client> clone(std::string* error) const;
   const Endpoint& endpoint() const;
 
  private:

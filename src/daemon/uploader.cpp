@@ -58,7 +58,6 @@ void Uploader::start(coap::Client* client, std::string token) {
   backoff_.reset();
   window_ = 1;
   threshold_ = delivery_.max_in_flight;
-  if (client_) client_->set_max_in_flight(delivery_.max_in_flight);
   set_state(DeliveryState::Idle, "");
   send_timer_.arm_in(Millis(0));
 }
@@ -81,21 +80,20 @@ void Uploader::pause() {
   auto flights = std::move(in_flight_);
   in_flight_.clear();
   busy_points_.clear();
+  busy_lanes_.clear();
   alone_in_flight_ = false;
   for (auto& [id, f] : flights) {
     queue_.release(f.batch);
-    if (client_) client_->cancel(f.request);
+    if (f.lane) f.lane->cancel(f.request);
   }
 }
 
 void Uploader::set_client(coap::Client* client) {
   pause();
+  extra_lanes_.clear();  // clones of the old client, maybe of another server
   client_ = client;
   window_ = 1;  // a new path: start low again (RFC 8085 §3.1)
-  if (client_) {
-    client_->set_max_in_flight(delivery_.max_in_flight);
-    send_timer_.arm_in(Millis(0));
-  }
+  if (client_) send_timer_.arm_in(Millis(0));
 }
 
 void Uploader::reconfigure(const config::DeliveryConfig& delivery, double drain_rate) {
@@ -104,7 +102,23 @@ void Uploader::reconfigure(const config::DeliveryConfig& delivery, double drain_
   backoff_.configure(delivery.backoff_initial, delivery.backoff_max);
   window_ = std::min<double>(window_, delivery_.max_in_flight);
   threshold_ = std::min<double>(threshold_, delivery_.max_in_flight);
-  if (client_) client_->set_max_in_flight(delivery_.max_in_flight);
+}
+
+coap::Client* Uploader::free_lane() {
+  const auto busy = [&](coap::Client* c) {
+    return std::find(busy_lanes_.begin(), busy_lanes_.end(), c) != busy_lanes_.end();
+  };
+  if (!busy(client_)) return client_;
+  for (auto& lane : extra_lanes_)
+    if (!busy(lane.get())) return lane.get();
+  std::string err;
+  auto lane = client_->clone(&err);
+  if (!lane) {
+    spdlog::warn("cannot open another CoAP session ({}); sending fewer requests at once", err);
+    return nullptr;
+  }
+  extra_lanes_.push_back(std::move(lane));
+  return extra_lanes_.back().get();
 }
 
 Millis Uploader::rate_delay(std::uint64_t readings) const {
@@ -135,7 +149,12 @@ bool Uploader::send_one() {
   // In single-record mode next_batch(1) still hands out exactly one record.
   telemetry::Batch batch = queue_.next_batch(single_record_mode_ ? 1 : delivery_.max_batch_size);
   if (batch.empty()) {
-    if (in_flight_.empty() && state_ == DeliveryState::Retrying) set_state(DeliveryState::Idle, "");
+    if (in_flight_.empty()) {
+      if (state_ == DeliveryState::Retrying) set_state(DeliveryState::Idle, "");
+      // Drained: the extra sessions (a socket each) go until the next backlog. We may be inside
+      // one of their callbacks; a Client allows that.
+      extra_lanes_.clear();
+    }
     return false;
   }
   InFlight f;
@@ -158,6 +177,12 @@ bool Uploader::send_one() {
       return false;
     }
   }
+  f.lane = free_lane();
+  if (!f.lane) {
+    queue_.release(batch);
+    return false;
+  }
+  busy_lanes_.push_back(f.lane);
   for (const auto p : f.points) ++busy_points_[p];
   f.probe = single_record_mode_;
   f.epoch = congestion_epoch_;
@@ -170,10 +195,10 @@ bool Uploader::send_one() {
   auto& entry = in_flight_.emplace(key, std::move(f)).first->second;
   // request() never calls back from inside it, so the entry is complete before any outcome.
   entry.request =
-      client_->request(coap::Method::Post, {"api", "v1", token_, "telemetry"}, std::move(payload),
-                       [this, generation, key](const coap::Outcome& o) {
-                         if (generation == generation_) on_outcome(key, o);
-                       });
+      entry.lane->request(coap::Method::Post, {"api", "v1", token_, "telemetry"},
+                          std::move(payload), [this, generation, key](const coap::Outcome& o) {
+                            if (generation == generation_) on_outcome(key, o);
+                          });
   return true;
 }
 
@@ -183,6 +208,8 @@ void Uploader::forget(const InFlight& f) {
     if (it != busy_points_.end() && --it->second == 0) busy_points_.erase(it);
   }
   if (f.alone) alone_in_flight_ = false;
+  if (auto it = std::find(busy_lanes_.begin(), busy_lanes_.end(), f.lane); it != busy_lanes_.end())
+    busy_lanes_.erase(it);
 }
 
 bool Uploader::congestion(std::uint64_t epoch, bool to_one) {

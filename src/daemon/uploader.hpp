@@ -19,11 +19,15 @@
 // not once per request that was already in flight. Two batches in flight never share a
 // (ts, key) point (telemetry::point_hashes), so whatever order they land in, ThingsBoard stores
 // the same thing; a Block1 batch goes alone (the server tracks Block1 per peer and URI).
+// Each request in flight has a lane of its own: the client it was given, or a clone of it (one
+// CoAP exchange per session, NSTART 1 each; see coap::Client::clone for why), made as the window
+// grows and dropped once the queue is drained.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -86,6 +90,7 @@ class Uploader {
     std::uint64_t epoch = 0;            // congestion_epoch_ when it was sent
     bool probe = false;                 // one record of a batch refused with 4.00
     bool alone = false;                 // Block1: nothing else in flight meanwhile
+    coap::Client* lane = nullptr;
     coap::RequestId request = 0;
   };
 
@@ -100,6 +105,8 @@ class Uploader {
   // A congestion signal for a request sent in `epoch`: shrink the window once per epoch.
   bool congestion(std::uint64_t epoch, bool to_one);
   void forget(const InFlight& f);
+  // A client with nothing of ours in flight, cloned if need be; null if none can be had.
+  coap::Client* free_lane();
   unsigned window_limit() const;
   void settle_suspect();
   // `log`: false where the caller logs once per episode itself (an ack failure).
@@ -119,6 +126,8 @@ class Uploader {
   std::uint64_t next_key_ = 0;
   std::unordered_map<std::uint64_t, unsigned> busy_points_;  // points of in_flight_, counted
   bool alone_in_flight_ = false;
+  std::vector<std::unique_ptr<coap::Client>> extra_lanes_;  // clones of client_
+  std::vector<coap::Client*> busy_lanes_;
   // Congestion window (see the top of this file). An epoch ends at every reduction: requests
   // sent before it cannot shrink the window again, nor restart a backoff already running.
   double window_ = 1;

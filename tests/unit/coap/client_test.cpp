@@ -953,33 +953,44 @@ TEST_F(CoapClientTest, ManyConcurrentRequests) {
   }
 }
 
-// NSTART (RFC 7252 §4.7): with max_in_flight N, libcoap puts exactly N CONs on the wire while
-// none is answered; the rest wait and go out as answers come. 1 stays the default.
-TEST_F(CoapClientTest, MaxInFlightBoundsTheConsOnTheWire) {
-  const auto first_transmissions = [&] {
-    std::set<int> mids;
-    for (const auto& d : relay_->where([](const Datagram& d) { return d.to_server; }))
-      mids.insert(d.mid);
-    return mids.size();
-  };
-  for (const unsigned n : {1u, 4u}) {
-    relay_->log.clear();
-    relay_->drop = true;
-    ClientOptions opts;
-    opts.max_in_flight = n;
-    opts.request_timeout = 10s;
-    client_ = make_client(opts);
-    int calls = 0;
-    for (int i = 0; i < 8; ++i)
-      client_->request(Method::Post, {"piggy"}, std::to_string(i),
-                       [&](const Outcome&) { ++calls; });
-    run_for(300ms);  // well under the first retransmission (ack_timeout 2 s)
-    EXPECT_EQ(first_transmissions(), n);
-    relay_->drop = false;
-    ASSERT_TRUE(run_until([&] { return calls == 8; }, 20s));
-    EXPECT_EQ(first_transmissions(), 8u);
-    client_.reset();
+// Several exchanges in flight, one per clone (daemon::Uploader's lanes), answered the way
+// ThingsBoard answers success (a CON without an ACK first, §8): no CON is ever sent twice. With
+// NSTART raised on one session, libcoap 4.3.1 retransmitted some at once (docs/coap.md).
+TEST_F(CoapClientTest, ClonesCarryExchangesInParallelWithoutSpuriousRetransmissions) {
+  // Straight to the server: the relay answers only the last client it heard from.
+  client_ = make_client({}, server_port_);
+  std::vector<std::unique_ptr<Client>> lanes;
+  std::string error;
+  for (int i = 0; i < 7; ++i) {
+    lanes.push_back(client_->clone(&error));
+    ASSERT_TRUE(lanes.back()) << error;
   }
+  lanes.push_back(std::move(client_));
+  int calls = 0, created = 0, sent = 0;
+  std::function<void(Client&)> next = [&](Client& lane) {
+    if (sent >= 200) return;
+    ++sent;
+    lane.request(Method::Post, {"con_noack"}, std::to_string(sent), [&](const Outcome& o) {
+      ++calls;
+      if (o.answered() && o.response->code == 201) ++created;
+      next(lane);
+    });
+  };
+  for (auto& lane : lanes) next(*lane);
+  std::size_t most = 0;
+  ASSERT_TRUE(run_until(
+      [&] {
+        std::size_t now = 0;
+        for (auto& lane : lanes) now += lane->in_flight();
+        most = std::max(most, now);
+        return calls == 200;
+      },
+      20s));
+  EXPECT_EQ(created, 200);
+  EXPECT_EQ(most, 8u);
+  // libcoap's server does not deduplicate (docs/test-server.md): one call per CON received.
+  EXPECT_EQ(server_->handled, 200) << "a CON went out more than once";
+  lanes.clear();
 }
 
 TEST_F(CoapClientTest, ElapsedIsMeasured) {
@@ -1256,11 +1267,6 @@ TEST(CoapClientCreate, AnyHostAndBadOptions) {
   ClientOptions tiny_answers;
   tiny_answers.max_response_body = 1023;
   EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, tiny_answers, &error));
-  for (const unsigned n : {0u, 257u}) {
-    ClientOptions window;
-    window.max_in_flight = n;
-    EXPECT_FALSE(Client::create(loop, Endpoint{"127.0.0.1", 5683}, window, &error)) << n;
-  }
   EXPECT_TRUE(Client::create(loop, Endpoint{"::1", 5683}, {}, &error)) << error;
   auto ok = Client::create(loop, Endpoint{"localhost", 5683}, {}, &error);
   EXPECT_TRUE(ok) << error;

@@ -214,6 +214,8 @@ TEST_F(UploaderTest, BatchesSharingAPointAreNeverInFlightTogether) {
   EXPECT_GE(max_in_flight_seen_, 3u) << "never more than one request in flight";
 
   const auto requests = stored();
+  for (const auto& r : server_->records())
+    EXPECT_NE(r.value("code", json()), "duplicate") << "a request was retransmitted: " << r.dump();
   std::map<Point, std::vector<std::size_t>> carriers;  // point -> requests that carried it
   std::map<Point, std::int64_t> last_value;            // in arrival order: what TB keeps
   std::size_t points = 0;
