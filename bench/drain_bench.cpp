@@ -160,6 +160,22 @@ struct Server {
                                    : std::strtoull(stats.c_str() + at + field.size(), nullptr, 10);
   }
   std::uint64_t points() { return counter("points"); }
+  // CPU seconds the server has used so far (utime + stime of /proc/PID/stat).
+  double cpu_seconds() const {
+    FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    if (!f) return -1;
+    char buf[1024] = {};
+    const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    const char* p = std::strrchr(buf, ')');
+    if (!p || n == 0) return -1;
+    unsigned long ut = 0, st = 0;
+    // Fields after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime stime.
+    if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+      return -1;
+    return static_cast<double>(ut + st) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
   pid_t proxy_pid = -1;
   std::uint16_t target_port = 0;  // the proxy's when there is one, else the server's
   void stop() {
@@ -386,7 +402,9 @@ int run_agent(const Args& a) {
   const long anon = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssAnon");
   const long file = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssFile");
   const std::uint64_t requests = server->counter("requests");
-  if (std::getenv("TB_BENCH_STATS")) std::fprintf(stderr, "server: %s", server->ask("stats").c_str());
+  const double server_cpu = server->cpu_seconds();
+  if (std::getenv("TB_BENCH_STATS"))
+    std::fprintf(stderr, "server: %s", server->ask("stats").c_str());
   if (a.smaps && done) print_smaps("/proc/" + std::to_string(agent) + "/smaps");
   kill(agent, SIGTERM);
   int status = 0;
@@ -404,9 +422,10 @@ int run_agent(const Args& a) {
     std::fprintf(stderr, "agent: did not deliver the backlog (exit status %d)\n", status);
     return 1;
   }
-  std::printf("agent: %llu requests of <= %llu bytes (max %u in flight)\n",
-              static_cast<unsigned long long>(requests), static_cast<unsigned long long>(a.batch),
-              a.max_in_flight);
+  std::printf(
+      "agent: %llu requests of <= %llu bytes (max %u in flight); the server used %.2f CPU s\n",
+      static_cast<unsigned long long>(requests), static_cast<unsigned long long>(a.batch),
+      a.max_in_flight, server_cpu);
   std::printf("agent: %s, D-Bus status %s, exit status %d after SIGTERM\n", a.agent.c_str(),
               bus.empty() ? "off (no dbus-daemon)" : "on a private bus",
               WIFEXITED(status) ? WEXITSTATUS(status) : -1);

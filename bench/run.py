@@ -3,7 +3,7 @@
 
 Every alternative runs in the same run against the same sink (tb-test-server in its recording
 mode with --record /dev/null), several times; the table shows medians and the spread. Prints a
-markdown table, writes bench-results/results.json and PNG plots (with python3-matplotlib).
+markdown table, writes bench-results/results.{markdown,json} and PNG plots (with python3-matplotlib).
 
     bench/run.py --build build-bench [--runs 3] [--quick] [--only throughput,distance,...]
 
@@ -169,12 +169,14 @@ def drain(build, args, extra=()):
     m = re.search(r"agent: (\d+) readings in ([\d.]+) s wall = (\d+) readings/s, ([\d.]+) CPU s, "
                   r"peak RSS ([\d.]+) MiB", r.stdout)
     q = re.search(r"agent: (\d+) requests", r.stdout)
+    sc = re.search(r"the server used ([\d.]+) CPU s", r.stdout)
     if r.returncode != 0 or not m:
         print(f"  drain {' '.join(extra)} failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
         return None
     wall = float(m.group(2))
     return {"readings_s": float(m.group(3)), "requests_s": int(q.group(1)) / wall if q else None,
-            "cpu_s": float(m.group(4)), "rss_mib": float(m.group(5)), "wall_s": wall}
+            "cpu_s": float(m.group(4)), "rss_mib": float(m.group(5)), "wall_s": wall,
+            "server_cpu_s": float(sc.group(1)) if sc else None}
 
 
 def client_run(cmd, timeout=600):
@@ -223,13 +225,13 @@ def distance(build, args, work, results):
         print("  no tests/tools/udp_proxy.py: distance skipped", file=sys.stderr)
         return
     res = {}
-    for name, rtt, loss in (("20ms", 10, 0), ("100ms", 50, 0), ("20ms+1%", 10, 1),
+    for name, rtt, loss in (("proxy alone, no delay", 0, 0), ("20ms", 10, 0), ("100ms", 50, 0), ("20ms+1%", 10, 1),
                             ("100ms+1%", 50, 1)):
         pargs = f"--delay {rtt} --loss {loss} --seed 1"
         n = args.distance_readings
         res[name] = [drain(build, args, ["--readings", str(n), "--proxy", pargs])
                      for _ in range(args.runs)]
-        if loss == 0:
+        if loss == 0 and rtt > 0:
             res[name + " (1 in flight)"] = [
                 drain(build, args, ["--readings", str(max(n // 20, 1000)), "--proxy", pargs,
                                     "--max-in-flight", "1"])]
@@ -437,15 +439,17 @@ def report(results, machine):
                 f"(a) is {fmt(am / cm if am and cm else None)}× |",
                 f"| (d) minimal libcoap client, back-to-back CONs | {cell(d)} | {cell(d)} | "
                 f"(a)'s requests/s are {fmt(100 * aq / dm if aq and dm else None)} % |", "",
-                f"CPU s of the agent's drain: {cell(col(t['a'], 'cpu_s'), '', 2)}; peak RSS "
+                f"CPU s of the agent's drain: {cell(col(t['a'], 'cpu_s'), '', 2)} (the sink's: "
+                f"{cell(col(t['a'], 'server_cpu_s'), '', 2)}); peak RSS "
                 f"{cell(col(t['a'], 'rss_mib'), ' MiB', 1)}.", ""]
     dist = results.get("distance")
     if dist:
         out += ["## At a distance (tests/tools/udp_proxy.py)", "",
-                "| round trip, loss | readings/s | requests/s |", "| --- | --- | --- |"]
+                "| round trip, loss | readings/s | requests/s | agent CPU s |",
+                "| --- | --- | --- | --- |"]
         for k, runs in dist.items():
             out.append(f"| {k} | {cell(col(runs, 'readings_s'))} | "
-                       f"{cell(col(runs, 'requests_s'))} |")
+                       f"{cell(col(runs, 'requests_s'))} | {cell(col(runs, 'cpu_s'), '', 2)} |")
         out.append("")
     f = results.get("footprint")
     if f:
@@ -590,7 +594,7 @@ def main():
             sections[name](build, args, work, results)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     text = report(results, machine)
-    (out / "results.md").write_text(text + "\n")
+    (out / "results.markdown").write_text(text + "\n")
     plots(results, out)
     print(text)
 

@@ -2,7 +2,7 @@
 # The comparison bench (issue 13, docs/performance.md): builds tb-agent in Release, installs what
 # the bench alone needs (collectd-core to compare with, python3-matplotlib for the plots; CI
 # installs neither), then runs bench/run.py. Prints a markdown table; writes
-# bench-results/results.{md,json} and bench-results/*.png.
+# bench-results/results.markdown, results.json and *.png.
 #   scripts/bench.sh [--quick] [--runs N] [--only throughput,distance,footprint,idle,ready,size,scaling]
 set -euo pipefail
 cd "$(dirname "$0")/.."
