@@ -332,9 +332,10 @@ void Uploader::on_delivered(InFlight f, const coap::Outcome& outcome) {
   if (callbacks_.delivered) callbacks_.delivered(f.batch.readings);
   if (outcome.elapsed >= kSlowExchange) {
     congestion(f.epoch, false);
-  } else if (f.epoch == congestion_epoch_) {
+  } else if (f.epoch == congestion_epoch_ && in_flight_.size() + 1 >= window_limit()) {
     // Slow start below the threshold (+1 per answer: doubles per round trip), then +1 per
-    // window of answers (RFC 8085 §3.1: grow on success).
+    // window of answers (RFC 8085 §3.1: grow on success) — only while the window is used, so a
+    // trickle of readings does not earn a window it never tried (RFC 7661).
     window_ += window_ < threshold_ ? 1.0 : 1.0 / window_;
     window_ = std::min<double>(window_, delivery_.max_in_flight);
   }

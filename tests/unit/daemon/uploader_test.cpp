@@ -288,6 +288,21 @@ TEST_F(UploaderTest, WindowHalvesOn500AndFallsToOneOnTimeout) {
   EXPECT_EQ(values.size(), static_cast<std::size_t>(kRecords)) << "a reading was lost";
 }
 
+// A window is earned by using it (RFC 7661): readings that come one at a time, each delivered
+// before the next, use a window of one request and so grow it to two, never further; a backlog
+// after a quiet spell starts low.
+TEST_F(UploaderTest, ATrickleOfReadingsDoesNotGrowTheWindow) {
+  make_uploader(16);
+  uploader_->start(client_.get(), "TOKEN");
+  for (int i = 0; i < 20; ++i) {
+    push(1700000000000 + i, {{"v", std::int64_t{i}}});
+    uploader_->flush_now();
+    ASSERT_TRUE(run_until([&] { return queue_->queued_readings() == 0; }, 10s)) << i;
+  }
+  EXPECT_EQ(deliveries_, 20u);
+  EXPECT_LE(uploader_->window(), 2.0);
+}
+
 // max_in_flight 1 is the RFC's NSTART 1: one request at a time, whatever happens.
 TEST_F(UploaderTest, MaxInFlightOneIsOneAtATime) {
   for (int i = 0; i < 2000; ++i) push(1700000000000 + i, {{"v", std::int64_t{i}}});
