@@ -15,7 +15,8 @@
 //                  [--proxy 'UDP_PROXY_ARGS']
 //
 // --proxy puts tests/tools/udp_proxy.py between the drain and the server, with those arguments
-// (e.g. '--delay 10 --loss 1': 20 ms round trip, 1 % loss each way).
+// (e.g. '--delay 10 --loss 1': 20 ms round trip, 1 % loss each way). TB_BENCH_STATS=1 prints the
+// server's counters after the agent run (duplicates show retransmissions).
 //
 // Backlogs are written by a forked child, so the figures printed are the drain's alone.
 #include <signal.h>
