@@ -11,7 +11,12 @@
 // where its resident memory is, per mapped file.
 //
 //   tb-bench-drain [--readings N] [--per-record K] [--batch BYTES] [--server PATH]
-//                  [--agent PATH] [--only library|agent] [--smaps]
+//                  [--agent PATH] [--only library|agent] [--smaps] [--max-in-flight N]
+//                  [--proxy 'UDP_PROXY_ARGS']
+//
+// --proxy puts tests/tools/udp_proxy.py between the drain and the server, with those arguments
+// (e.g. '--delay 10 --loss 1': 20 ms round trip, 1 % loss each way). TB_BENCH_STATS=1 prints the
+// server's counters after the agent run (duplicates show retransmissions).
 //
 // Backlogs are written by a forked child, so the figures printed are the drain's alone.
 #include <signal.h>
@@ -49,6 +54,9 @@ struct Args {
   std::string server = TB_TEST_SERVER_PATH;
   std::string agent = TB_AGENT_PATH;
   bool smaps = false;
+  unsigned max_in_flight = config::DeliveryConfig{}.max_in_flight;
+  std::string proxy_args;  // empty: no proxy
+  std::string proxy = TB_UDP_PROXY_PATH;
 };
 
 double cpu_seconds() {
@@ -145,12 +153,38 @@ struct Server {
     if (!std::fgets(line, sizeof line, replies)) return {};
     return line;
   }
-  std::uint64_t points() {
+  std::uint64_t counter(const char* name) {
     const std::string stats = ask("stats");
-    const auto at = stats.find("\"points\":");
-    return at == std::string::npos ? 0 : std::strtoull(stats.c_str() + at + 9, nullptr, 10);
+    const std::string field = std::string("\"") + name + "\":";
+    const auto at = stats.find(field);
+    return at == std::string::npos ? 0
+                                   : std::strtoull(stats.c_str() + at + field.size(), nullptr, 10);
   }
+  std::uint64_t points() { return counter("points"); }
+  // CPU seconds the server has used so far (utime + stime of /proc/PID/stat).
+  double cpu_seconds() const {
+    FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    if (!f) return -1;
+    char buf[1024] = {};
+    const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    const char* p = std::strrchr(buf, ')');
+    if (!p || n == 0) return -1;
+    unsigned long ut = 0, st = 0;
+    // Fields after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime stime.
+    if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+      return -1;
+    return static_cast<double>(ut + st) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  pid_t proxy_pid = -1;
+  std::uint16_t target_port = 0;  // the proxy's when there is one, else the server's
   void stop() {
+    if (proxy_pid > 0) {
+      kill(proxy_pid, SIGTERM);
+      waitpid(proxy_pid, nullptr, 0);
+      proxy_pid = -1;
+    }
     if (pid <= 0) return;
     kill(pid, SIGTERM);
     waitpid(pid, nullptr, 0);
@@ -188,6 +222,32 @@ std::optional<Server> start_server(const Args& a, const fs::path& dir) {
   }
   const char* p = std::strrchr(line, ' ');
   s.port = static_cast<std::uint16_t>(std::atoi(p ? p + 1 : line));
+  s.target_port = s.port;
+  if (!a.proxy_args.empty()) {
+    int pout[2];
+    if (pipe(pout) != 0) return std::nullopt;
+    s.proxy_pid = fork();
+    if (s.proxy_pid == 0) {
+      dup2(pout[1], 1);
+      close(pout[0]);
+      const std::string cmd =
+          "exec python3 " + a.proxy +
+          " --listen 127.0.0.1:0 --upstream 127.0.0.1:" + std::to_string(s.port) + " " +
+          a.proxy_args;
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    close(pout[1]);
+    FILE* f = fdopen(pout[0], "r");
+    char pl[256] = {};
+    if (!f || !std::fgets(pl, sizeof pl, f)) {
+      std::fprintf(stderr, "proxy did not start (%s)\n", a.proxy.c_str());
+      return std::nullopt;
+    }
+    std::fclose(f);
+    const char* colon = std::strrchr(pl, ':');
+    s.target_port = static_cast<std::uint16_t>(std::atoi(colon ? colon + 1 : pl));
+  }
   return s;
 }
 
@@ -221,7 +281,7 @@ int run_library(const Args& a) {
   config::QueueConfig qc;
   qc.max_size = 1ull << 30;
   auto queue = telemetry::Queue::open(dir, qc, &warn, &err);
-  auto client = coap::Client::create(loop, {"127.0.0.1", server->port}, {}, &err);
+  auto client = coap::Client::create(loop, {"127.0.0.1", server->target_port}, {}, &err);
   if (!queue || !client) {
     std::fprintf(stderr, "setup: %s\n", err.c_str());
     return 1;
@@ -229,6 +289,7 @@ int run_library(const Args& a) {
   const std::uint64_t backlog = queue->queued_readings();
   config::DeliveryConfig dc;
   dc.max_batch_size = a.batch;
+  dc.max_in_flight = a.max_in_flight;
   std::uint64_t requests = 0;
   daemon::Uploader::Callbacks cb;
   cb.delivered = [&](std::uint64_t) {
@@ -306,13 +367,14 @@ int run_agent(const Args& a) {
     std::ofstream value(dir / "value");
     value << "21.5\n";
     std::ofstream cfg(dir / "agent.yaml");
-    cfg << "server:\n  host: 127.0.0.1\n  port: " << server->port << "\n"
+    cfg << "server:\n  host: 127.0.0.1\n  port: " << server->target_port << "\n"
         << "device:\n  name: bench\n"
         << "state_dir: " << dir.string() << "\n"
         << "sources:\n  - name: room\n    type: file\n    path: " << (dir / "value").string()
         << "\n    key: temperature\n    interval: 1s\n"
         << "queue:\n  max_size: 1GiB\n"
-        << "delivery:\n  max_batch_size: " << a.batch << "\n"
+        << "delivery:\n  max_batch_size: " << a.batch << "\n  max_in_flight: " << a.max_in_flight
+        << "\n"
         << "dbus:\n  bus: " << (bus.empty() ? "none" : "session") << "\n"
         << "logging:\n  level: warning\n";
   }
@@ -340,6 +402,10 @@ int run_agent(const Args& a) {
   const long hwm = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "VmHWM");
   const long anon = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssAnon");
   const long file = proc_kib(("/proc/" + std::to_string(agent) + "/status").c_str(), "RssFile");
+  const std::uint64_t requests = server->counter("requests");
+  const double server_cpu = server->cpu_seconds();
+  if (std::getenv("TB_BENCH_STATS"))
+    std::fprintf(stderr, "server: %s", server->ask("stats").c_str());
   if (a.smaps && done) print_smaps("/proc/" + std::to_string(agent) + "/smaps");
   kill(agent, SIGTERM);
   int status = 0;
@@ -357,6 +423,10 @@ int run_agent(const Args& a) {
     std::fprintf(stderr, "agent: did not deliver the backlog (exit status %d)\n", status);
     return 1;
   }
+  std::printf(
+      "agent: %llu requests of <= %llu bytes (max %u in flight); the server used %.2f CPU s\n",
+      static_cast<unsigned long long>(requests), static_cast<unsigned long long>(a.batch),
+      a.max_in_flight, server_cpu);
   std::printf("agent: %s, D-Bus status %s, exit status %d after SIGTERM\n", a.agent.c_str(),
               bus.empty() ? "off (no dbus-daemon)" : "on a private bus",
               WIFEXITED(status) ? WEXITSTATUS(status) : -1);
@@ -392,6 +462,10 @@ int main(int argc, char** argv) {
       a.agent = v;
     else if (k == "--only")
       only = v;
+    else if (k == "--max-in-flight")
+      a.max_in_flight = static_cast<unsigned>(std::atoi(v));
+    else if (k == "--proxy")
+      a.proxy_args = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;

@@ -175,6 +175,7 @@ struct Client::Impl {
     sd_event_source* timeout = nullptr;
     std::string log_path;
     std::string body;  // Block2 blocks received so far (RFC 7959 §2.4), at most max_response_body
+    uint64_t started_us = 0;  // CLOCK_MONOTONIC, for Outcome::elapsed
   };
   struct Ready {
     Callback callback;
@@ -363,6 +364,10 @@ struct Client::Impl {
       spdlog::debug("coap: {} failed: {}", p.log_path, outcome.error);
     }
     if (destroying) return;
+    uint64_t now_us = 0;
+    sd_event_now(loop, CLOCK_MONOTONIC, &now_us);
+    outcome.elapsed = std::chrono::duration_cast<Millis>(
+        std::chrono::microseconds(now_us > p.started_us ? now_us - p.started_us : 0));
     ready.push_back(Ready{std::move(p.callback), std::move(outcome)});
     sd_event_source_set_enabled(dispatcher, SD_EVENT_ONESHOT);
   }
@@ -797,6 +802,7 @@ RequestId Client::request(Method method, const std::vector<std::string>& path, s
   const auto timeout_us = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::microseconds>(im.options.request_timeout).count());
   const RequestId id = p.id;
+  p.started_us = now;
   const int r = sd_event_add_time(im.loop, &p.timeout, CLOCK_MONOTONIC, now + timeout_us, 10000,
                                   &Impl::on_request_timeout, &im);
   if (r < 0) {
@@ -900,6 +906,16 @@ void Client::cancel_all() {
 }
 
 std::size_t Client::in_flight() const { return impl_->pending.size(); }
+
+std::unique_ptr<Client> Client::clone(std::string* error) const {
+  auto c = create(impl_->loop, impl_->endpoint, impl_->options, error);
+  if (c && impl_->remote.size > 0) {  // resolved once: no second lookup for the same name
+    c->impl_->remote = impl_->remote;
+    c->impl_->remote_text = impl_->remote_text;
+    c->impl_->fresh_address = true;
+  }
+  return c;
+}
 
 const Endpoint& Client::endpoint() const { return impl_->endpoint; }
 

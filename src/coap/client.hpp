@@ -65,6 +65,9 @@ struct Outcome {
   std::optional<Response> response;
   Failure failure = Failure::None;
   std::string error;  // human readable when !response
+  // From request() to the answer or failure. Longer than ack_timeout means a datagram was
+  // retransmitted (or the server answered late): a congestion signal (RFC 8085 §3.1.3).
+  Millis elapsed{0};
   bool answered() const { return response.has_value(); }
 };
 
@@ -104,6 +107,13 @@ class Client {
   void refresh_address();
   // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
+  // Another client to the same server with the same options, and the address this one resolved
+  // (if any): its own socket, session and libcoap context. Several exchanges in flight at once
+  // each take one (daemon::Uploader), rather than one session with libcoap's NSTART raised:
+  // libcoap 4.3.1 loses a retransmission deadline when a separate response (ThingsBoard's
+  // success framing, §8) ends an exchange while others wait in the same context's send queue,
+  // and the next one is retransmitted at once (docs/coap.md). Null only if create() would be.
+  std::unique_ptr<Client> clone(std::string* error) const;
   const Endpoint& endpoint() const;
 
  private:

@@ -542,6 +542,7 @@ const Table<DeliveryConfig> kDelivery = {
     {"backoff_initial", Optional, duration(&DeliveryConfig::backoff_initial, 100ms, 1h)},
     {"backoff_max", Optional, duration(&DeliveryConfig::backoff_max, 100ms, 24h)},
     {"shutdown_timeout", Optional, duration(&DeliveryConfig::shutdown_timeout, 0ms, 10min)},
+    {"max_in_flight", Optional, integer(&DeliveryConfig::max_in_flight, 1, 256)},
 };
 
 // True when `name` was given but its value was already reported.

@@ -194,6 +194,9 @@ struct DeliveryConfig {
   Millis backoff_initial = 1s;   // first retry ceiling
   Millis backoff_max = 5min;     // retry ceiling cap
   Millis shutdown_timeout = 5s;  // last flush on SIGTERM
+  // Requests in flight at most while draining (RFC 7252 §4.7 NSTART). The uploader starts at 1
+  // and grows on success, halves on loss and 5.00 (RFC 8085 §3.1); 1 = one at a time.
+  unsigned max_in_flight = 32;
 };
 
 enum class BusKind { System, Session, None };

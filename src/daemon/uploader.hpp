@@ -1,4 +1,5 @@
-// Moves telemetry from the durable queue to ThingsBoard, one batch at a time.
+// Moves telemetry from the durable queue to ThingsBoard: several batches in flight at once, as
+// many as a congestion window allows (docs/performance.md, "Several requests in flight").
 //
 // Every delivery ends in one of four results (Fluent Bit's ok/retry/drop, plus unauthorized):
 //   ok           2.xx              ack the batch, go on at once
@@ -9,11 +10,27 @@
 //                                  server refuses is dropped; if single records keep being refused
 //                                  the server rejects everything and we keep the data and retry
 //   unauthorized 4.01              stop sending, keep every reading, say so; probe again rarely
+//
+// The window (RFC 7252 §4.7 NSTART, RFC 8085 §3.1): it starts at 1, grows by one per success up
+// to the halved value of the last reduction (slow start), then by one per window of successes,
+// up to delivery.max_in_flight. A 5.00 or another retryable failure halves it, a timeout or a
+// network error sets it to 1, and an answer that took longer than the RFC's ACK_TIMEOUT (a
+// retransmission, or a server that answers late) halves it too — once per window of requests,
+// not once per request that was already in flight. Two batches in flight never share a
+// (ts, key) point (telemetry::point_hashes), so whatever order they land in, ThingsBoard stores
+// the same thing; a Block1 batch goes alone (the server tracks Block1 per peer and URI).
+// Each request in flight has a lane of its own: the client it was given, or a clone of it (one
+// CoAP exchange per session, NSTART 1 each; see coap::Client::clone for why), made as the window
+// grows and dropped once the queue is drained.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <memory>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "coap/client.hpp"
 #include "config/config.hpp"
@@ -60,13 +77,37 @@ class Uploader {
   void reconfigure(const config::DeliveryConfig& delivery, double drain_rate);
 
   bool started() const { return client_ != nullptr; }
-  bool busy() const { return in_flight_ != 0; }
+  bool busy() const { return !in_flight_.empty(); }
   DeliveryState state() const { return state_; }
+  // Requests in flight now, and the window they may fill (for tests and the bench).
+  std::size_t in_flight() const { return in_flight_.size(); }
+  double window() const { return window_; }
 
  private:
+  struct InFlight {
+    telemetry::Batch batch;
+    std::vector<std::uint64_t> points;  // telemetry::point_hashes of the payload
+    std::uint64_t epoch = 0;            // congestion_epoch_ when it was sent
+    bool probe = false;                 // one record of a batch refused with 4.00
+    bool alone = false;                 // Block1: nothing else in flight meanwhile
+    coap::Client* lane = nullptr;
+    coap::RequestId request = 0;
+  };
+
   void send_next();
-  void on_outcome(const coap::Outcome& outcome);
+  // Takes the next batch; false when nothing can be sent now (empty, conflicting, alone).
+  bool send_one();
+  void on_outcome(std::uint64_t key, const coap::Outcome& outcome);
+  void on_delivered(InFlight f, const coap::Outcome& outcome);
   void retry(const std::string& why);
+  // A retryable failure of a request sent in `epoch`: shrink the window and back off, once.
+  void fail(std::uint64_t epoch, bool to_one, const std::string& why);
+  // A congestion signal for a request sent in `epoch`: shrink the window once per epoch.
+  bool congestion(std::uint64_t epoch, bool to_one);
+  void forget(const InFlight& f);
+  // A client with nothing of ours in flight, cloned if need be; null if none can be had.
+  coap::Client* free_lane();
+  unsigned window_limit() const;
   void settle_suspect();
   // `log`: false where the caller logs once per episode itself (an ack failure).
   void set_state(DeliveryState s, const std::string& error, Millis retry_in = Millis(0),
@@ -81,8 +122,17 @@ class Uploader {
   std::string token_;
   Backoff backoff_;
   Timer send_timer_;
-  telemetry::Batch batch_;
-  coap::RequestId in_flight_ = 0;
+  std::map<std::uint64_t, InFlight> in_flight_;  // by our own key, in sending order
+  std::uint64_t next_key_ = 0;
+  std::unordered_map<std::uint64_t, unsigned> busy_points_;  // points of in_flight_, counted
+  bool alone_in_flight_ = false;
+  std::vector<std::unique_ptr<coap::Client>> extra_lanes_;  // clones of client_
+  std::vector<coap::Client*> busy_lanes_;
+  // Congestion window (see the top of this file). An epoch ends at every reduction: requests
+  // sent before it cannot shrink the window again, nor restart a backoff already running.
+  double window_ = 1;
+  double threshold_ = 0;  // slow start below it
+  std::uint64_t congestion_epoch_ = 0;
   DeliveryState state_ = DeliveryState::Idle;
   std::string last_error_;
   // 4.00 handling: after a multi-record batch is refused we send one record at a time until a

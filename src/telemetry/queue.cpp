@@ -98,6 +98,8 @@ class SqliteQueue final : public Queue {
     sqlite3_reset(s);
     sqlite3_clear_bindings(s);
     if (rc != SQLITE_DONE) return fail(rc, "cannot store readings in", error);
+    // SQLite may reuse the id of a deleted last row: the scan must see it.
+    scan_from_ = std::min<std::int64_t>(scan_from_, sqlite3_last_insert_rowid(db_));
     queued_records_ += 1;
     queued_readings_ += n;
     stored_bytes_ += static_cast<std::uint64_t>(bytes);
@@ -109,12 +111,18 @@ class SqliteQueue final : public Queue {
   Batch next_batch(std::uint64_t max_bytes) override {
     Batch b;
     if (!ready(nullptr)) return b;
-    sqlite3_stmt* s = limits_.order == config::DrainOrder::NewestFirst ? newest_ : oldest_;
+    const bool oldest = limits_.order != config::DrainOrder::NewestFirst;
+    sqlite3_stmt* s = oldest ? oldest_ : newest_;
+    // Oldest first, the scan starts past the records in flight at the head of the queue: with
+    // many batches out at once (delivery.max_in_flight) stepping over them was most of the cost.
+    if (oldest) sqlite3_bind_int64(s, 1, scan_from_);
     b.payload = "[";
     int rc;
+    std::int64_t next_free = -1;  // the first record neither in flight nor taken, if any
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
       const std::int64_t id = sqlite3_column_int64(s, 0);
       if (in_flight_.count(id)) continue;
+      next_free = id;
       const std::int64_t ts = sqlite3_column_int64(s, 1);
       if (ts < hold_before_) continue;  // stamped while the clock was not set: held
       const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(s, 2));
@@ -123,6 +131,7 @@ class SqliteQueue final : public Queue {
       // +1 for the closing bracket. The first record goes in whatever its size: a record that
       // never fits must still leave (as Block1, or dropped on 4.00), not block the queue.
       if (!b.ids.empty() && b.payload.size() + add + 1 > max_bytes) break;
+      next_free = -1;
       if (!b.ids.empty()) b.payload += ',';
       append_record(b.payload, ts, std::string_view(text ? text : "", len));
       b.ids.push_back(id);
@@ -132,6 +141,14 @@ class SqliteQueue final : public Queue {
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
       std::string ignored;
       fail(rc, "cannot read", &ignored);
+      return Batch{};
+    }
+    if (oldest) {
+      // Every record before next_free is in flight now (or there is none after the batch).
+      if (next_free >= 0)
+        scan_from_ = next_free;
+      else if (!b.ids.empty())
+        scan_from_ = std::max(scan_from_, b.ids.back() + 1);
     }
     if (b.ids.empty()) return Batch{};
     b.payload += ']';
@@ -142,7 +159,10 @@ class SqliteQueue final : public Queue {
   bool ack(const Batch& batch, std::string* error) override { return remove(batch, false, error); }
 
   void release(const Batch& batch) override {
-    for (const auto id : batch.ids) in_flight_.erase(id);
+    for (const auto id : batch.ids) {
+      in_flight_.erase(id);
+      scan_from_ = std::min(scan_from_, id);
+    }
   }
 
   bool drop(const Batch& batch, std::string* error) override { return remove(batch, true, error); }
@@ -306,7 +326,8 @@ COMMIT;
       const char* sql;
     } const stmts[] = {
         {&insert_, "INSERT INTO records(ts, values_json, readings, bytes) VALUES(?, ?, ?, ?)"},
-        {&oldest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id ASC"},
+        {&oldest_,
+         "SELECT id, ts, values_json, readings FROM records WHERE id >= ? ORDER BY id ASC"},
         {&newest_, "SELECT id, ts, values_json, readings FROM records ORDER BY id DESC"},
         // Not DELETE … RETURNING: SQLite builds an ephemeral table for every RETURNING statement,
         // which was most of the cost of an ack while draining a backlog.
@@ -647,8 +668,11 @@ COMMIT;
       return false;  // set_sync failed and said why
     }
     // Whatever happened, these ids are no longer handed out: on failure they go out again.
-    release(batch);
-    if (rc != SQLITE_DONE) return fail(rc, "cannot remove delivered records from", error);
+    if (rc != SQLITE_DONE) {
+      release(batch);
+      return fail(rc, "cannot remove delivered records from", error);
+    }
+    for (const auto id : batch.ids) in_flight_.erase(id);  // gone: the scan need not look back
     book_removed(records, readings, bytes);
     if (count_as_dropped) dropped_ += readings;
     return true;
@@ -684,6 +708,8 @@ COMMIT;
 
   // In memory only: after a restart every record is available again (at-least-once).
   std::unordered_set<std::int64_t> in_flight_;
+  // Oldest first: every record with a smaller id is in flight (push and release lower it).
+  std::int64_t scan_from_ = std::numeric_limits<std::int64_t>::min();
   std::uint64_t queued_records_ = 0;
   std::uint64_t queued_readings_ = 0;
   std::uint64_t stored_bytes_ = 0;

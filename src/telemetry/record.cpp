@@ -193,4 +193,72 @@ std::string encode_records(const std::vector<Record>& records) {
   return out;
 }
 
+namespace {
+
+// A JSON string at s[i] ('"' … '"'), escapes skipped over; returns the index after it, or npos.
+std::size_t skip_string(std::string_view s, std::size_t i) {
+  if (i >= s.size() || s[i] != '"') return std::string_view::npos;
+  for (++i; i < s.size(); ++i) {
+    if (s[i] == '\\') {
+      ++i;
+    } else if (s[i] == '"') {
+      return i + 1;
+    }
+  }
+  return std::string_view::npos;
+}
+
+std::uint64_t fnv1a(std::string_view bytes, std::uint64_t h = 14695981039346656037ull) {
+  for (const unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+// Reads only what append_record writes: [{"ts":N,"values":{"k":v,...}},...] with flat values
+// (numbers, booleans, strings). A key is hashed in its encoded form, which encode_values makes
+// the same for the same key every time.
+std::optional<std::vector<std::uint64_t>> point_hashes(std::string_view b) {
+  std::vector<std::uint64_t> out;
+  std::size_t i = 0;
+  if (b.empty() || b[i++] != '[') return std::nullopt;
+  if (i < b.size() && b[i] == ']') return i + 1 == b.size() ? std::optional(out) : std::nullopt;
+  while (true) {
+    if (b.substr(i, kTsOpen.size()) != kTsOpen) return std::nullopt;
+    i += kTsOpen.size();
+    std::int64_t ts = 0;
+    const auto [end, ec] = std::from_chars(b.data() + i, b.data() + b.size(), ts);
+    if (ec != std::errc()) return std::nullopt;
+    i = static_cast<std::size_t>(end - b.data());
+    if (b.substr(i, kValues.size()) != kValues) return std::nullopt;
+    i += kValues.size();
+    if (i >= b.size() || b[i++] != '{') return std::nullopt;
+    char ts_bytes[sizeof ts];
+    std::memcpy(ts_bytes, &ts, sizeof ts);
+    const std::uint64_t seed = fnv1a(std::string_view(ts_bytes, sizeof ts_bytes));
+    while (i < b.size() && b[i] != '}') {
+      const std::size_t key_end = skip_string(b, i);
+      if (key_end == std::string_view::npos || key_end >= b.size() || b[key_end] != ':')
+        return std::nullopt;
+      out.push_back(fnv1a(b.substr(i, key_end - i), seed));
+      i = key_end + 1;
+      if (i < b.size() && b[i] == '"') {
+        i = skip_string(b, i);
+        if (i == std::string_view::npos) return std::nullopt;
+      } else {
+        while (i < b.size() && b[i] != ',' && b[i] != '}') ++i;
+      }
+      if (i < b.size() && b[i] == ',') ++i;
+    }
+    if (i + 1 >= b.size() || b[i] != '}' || b[i + 1] != '}') return std::nullopt;
+    i += 2;
+    if (i < b.size() && b[i] == ',') {
+      ++i;
+      continue;
+    }
+    if (i + 1 == b.size() && b[i] == ']') return out;
+    return std::nullopt;
+  }
+}
+
 }  // namespace tb::telemetry

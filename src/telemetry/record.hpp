@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -40,5 +41,11 @@ std::size_t record_size(std::int64_t ts_ms, std::size_t values_json_size);
 std::string encode_record(const Record& record);
 // [{"ts":…,"values":{…}}, …] — what --test prints and what a batch carries.
 std::string encode_records(const std::vector<Record>& records);
+
+// One hash of (ts, key) per reading of a batch payload built by append_record. ThingsBoard
+// stores a point by (device, key, ts) (docs/queue.md), so two batches whose hashes are disjoint
+// cannot overwrite each other's points, whatever order they arrive in; a hash collision only
+// makes them look related. nullopt when the payload is not in that shape.
+std::optional<std::vector<std::uint64_t>> point_hashes(std::string_view batch);
 
 }  // namespace tb::telemetry

@@ -19,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -970,6 +971,54 @@ TEST_F(CoapClientTest, ManyConcurrentRequests) {
     EXPECT_EQ(calls[i], 1) << i;
     EXPECT_EQ(codes[i], expect[i % 4]) << i;
   }
+}
+
+// Several exchanges in flight, one per clone (daemon::Uploader's lanes), answered the way
+// ThingsBoard answers success (a CON without an ACK first, §8): no CON is ever sent twice. With
+// NSTART raised on one session, libcoap 4.3.1 retransmitted some at once (docs/coap.md).
+TEST_F(CoapClientTest, ClonesCarryExchangesInParallelWithoutSpuriousRetransmissions) {
+  // Straight to the server: the relay answers only the last client it heard from.
+  client_ = make_client({}, server_port_);
+  std::vector<std::unique_ptr<Client>> lanes;
+  std::string error;
+  for (int i = 0; i < 7; ++i) {
+    lanes.push_back(client_->clone(&error));
+    ASSERT_TRUE(lanes.back()) << error;
+  }
+  lanes.push_back(std::move(client_));
+  int calls = 0, created = 0, sent = 0;
+  std::function<void(Client&)> next = [&](Client& lane) {
+    if (sent >= 200) return;
+    ++sent;
+    lane.request(Method::Post, {"con_noack"}, std::to_string(sent), [&](const Outcome& o) {
+      ++calls;
+      if (o.answered() && o.response->code == 201) ++created;
+      next(lane);
+    });
+  };
+  for (auto& lane : lanes) next(*lane);
+  std::size_t most = 0;
+  ASSERT_TRUE(run_until(
+      [&] {
+        std::size_t now = 0;
+        for (auto& lane : lanes) now += lane->in_flight();
+        most = std::max(most, now);
+        return calls == 200;
+      },
+      20s));
+  EXPECT_EQ(created, 200);
+  EXPECT_EQ(most, 8u);
+  // libcoap's server does not deduplicate (docs/test-server.md): one call per CON received.
+  EXPECT_EQ(server_->handled, 200) << "a CON went out more than once";
+  lanes.clear();
+}
+
+TEST_F(CoapClientTest, ElapsedIsMeasured) {
+  client_ = make_client();
+  const Outcome o = call(*client_, Method::Post, {"piggy"}, "x");
+  ASSERT_TRUE(o.answered());
+  EXPECT_GE(o.elapsed.count(), 0);
+  EXPECT_LT(o.elapsed, 2s);
 }
 
 TEST_F(CoapClientTest, CancelDeliversCanceledFromTheLoop) {

@@ -142,6 +142,7 @@ TEST(Load, FullConfigHasEveryValue) {
   EXPECT_EQ(c.delivery.backoff_initial, 2s);
   EXPECT_EQ(c.delivery.backoff_max, 10min);
   EXPECT_EQ(c.delivery.shutdown_timeout, 3s);
+  EXPECT_EQ(c.delivery.max_in_flight, 4u);
   EXPECT_EQ(c.dbus.bus, BusKind::Session);
   EXPECT_EQ(c.logging.level, "debug");
 }
@@ -168,6 +169,7 @@ TEST(Load, Defaults) {
   EXPECT_EQ(c.delivery.backoff_initial, 1s);
   EXPECT_EQ(c.delivery.backoff_max, 5min);
   EXPECT_EQ(c.delivery.shutdown_timeout, 5s);
+  EXPECT_EQ(c.delivery.max_in_flight, 32u);
   EXPECT_EQ(c.dbus.bus, BusKind::System);
   EXPECT_EQ(c.logging.level, "info");
 }
@@ -284,6 +286,11 @@ TEST(Errors, QuotedValuesAreCutOnCharacterBoundaries) {
 TEST(Errors, DeliveryLimits) {
   expect_one("server: {host: h}\ndelivery:\n  max_batch_size: 63\n", 3, 19, "from 64 B to 1.0 MiB");
   expect_one("server: {host: h}\ndelivery:\n  max_batch_size: 1025KiB\n", 3, 19, "from 64 B");
+  expect_one("server: {host: h}\ndelivery:\n  max_in_flight: 0\n", 3, 18, "from 1 to 256");
+  expect_one("server: {host: h}\ndelivery:\n  max_in_flight: 257\n", 3, 18, "from 1 to 256");
+  EXPECT_EQ(
+      load("server: {host: h}\ndelivery:\n  max_in_flight: 1\n").config->delivery.max_in_flight,
+      1u);
   expect_one("server: {host: h}\ndelivery:\n  backoff_initial: 10s\n  backoff_max: 5s\n", 4, 16,
              "delivery.backoff_max (5s) must be at least delivery.backoff_initial (10s)");
   // backoff_max left at its default (5m): the problem is the initial value.

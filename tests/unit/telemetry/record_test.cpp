@@ -112,3 +112,27 @@ TEST(Record, RecordSizeMatchesAppend) {
     EXPECT_EQ(out.size(), record_size(ts, 7));
   }
 }
+
+// The uploader keeps batches that share a (ts, key) out of flight together (docs/queue.md).
+TEST(PointHashes, OnePerReadingAndEqualForTheSamePoint) {
+  const Record a{1000, "s", {{"t", 1.5}, {"s", std::string("x\",\"y\":{")}, {"on", true}}};
+  const Record b{1000, "s", {{"t", 2.5}}};
+  const Record c{1001, "s", {{"t", 1.5}, {"u", std::int64_t{7}}}};
+  const auto ab = point_hashes(encode_records({a, b}));
+  const auto bc = point_hashes(encode_records({b, c}));
+  const auto only_c = point_hashes(encode_records({c}));
+  ASSERT_TRUE(ab && bc && only_c);
+  ASSERT_EQ(ab->size(), 4u);  // t, s, on, t
+  ASSERT_EQ(bc->size(), 3u);
+  EXPECT_EQ((*ab)[0], (*ab)[3]) << "t@1000 twice";
+  EXPECT_EQ((*ab)[0], (*bc)[0]);
+  EXPECT_NE((*ab)[0], (*ab)[1]);
+  EXPECT_NE((*bc)[0], (*bc)[1]) << "same key, another ts";
+  for (const auto h : *only_c)
+    for (const auto g : *ab) EXPECT_NE(h, g);
+  EXPECT_EQ(point_hashes("[]")->size(), 0u);
+  for (const char* bad : {"", "[", "{}", "[{\"ts\":1}]", "[{\"ts\":x,\"values\":{}}]",
+                          "[{\"ts\":1,\"values\":{\"a\":1}}", "[{\"ts\":1,\"values\":{\"a\":1}}]x",
+                          "[{\"ts\":1,\"values\":{\"a\"}}]", "[{\"ts\":1,\"values\":{\"a\":\"1}}]"})
+    EXPECT_FALSE(point_hashes(bad)) << bad;
+}
