@@ -17,8 +17,8 @@
 #include <unordered_map>
 #include <utility>
 
-#include <coap3/coap.h>
 #include <spdlog/spdlog.h>
+#include "coap/libcoap.hpp"
 
 #include "net/resolver.hpp"
 #include "util/units.hpp"
@@ -715,6 +715,8 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   if (options.max_response_body < 1024) {
     return fail("max_response_body must be at least 1 KiB");  // one full block (SZX 6)
   }
+  std::string load_error;
+  if (!load_libcoap(false, &load_error)) return fail(load_error);
   setup_libcoap_once();
 
   auto impl = std::make_unique<Impl>();
