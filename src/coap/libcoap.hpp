@@ -13,6 +13,7 @@
 // link (nothing provides the symbol).
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include <coap3/coap.h>
@@ -34,6 +35,12 @@ struct Libcoap {
 // already part of the process (a test program linked against one) is used as it is: two builds
 // in one process would resolve each other's symbols. Never throws.
 const Libcoap* load_libcoap(bool need_dtls, std::string* error);
+
+// Whether an X.509 certificate (DER) is for `name` (a DNS name or an IP address), by the rules
+// of OpenSSL's X509_check_host / X509_check_ip_asc (RFC 6125). Only with the DTLS build loaded:
+// its libcrypto does the work. Unavailable when it cannot tell (no DTLS build, unparsable DER).
+enum class NameCheck { Match, Mismatch, Unavailable };
+NameCheck certificate_names(const unsigned char* der, std::size_t length, const std::string& name);
 
 // The loaded library. Only valid after load_libcoap() succeeded (Client::create() does that
 // before anything else).
