@@ -273,7 +273,7 @@ TEST(Errors, DeliveryLimits) {
 TEST(Errors, UnknownMissingAndDuplicateKeys) {
   expect_one("server:\n  host: h\n  hots: x\n", 3, 3,
              "server: unknown key 'hots' (known keys: host, port, request_timeout, "
-             "max_response_size)");
+             "max_response_size, dtls)");
   expect_one("server:\n  host: h\nservre: 1\n", 3, 1, "unknown key 'servre'");
   expect_one("server:\n  port: 1\n", 1, 1, "server: missing required key 'host'");
   expect_one("device:\n  name: x\n", 1, 1, "missing required key 'server'");
