@@ -994,6 +994,15 @@ std::size_t Client::in_flight() const { return impl_->pending.size(); }
 
 const Endpoint& Client::endpoint() const { return impl_->endpoint; }
 
+bool check_dtls_files(const DtlsOptions& dtls, std::string* error) {
+  try {
+    if (!load_libcoap(true, error)) return false;
+    return check_pem_files(dtls.ca_file, dtls.cert_file, dtls.key_file, error);
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return false;
+  }
+}
 
 std::string code_string(int code) {
   const int cls = code / 100;

@@ -117,12 +117,17 @@ class Client {
   std::size_t in_flight() const;
   const Endpoint& endpoint() const;
 
-
  private:
   struct Impl;
   explicit Client(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// Loads libcoap's DTLS build and checks that the files of `dtls` can be used: the CA file
+// holds certificates, the client certificate is valid now and matches its key. For
+// --check-config and start-up, so that a bad file is a configuration error, not a failing
+// handshake later. Never throws.
+bool check_dtls_files(const DtlsOptions& dtls, std::string* error);
 
 // "2.01"
 std::string code_string(int code);

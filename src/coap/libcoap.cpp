@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 
 #include <array>
+#include <vector>
 
 namespace tb::coap {
 
@@ -110,6 +111,99 @@ NameCheck certificate_names(const unsigned char* der, std::size_t length, const 
                       : check_host(cert, name.c_str(), name.size(), 0, nullptr);
   x509_free(cert);
   return r == 1 ? NameCheck::Match : r == 0 ? NameCheck::Mismatch : NameCheck::Unavailable;
+}
+
+bool check_pem_files(const std::string& ca_file, const std::string& cert_file,
+                     const std::string& key_file, std::string* error) {
+  if (!g_handle || !g_loaded.dtls) {
+    *error = "libcoap's DTLS build is not loaded";
+    return false;
+  }
+  // OpenSSL 3's ABI (openssl/pem.h, x509.h, bio.h), from libcrypto as loaded by libcoap.
+  struct Bio;
+  struct X509;
+  struct Key;
+  struct Time;
+  using BioNewFile = Bio* (*)(const char*, const char*);
+  using BioFree = int (*)(Bio*);
+  using ReadX509 = X509* (*)(Bio*, X509**, void*, void*);
+  using ReadKey = Key* (*)(Bio*, Key**, void*, void*);
+  using X509Free = void (*)(X509*);
+  using KeyFree = void (*)(Key*);
+  using CheckKey = int (*)(const X509*, const Key*);
+  using NotAfter = const Time* (*)(const X509*);
+  using CmpNow = int (*)(const Time*);
+  using ClearErrors = void (*)();
+  const auto sym = [](const char* name) { return dlsym(g_handle, name); };
+  const auto bio_new_file = reinterpret_cast<BioNewFile>(sym("BIO_new_file"));
+  const auto bio_free = reinterpret_cast<BioFree>(sym("BIO_free"));
+  const auto read_x509 = reinterpret_cast<ReadX509>(sym("PEM_read_bio_X509"));
+  const auto read_key = reinterpret_cast<ReadKey>(sym("PEM_read_bio_PrivateKey"));
+  const auto x509_free = reinterpret_cast<X509Free>(sym("X509_free"));
+  const auto key_free = reinterpret_cast<KeyFree>(sym("EVP_PKEY_free"));
+  const auto check_key = reinterpret_cast<CheckKey>(sym("X509_check_private_key"));
+  const auto not_after = reinterpret_cast<NotAfter>(sym("X509_get0_notAfter"));
+  const auto not_before = reinterpret_cast<NotAfter>(sym("X509_get0_notBefore"));
+  const auto cmp_now = reinterpret_cast<CmpNow>(sym("X509_cmp_current_time"));
+  const auto clear_errors = reinterpret_cast<ClearErrors>(sym("ERR_clear_error"));
+  if (!bio_new_file || !bio_free || !read_x509 || !read_key || !x509_free || !key_free ||
+      !check_key || !not_after || !not_before || !cmp_now || !clear_errors) {
+    *error = "the OpenSSL that libcoap loaded lacks the PEM functions (not OpenSSL 3?)";
+    return false;
+  }
+  // Every certificate of a PEM file; nullptr when it cannot be opened.
+  auto certificates = [&](const std::string& path, std::vector<X509*>* out) {
+    Bio* bio = bio_new_file(path.c_str(), "r");
+    if (!bio) return false;
+    while (X509* x = read_x509(bio, nullptr, nullptr, nullptr)) out->push_back(x);
+    bio_free(bio);
+    return true;
+  };
+  auto free_all = [&](std::vector<X509*>& certs) {
+    for (X509* x : certs) x509_free(x);
+    certs.clear();
+  };
+  bool ok = true;
+  std::vector<X509*> certs;
+  if (!ca_file.empty()) {
+    if (!certificates(ca_file, &certs) || certs.empty()) {
+      *error =
+          ca_file +
+          " holds no PEM certificate (a CA file is a list of -----BEGIN CERTIFICATE----- blocks)";
+      ok = false;
+    }
+    free_all(certs);
+  }
+  if (ok && !cert_file.empty()) {
+    if (!certificates(cert_file, &certs) || certs.empty()) {
+      *error = cert_file + " holds no PEM certificate";
+      ok = false;
+    } else if (cmp_now(not_after(certs.front())) < 0) {
+      *error = "the client certificate " + cert_file + " has expired";
+      ok = false;
+    } else if (cmp_now(not_before(certs.front())) > 0) {
+      *error = "the client certificate " + cert_file + " is not valid yet (or the clock is wrong)";
+      ok = false;
+    }
+    if (ok && !key_file.empty()) {
+      Bio* bio = bio_new_file(key_file.c_str(), "r");
+      Key* key = bio ? read_key(bio, nullptr, nullptr, nullptr) : nullptr;
+      if (bio) bio_free(bio);
+      if (!key) {
+        *error = key_file +
+                 " holds no PEM private key (or it is encrypted: the agent cannot "
+                 "ask for a passphrase)";
+        ok = false;
+      } else if (check_key(certs.front(), key) != 1) {
+        *error = "the private key " + key_file + " does not belong to the certificate " + cert_file;
+        ok = false;
+      }
+      if (key) key_free(key);
+    }
+    free_all(certs);
+  }
+  clear_errors();  // nothing of this must surface in a later handshake's reasons
+  return ok;
 }
 
 const Libcoap& libcoap() { return g_loaded; }

@@ -42,6 +42,13 @@ const Libcoap* load_libcoap(bool need_dtls, std::string* error);
 enum class NameCheck { Match, Mismatch, Unavailable };
 NameCheck certificate_names(const unsigned char* der, std::size_t length, const std::string& name);
 
+// Whether the DTLS files can be used: the CA file holds at least one certificate, the client
+// certificate parses, is within its validity period and matches the private key. With OpenSSL's
+// PEM readers, from the libcrypto the DTLS build loads (load_libcoap(true) first). *error names
+// the file and the problem.
+bool check_pem_files(const std::string& ca_file, const std::string& cert_file,
+                     const std::string& key_file, std::string* error);
+
 // The loaded library. Only valid after load_libcoap() succeeded (Client::create() does that
 // before anything else).
 const Libcoap& libcoap();

@@ -45,6 +45,17 @@ coap::ClientOptions client_options(const config::ServerConfig& s) {
   return o;
 }
 
+}  // namespace
+
+std::string check_transport_files(const config::ServerConfig& server) {
+  if (!server.dtls.enabled) return "";
+  std::string err;
+  if (coap::check_dtls_files(*client_options(server).dtls, &err)) return "";
+  return "server.dtls: " + err;
+}
+
+namespace {
+
 // Every setting, by construction (config::SourceSettings), but not the position: a source that
 // only moved within the file keeps running on reload.
 bool same_source(const config::SourceConfig& a, const config::SourceConfig& b) {
@@ -191,6 +202,10 @@ int Manager::init() {
   if (queue_->queued_readings() > 0)
     spdlog::info("{} reading(s) queued from before", queue_->queued_readings());
 
+  if (const auto problem = check_transport_files(cfg_.server); !problem.empty()) {
+    spdlog::critical("{}", problem);
+    return kExitConfig;
+  }
   client_ = coap::Client::create(loop_, {cfg_.server.host, cfg_.server.port},
                                  client_options(cfg_.server), &err);
   if (!client_) {
@@ -449,6 +464,7 @@ std::string Manager::apply(const config::Config& next) {
   // paths): a new client, a new handshake.
   const bool new_transport = server_changed || next.server.dtls.enabled;
   if (new_transport) {
+    if (const auto problem = check_transport_files(next.server); !problem.empty()) return problem;
     new_client = coap::Client::create(loop_, {next.server.host, next.server.port},
                                       client_options(next.server), &err);
     if (!new_client) return "cannot set up CoAP to " + server_string(next.server) + ": " + err;

@@ -223,3 +223,36 @@ def test_check_config_refuses_an_open_private_key_and_a_lone_certificate(agents,
     r = agent.run_once("--check-config")
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "cannot read" in out and "nowhere.pem" in out, out
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("mismatched", "does not belong to the certificate"),
+    ("expired", "has expired"),
+    ("garbage-ca", "holds no PEM certificate"),
+    ("garbage-key", "holds no PEM private key"),
+])
+def test_check_config_and_start_refuse_unusable_dtls_files(agents, pki, tmp_path, case, needle):
+    key = tmp_path / "device.key"
+    shutil.copy(pki / ("untrusted.key" if case == "mismatched" else "server.key"), key)
+    if case == "garbage-key":
+        key.write_text("not a key\n")
+    os.chmod(key, 0o600)
+    ca = tmp_path / "ca.pem"
+    shutil.copy(pki / "ca.crt", ca)
+    if case == "garbage-ca":
+        ca.write_text("-----BEGIN CERTIFICATE-----\nbroken\n")
+    cert = pki / ("expired.crt" if case == "expired" else "server.crt")
+    if case == "expired":
+        shutil.copy(pki / "expired.key", key)
+        os.chmod(key, 0o600)
+    cfg = {"server": {"host": "localhost",
+                      "dtls": {"ca_file": str(ca), "cert_file": str(cert), "key_file": str(key)}},
+           "credentials": {"access_token": "t"}, "state_dir": str(tmp_path / "state"),
+           "dbus": {"bus": "none"}}
+    agent = agents(cfg)
+    r = agent.run_once("--check-config")
+    out = r.stdout + r.stderr
+    assert r.returncode == 78 and needle in out, out
+    # Start agrees with --check-config: a configuration error (78), not a handshake loop.
+    r = agent.run_once(timeout=30)
+    assert r.returncode == 78 and needle in r.stdout + r.stderr, r.stdout + r.stderr
