@@ -61,8 +61,24 @@ set(CPACK_DEBIAN_PACKAGE_SECTION net)
 set(CPACK_DEBIAN_PACKAGE_PRIORITY optional)
 set(CPACK_DEBIAN_PACKAGE_MAINTAINER "${TB_PACKAGE_MAINTAINER}")
 set(CPACK_DEBIAN_PACKAGE_DESCRIPTION "${TB_PACKAGE_DESCRIPTION}")
-# Depends: computed by dpkg-shlibdeps from the stripped binary.
+# Depends: computed by dpkg-shlibdeps from the stripped binary, plus libcoap, which the agent
+# loads at run time (src/coap/libcoap.hpp) so that no tool sees it: the package that holds the
+# library file found at build time (Debian's libcoap3 holds every build), at least the version
+# built against.
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
+set(tb_libcoap_package libcoap3)
+if(TB_LIBCOAP_FILE)
+  get_filename_component(_real "${TB_LIBCOAP_FILE}" REALPATH)
+  foreach(_path "${TB_LIBCOAP_FILE}" "${_real}")
+    execute_process(COMMAND dpkg-query -S "${_path}" OUTPUT_VARIABLE _owner ERROR_QUIET
+                    RESULT_VARIABLE _rc)
+    if(_rc EQUAL 0 AND _owner MATCHES "^([^:,]+)")
+      set(tb_libcoap_package "${CMAKE_MATCH_1}")
+      break()
+    endif()
+  endforeach()
+endif()
+set(CPACK_DEBIAN_PACKAGE_DEPENDS "${tb_libcoap_package} (>= ${TB_LIBCOAP_VERSION})")
 # preinst creates the user with systemd-sysusers before anything is unpacked.
 set(CPACK_DEBIAN_PACKAGE_PREDEPENDS "systemd | systemd-standalone-sysusers | systemd-sysusers")
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
@@ -84,8 +100,16 @@ set(CPACK_PACKAGE_RELOCATABLE OFF)
 set(CPACK_RPM_PACKAGE_LICENSE "LicenseRef-tb-agent-unreleased")
 set(CPACK_RPM_PACKAGE_GROUP "System Environment/Daemons")
 set(CPACK_RPM_PACKAGE_DESCRIPTION "${TB_PACKAGE_DESCRIPTION}")
-# Requires: computed by rpmbuild's automatic dependency generator (sonames of the binary).
+# Requires: computed by rpmbuild's automatic dependency generator (sonames of the binary), plus
+# the sonames of the libcoap builds the agent loads at run time (src/coap/libcoap.hpp), in rpm's
+# own spelling of a soname dependency.
 set(CPACK_RPM_PACKAGE_AUTOREQ ON)
+set(tb_soname_suffix "")
+if(CMAKE_SIZEOF_VOID_P EQUAL 8)
+  set(tb_soname_suffix "()(64bit)")
+endif()
+list(TRANSFORM TB_LIBCOAP_SONAMES APPEND "${tb_soname_suffix}" OUTPUT_VARIABLE tb_rpm_coap)
+string(JOIN ", " CPACK_RPM_PACKAGE_REQUIRES ${tb_rpm_coap})
 set(CPACK_RPM_PACKAGE_REQUIRES_PRE "systemd")
 set(CPACK_RPM_PACKAGE_REQUIRES_POST "systemd")
 set(CPACK_RPM_PACKAGE_REQUIRES_PREUN "systemd")

@@ -11,6 +11,9 @@ PACKAGES=(
   # libraries
   libcoap3-dev libcoap3-bin nlohmann-json3-dev libyaml-cpp-dev libsystemd-dev libspdlog-dev
   libfmt-dev libsqlite3-dev libcli11-dev libgtest-dev libgmock-dev
+  # DTLS: the system CA bundle (server.dtls's default), and for the tests the openssl command
+  # (test certificates) and libssl-dev (tb-test-dtls-proxy; the agent itself links no OpenSSL)
+  ca-certificates openssl libssl-dev
   # tests: a real dbus-daemon, systemd-analyze, python test driver, process tools
   dbus dbus-bin dbus-daemon systemd python3 python3-pytest procps util-linux passwd
   # docs: groff checks that the man pages render (tests/integration/test_docs.py)

@@ -17,8 +17,8 @@
 #include <unordered_map>
 #include <utility>
 
-#include <coap3/coap.h>
 #include <spdlog/spdlog.h>
+#include "coap/libcoap.hpp"
 
 #include "net/resolver.hpp"
 #include "util/units.hpp"
@@ -74,10 +74,48 @@ bool is_socket_error(std::string_view text) {
          text.find("coap_socket_") != std::string_view::npos;
 }
 
+// A failed DTLS handshake reaches the client as COAP_NACK_TLS_FAILED, with no reason; libcoap's
+// OpenSSL layer logs the reason just before. The first precise one of a handshake is kept here
+// (one thread) and becomes the request's error text: "certificate has expired: 'tb.example'
+// depth=0", "SSL3 alert read:fatal:bad certificate" (the server refused ours), "Unknown CA".
+std::string g_tls_problem;
+
+// "<session>: <reason>" → "<reason>"; libcoap 4.3.1 coap_openssl.c tls_verify_call_back,
+// coap_dtls_info_callback and setup_pki_ssl.
+bool take_tls_problem(std::string_view text) {
+  const bool verify = text.find(" depth=") != std::string_view::npos;
+  const bool alert = text.find("SSL3 alert ") != std::string_view::npos &&
+                     text.find(":fatal:") != std::string_view::npos;
+  const bool setup = text.find("setup_pki") != std::string_view::npos;
+  // The OpenSSL layer's summary after the precise line ("SSL_connect:error in error",
+  // "certificate verify failed at SSL routines"): taken only when nothing precise came first.
+  const bool summary = text.find("SSL_connect:") != std::string_view::npos ||
+                       text.find(" at SSL routines") != std::string_view::npos ||
+                       text.find(" at DTLS routines") != std::string_view::npos;
+  if (!verify && !alert && !setup && !summary) return false;
+  if (g_tls_problem.empty()) {
+    std::string_view reason = text;
+    if (verify || alert) {
+      // The session text ends in "DTLS" (or "UDP"): the reason follows the first ": " after it.
+      const auto after = text.find("DTLS: ");
+      if (after != std::string_view::npos) reason = text.substr(after + 6);
+    }
+    while (!reason.empty() && (reason.front() == ' ' || reason.front() == '*'))
+      reason.remove_prefix(1);
+    g_tls_problem = std::string(reason.substr(0, 200));
+  }
+  return true;
+}
+
 void coap_log_handler(coap_log_t level, const char* message) {
   try {
     std::string text = mask_secrets(message ? message : "");
     while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    // A handshake's reason is reported once, in the failed request's words.
+    if (level <= LOG_WARNING && take_tls_problem(text)) {
+      spdlog::debug("libcoap: {}", text);
+      return;
+    }
     // PDU dumps end in " :: 'payload'". Payloads carry secrets no token mask knows: the
     // provisioning secret we send and the credentials the server answers (§4.1, §4.2). Keep the
     // header, never the payload.
@@ -108,6 +146,9 @@ void setup_libcoap_once() {
     coap_startup();
     coap_set_log_handler(&coap_log_handler);
     coap_set_show_pdu_output(0);  // PDU dumps go through the handler, not to stdout
+    // The OpenSSL layer's alerts and handshake failures are logged only at this level or above;
+    // a failed handshake takes its reason from them (g_tls_problem).
+    coap_dtls_set_log_level(LOG_WARNING);
     return true;
   }();
   (void)done;
@@ -525,6 +566,7 @@ struct Client::Impl {
       Impl* self = from(s);
       if (!self || self->destroying) return;
       const char* why = "network error";
+      std::string tls_why;
       Failure f = Failure::Network;
       switch (reason) {
         case COAP_NACK_TOO_MANY_RETRIES:
@@ -543,7 +585,9 @@ struct Client::Impl {
           if (s == self->session) self->drop_session_after_io = true;
           break;
         case COAP_NACK_TLS_FAILED:
-          why = "TLS failure";
+          tls_why = "DTLS handshake with " + self->remote_text + " failed" +
+                    (g_tls_problem.empty() ? std::string() : ": " + g_tls_problem);
+          why = tls_why.c_str();
           self->session_broken = true;
           break;
         case COAP_NACK_NOT_DELIVERABLE:
@@ -609,10 +653,16 @@ struct Client::Impl {
       session = nullptr;
       flush_and_release(old);
     }
-    spdlog::debug("coap: new session to {}", remote_text);
+    spdlog::debug("coap: new {} session to {}", options.dtls ? "DTLS" : "UDP", remote_text);
     session_broken = false;
     fresh_address = false;
-    session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
+    if (options.dtls) {
+      g_tls_problem.clear();
+      coap_dtls_pki_t pki = dtls_setup();
+      session = coap_new_client_session_pki(ctx, nullptr, &remote, COAP_PROTO_DTLS, &pki);
+    } else {
+      session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
+    }
     if (!session) {
       if (error) *error = "cannot create a CoAP session to " + remote_text;
       return false;
@@ -620,6 +670,53 @@ struct Client::Impl {
     coap_session_set_ack_timeout(session, to_fixed(options.ack_timeout));
     coap_session_set_max_retransmit(session, static_cast<uint16_t>(options.max_retransmit));
     return true;
+  }
+
+  // The PKI setup of a DTLS session (libcoap copies it; the strings live in `options`).
+  coap_dtls_pki_t dtls_setup() {
+    const DtlsOptions& d = *options.dtls;
+    coap_dtls_pki_t pki{};
+    pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+    pki.verify_peer_cert = 1;   // the chain must lead to a CA given in ca_file/ca_dir
+    pki.check_common_ca = 0;    // (that is about a CA shared with our own certificate)
+    pki.allow_self_signed = 0;  // a self-signed server is trusted only through ca_file
+    pki.allow_expired_certs = 0;
+    pki.cert_chain_validation = 1;
+    pki.cert_chain_verify_depth = 4;  // leaf, intermediates, root: public CAs need 2-3
+    pki.check_cert_revocation = 0;    // no CRL distribution on devices; short-lived certs instead
+    pki.validate_cn_call_back = &Impl::on_server_certificate;
+    pki.cn_call_back_arg = this;
+    // SNI: ThingsBoard's DTLS server ignores it, but a load balancer in front may need it.
+    pki.client_sni = const_cast<char*>(d.server_name.c_str());
+    pki.pki_key.key_type = COAP_PKI_KEY_PEM;
+    pki.pki_key.key.pem.ca_file = nullptr;  // trust comes from coap_context_set_pki_root_cas
+    pki.pki_key.key.pem.public_cert = d.cert_file.empty() ? nullptr : d.cert_file.c_str();
+    pki.pki_key.key.pem.private_key = d.key_file.empty() ? nullptr : d.key_file.c_str();
+    return pki;
+  }
+
+  // libcoap verified the chain; the leaf (depth 0) must also be the server we meant. OpenSSL's own
+  // name check (X509_check_host: every subjectAltName, wildcards by RFC 6125; an IP address
+  // against IP entries) is taken from the libcrypto that libcoap's OpenSSL build loaded.
+  static int on_server_certificate(const char* cn, const uint8_t* der, size_t der_length,
+                                   coap_session_t*, unsigned depth, int validated,
+                                   void* arg) noexcept {
+    try {
+      auto* self = static_cast<Impl*>(arg);
+      if (depth != 0 || !validated) return 1;  // CAs: libcoap and OpenSSL already judged them
+      const std::string& name = self->options.dtls->server_name;
+      const auto verdict = certificate_names(der, der_length, name);
+      if (verdict == NameCheck::Match) return 1;
+      if (g_tls_problem.empty()) {
+        g_tls_problem = verdict == NameCheck::Mismatch
+                            ? "the server's certificate is not for '" + name + "' (it names '" +
+                                  std::string(cn ? cn : "?") + "')"
+                            : "cannot check the name in the server's certificate";
+      }
+      return 0;
+    } catch (...) {
+      return 0;
+    }
   }
 
   // Bytes of a request before its payload: fixed header, token, Uri-Path options, payload marker.
@@ -737,6 +834,14 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   if (options.max_response_body < 1024) {
     return fail("max_response_body must be at least 1 KiB");  // one full block (SZX 6)
   }
+  if (options.dtls && options.dtls->ca_file.empty() && options.dtls->ca_dir.empty()) {
+    return fail("DTLS needs trusted CAs (a CA file or directory)");
+  }
+  std::string load_error;
+  if (!load_libcoap(options.dtls.has_value(), &load_error)) return fail(load_error);
+  if (options.dtls && !coap_dtls_is_supported()) {
+    return fail(libcoap().soname + " cannot do DTLS");
+  }
   setup_libcoap_once();
 
   auto impl = std::make_unique<Impl>();
@@ -751,6 +856,14 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   impl->ctx = coap_new_context(nullptr);
   if (!impl->ctx) return fail("cannot create a libcoap context");
   coap_set_app_data(impl->ctx, impl.get());
+  if (const auto& d = impl->options.dtls) {
+    // The trust anchors of every DTLS session of this context (SSL_CTX_load_verify_locations).
+    if (!coap_context_set_pki_root_cas(impl->ctx, d->ca_file.empty() ? nullptr : d->ca_file.c_str(),
+                                       d->ca_dir.empty() ? nullptr : d->ca_dir.c_str())) {
+      return fail("cannot load the trusted CAs from " +
+                  (d->ca_file.empty() ? d->ca_dir : d->ca_file));
+    }
+  }
   // libcoap does RFC 7959 both ways: Block1 for our large bodies, and it asks for the blocks of
   // large answers (Block2). Not COAP_BLOCK_SINGLE_BODY: libcoap would then hold an answer of any
   // size (or its Size2) and keep asking for blocks until request_timeout; on_response sees each
@@ -918,6 +1031,16 @@ std::unique_ptr<Client> Client::clone(std::string* error) const {
 }
 
 const Endpoint& Client::endpoint() const { return impl_->endpoint; }
+
+bool check_dtls_files(const DtlsOptions& dtls, std::string* error) {
+  try {
+    if (!load_libcoap(true, error)) return false;
+    return check_pem_files(dtls.ca_file, dtls.cert_file, dtls.key_file, error);
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return false;
+  }
+}
 
 std::string code_string(int code) {
   const int cls = code / 100;

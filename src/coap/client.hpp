@@ -26,6 +26,19 @@ struct Endpoint {
   std::uint16_t port = 5683;
 };
 
+// CoAP over DTLS 1.2 (coaps, RFC 7252 §9). The server's certificate chain is verified against
+// the CAs given and its name checked (subjectAltName, else CN); a failed handshake fails the
+// requests as Failure::Network with the reason and never falls back to plain coap. Files are read
+// at every new session, so renewed certificates are picked up by the next handshake.
+struct DtlsOptions {
+  std::string ca_file;      // PEM bundle of trusted CAs (and/or ca_dir); at least one
+  std::string ca_dir;       // hashed directory (c_rehash)
+  std::string server_name;  // the name the server's certificate must carry; also sent as SNI
+  std::string cert_file;    // optional X.509 client certificate (PEM) ...
+  std::string key_file;     // ... and its private key
+  bool operator==(const DtlsOptions&) const = default;
+};
+
 struct ClientOptions {
   Millis request_timeout = 30s;   // whole exchange, including every Block1 round trip
   std::size_t block_size = 1024;  // Block1 SZX 6; ThingsBoard's MAX_MESSAGE_SIZE is 1024
@@ -42,6 +55,9 @@ struct ClientOptions {
   // of one exchange (16 with 1024-byte blocks, at most 1024 with 16-byte ones). A larger answer,
   // or a Size2 above it, ends the exchange with Failure::Protocol. At least 1024 (create()).
   std::size_t max_response_body = 16 * 1024;
+  // Set: coaps. Loads libcoap's OpenSSL build (coap/libcoap.hpp); a process that already uses
+  // the plain build cannot switch (create() fails with a sentence).
+  std::optional<DtlsOptions> dtls;
 };
 
 // CoAP response code as class*100 + detail: 201 = 2.01 Created, 401 = 4.01 Unauthorized.
@@ -121,6 +137,12 @@ class Client {
   explicit Client(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// Loads libcoap's DTLS build and checks that the files of `dtls` can be used: the CA file
+// holds certificates, the client certificate is valid now and matches its key. For
+// --check-config and start-up, so that a bad file is a configuration error, not a failing
+// handshake later. Never throws.
+bool check_dtls_files(const DtlsOptions& dtls, std::string* error);
 
 // "2.01"
 std::string code_string(int code);

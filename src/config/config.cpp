@@ -17,11 +17,13 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -452,11 +454,91 @@ Setter<T> section(S T::*field, const Table<S>& table,
 
 // --- sections -------------------------------------------------------------------------------
 
+// Where distributions keep the system's CA bundle (Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine
+// and others): server.dtls without ca_file/ca_dir trusts the first that exists.
+constexpr std::array<const char*, 4> kSystemCaFiles{"/etc/ssl/certs/ca-certificates.crt",
+                                                    "/etc/pki/tls/certs/ca-bundle.crt",
+                                                    "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"};
+
+std::string octal_mode(mode_t mode) {
+  char text[8];
+  std::snprintf(text, sizeof text, "%04o", static_cast<unsigned>(mode & 07777));
+  return text;
+}
+
+// A file the agent will open later (as its service user): it must be there and readable now, so
+// that --check-config and a reload fail instead of a handshake hours later.
+void check_readable(Ctx& ctx, const Item& item, const std::filesystem::path& path) {
+  if (::access(path.c_str(), R_OK) != 0) {
+    ctx.error(item.where(),
+              item.path + ": cannot read " + path.string() + ": " + std::strerror(errno));
+  }
+}
+
+void check_dtls(Ctx& ctx, const Item& item, const Seen& seen, DtlsConfig& out) {
+  out.enabled = true;
+  for (const char* key : {"ca_file", "ca_dir", "cert_file", "key_file"}) {
+    const auto it = seen.find(key);
+    if (it == seen.end() || ctx.has_error_at(it->second.where())) continue;
+    const std::filesystem::path& path = key == std::string_view("ca_file")     ? out.ca_file
+                                        : key == std::string_view("ca_dir")    ? out.ca_dir
+                                        : key == std::string_view("cert_file") ? out.cert_file
+                                                                               : out.key_file;
+    check_readable(ctx, it->second, path);
+  }
+  const bool cert = seen.count("cert_file") != 0, key = seen.count("key_file") != 0;
+  if (cert != key) {
+    ctx.error(item.key.Mark(), item.path +
+                                   ": cert_file and key_file go together (an X.509 "
+                                   "client certificate and its private key); " +
+                                   (cert ? "key_file" : "cert_file") + " is missing");
+  }
+  if (const auto it = seen.find("key_file"); it != seen.end() && !out.key_file.empty()) {
+    struct stat st {};
+    if (::stat(out.key_file.c_str(), &st) == 0 && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+      ctx.error(it->second.where(), it->second.path + ": the private key " + out.key_file.string() +
+                                        " is open to group or others (mode " +
+                                        octal_mode(st.st_mode) +
+                                        "); chmod 600 it (owned by the agent's user)");
+    }
+  }
+  if (out.ca_file.empty() && out.ca_dir.empty()) {
+    for (const char* bundle : kSystemCaFiles) {
+      if (::access(bundle, R_OK) == 0) {
+        out.ca_file = bundle;
+        break;
+      }
+    }
+    if (out.ca_file.empty()) {
+      ctx.error(item.key.Mark(), item.path +
+                                     ": no ca_file or ca_dir is given and the system has no CA "
+                                     "bundle (install ca-certificates, or set ca_file)");
+    }
+  }
+}
+
+const Table<DtlsConfig> kDtls = {
+    {"ca_file", Optional, path_value(&DtlsConfig::ca_file)},
+    {"ca_dir", Optional, path_value(&DtlsConfig::ca_dir)},
+    {"server_name", Optional, text(&DtlsConfig::server_name, check_host)},
+    {"cert_file", Optional, path_value(&DtlsConfig::cert_file)},
+    {"key_file", Optional, path_value(&DtlsConfig::key_file)},
+};
+
+void check_server(Ctx&, const Item&, const Seen& seen, ServerConfig& out) {
+  if (!out.dtls.enabled) return;
+  // RFC 7252 §6.2: coaps' default port; ThingsBoard's COAP_DTLS_BIND_PORT (docs/thingsboard-coap.md
+  // §6).
+  if (seen.count("port") == 0) out.port = 5684;
+  if (out.dtls.server_name.empty()) out.dtls.server_name = out.host;
+}
+
 const Table<ServerConfig> kServer = {
     {"host", Required, text(&ServerConfig::host, check_host)},
     {"port", Optional, integer(&ServerConfig::port, 1, 65535)},
     {"request_timeout", Optional, duration(&ServerConfig::request_timeout, 100ms, 10min)},
     {"max_response_size", Optional, size(&ServerConfig::max_response_size, 1 << 10, 16 << 20)},
+    {"dtls", Optional, section(&ServerConfig::dtls, kDtls, std::function(check_dtls))},
 };
 
 const Table<DeviceConfig> kDevice = {
@@ -719,7 +801,7 @@ void read_sources(Ctx& ctx, const SourceTypes& types, Config& config) {
 }
 
 const Table<Config> kTop = {
-    {"server", Required, section(&Config::server, kServer)},
+    {"server", Required, section(&Config::server, kServer, std::function(check_server))},
     {"device", Optional, section(&Config::device, kDevice)},
     {"provisioning", Optional,
      section(&Config::provisioning, kProvisioning, std::function(check_provisioning), true)},

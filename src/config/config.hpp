@@ -31,12 +31,26 @@ struct Position {
   int column = 0;  // 1-based
 };
 
+// server.dtls: CoAP over DTLS 1.2 (coaps), the server's certificate verified; never a fallback to
+// plain coap (docs/configuration.md, docs/security.md).
+struct DtlsConfig {
+  bool enabled = false;             // the section is present
+  std::filesystem::path ca_file;    // trusted CAs (PEM); with ca_dir empty too: the system store
+  std::filesystem::path ca_dir;     // or a directory of hashed CA certificates (c_rehash)
+  std::string server_name;          // checked against the server's certificate; empty = host
+  std::filesystem::path cert_file;  // X.509 client certificate (PEM), with key_file
+  std::filesystem::path key_file;   // its private key (PEM), not readable by group or others
+  bool operator==(const DtlsConfig&) const = default;
+};
+
 struct ServerConfig {
   std::string host;              // required
-  std::uint16_t port = 5683;     // RFC 7252 §6.1 default coap port
+  std::uint16_t port = 5683;     // RFC 7252 §6.1 default coap port; 5684 (coaps) with dtls
   Millis request_timeout = 30s;  // docs/thingsboard-coap.md recommends 15–30 s
   // Largest answer body accepted (Block2 included); ThingsBoard's answers are a few KiB at most.
   std::uint64_t max_response_size = 16 << 10;
+  DtlsConfig dtls;
+  bool operator==(const ServerConfig&) const = default;
 };
 
 struct DeviceConfig {

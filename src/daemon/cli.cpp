@@ -165,6 +165,10 @@ int check_config(const Args& args) {
   auto cfg = load_or_report(args, &code);
   if (!cfg) return code;
   if (!sources_build(*cfg, std::cout)) return kExitConfig;
+  if (const auto problem = check_transport_files(cfg->server); !problem.empty()) {
+    std::cout << cfg->file.string() << ": " << problem << "\n";
+    return kExitConfig;
+  }
   std::cout << "OK\n";
   // Valid, but the agent will have nothing to get credentials with unless some are stored: it
   // then starts and idles in state `unconfigured` (stdout stays the contract's "OK").

@@ -33,8 +33,32 @@ namespace {
 constexpr int kPrioritySignal = -100;
 
 std::string server_string(const config::ServerConfig& s) {
-  return s.host + ":" + std::to_string(s.port);
+  return (s.dtls.enabled ? "coaps://" : "") + s.host + ":" + std::to_string(s.port);
 }
+
+// The CoAP client's settings from the server section; every key of it, in one place.
+coap::ClientOptions client_options(const config::ServerConfig& s) {
+  coap::ClientOptions o;
+  o.request_timeout = s.request_timeout;
+  o.block_size = 1024;
+  o.max_response_body = s.max_response_size;
+  if (s.dtls.enabled) {
+    o.dtls = coap::DtlsOptions{s.dtls.ca_file.string(), s.dtls.ca_dir.string(), s.dtls.server_name,
+                               s.dtls.cert_file.string(), s.dtls.key_file.string()};
+  }
+  return o;
+}
+
+}  // namespace
+
+std::string check_transport_files(const config::ServerConfig& server) {
+  if (!server.dtls.enabled) return "";
+  std::string err;
+  if (coap::check_dtls_files(*client_options(server).dtls, &err)) return "";
+  return "server.dtls: " + err;
+}
+
+namespace {
 
 // Every setting, by construction (config::same_settings), but not the position: a source that
 // only moved within the file keeps running on reload.
@@ -184,11 +208,12 @@ int Manager::init() {
   restamp_after_id_ = queue_->last_id();
   check_clock();
 
+  if (const auto problem = check_transport_files(cfg_.server); !problem.empty()) {
+    spdlog::critical("{}", problem);
+    return kExitConfig;
+  }
   client_ = coap::Client::create(loop_, {cfg_.server.host, cfg_.server.port},
-                                 {.request_timeout = cfg_.server.request_timeout,
-                                  .block_size = 1024,
-                                  .max_response_body = cfg_.server.max_response_size},
-                                 &err);
+                                 client_options(cfg_.server), &err);
   if (!client_) {
     spdlog::critical("cannot set up CoAP to {}: {}", server_string(cfg_.server), err);
     return kExitFailure;
@@ -497,16 +522,14 @@ std::string Manager::apply(const config::Config& next) {
   if (!build_sources(changed_only, &fresh, &err)) return err;
 
   std::unique_ptr<coap::Client> new_client;
-  const bool server_changed = next.server.host != cfg_.server.host ||
-                              next.server.port != cfg_.server.port ||
-                              next.server.request_timeout != cfg_.server.request_timeout ||
-                              next.server.max_response_size != cfg_.server.max_response_size;
-  if (server_changed) {
+  const bool server_changed = next.server != cfg_.server;
+  // With DTLS a reload also re-reads the CA, certificate and key files (renewed in place, same
+  // paths): a new client, a new handshake.
+  const bool new_transport = server_changed || next.server.dtls.enabled;
+  if (new_transport) {
+    if (const auto problem = check_transport_files(next.server); !problem.empty()) return problem;
     new_client = coap::Client::create(loop_, {next.server.host, next.server.port},
-                                      {.request_timeout = next.server.request_timeout,
-                                       .block_size = 1024,
-                                       .max_response_body = next.server.max_response_size},
-                                      &err);
+                                      client_options(next.server), &err);
     if (!new_client) return "cannot set up CoAP to " + server_string(next.server) + ": " + err;
   }
 
@@ -553,8 +576,11 @@ std::string Manager::apply(const config::Config& next) {
   }
   running.clear();
 
-  if (server_changed) {
-    spdlog::info("server changed to {}", server_string(next.server));
+  if (new_transport) {
+    if (server_changed)
+      spdlog::info("server changed to {}", server_string(next.server));
+    else
+      spdlog::info("DTLS: the CA, certificate and key files are read again");
     uploader_->pause();
     const bool was_provisioning = provisioner_ != nullptr;
     provisioner_.reset();

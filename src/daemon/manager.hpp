@@ -40,6 +40,10 @@ struct Overrides {
 // Applies command-line overrides to a loaded config.
 void apply_overrides(config::Config& cfg, const Overrides& overrides);
 
+// "" when the transport's files can be used, else why not ("server.dtls: the private key … does
+// not belong to the certificate …"). Plain CoAP has none. For --check-config, start and reload.
+std::string check_transport_files(const config::ServerConfig& server);
+
 class Manager {
  public:
   Manager(config::Config cfg, Overrides overrides);

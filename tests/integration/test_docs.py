@@ -134,7 +134,8 @@ def keys_in_configuration_md():
     section = None
     in_key_table = False
     for line in (ROOT / "docs/configuration.md").read_text(encoding="utf-8").splitlines():
-        heading = re.match(r"^## `([\w]+)`\s*$", line)
+        # "## `server`", and a nested section "### `server.dtls`".
+        heading = re.match(r"^###? `([\w.]+)`\s*$", line)
         if heading:
             section = heading.group(1)
         elif line.startswith("## "):
@@ -176,8 +177,17 @@ def keys_in_loader():
     text = (ROOT / "src/config/config.cpp").read_text(encoding="utf-8")
     tables = {}
     for match in re.finditer(r"const Table<\w+> (k\w+) = \{(.*?)\n\};", text, re.S):
-        tables[match.group(1)] = re.findall(r'^\s*\{"(\w+)",\s*(?:Required|Optional)\b',
-                                            match.group(2), re.M)
+        tables[match.group(1)] = re.findall(
+            r'^\s*\{"(\w+)",\s*(?:Required|Optional),\s*(?:section\(&\w+::\w+,\s*(k\w+))?',
+            match.group(2), re.M)
+
+    def expand(prefix, table):
+        """A section's keys, nested sections (server.dtls) included."""
+        out = set()
+        for key, nested in tables[table]:
+            out |= expand(f"{prefix}.{key}", nested) if nested else {f"{prefix}.{key}"}
+        return out
+
     assert "kTop" in tables, "config.cpp no longer has its kTop table; update this test"
     top_body = re.search(r"const Table<Config> kTop = \{(.*?)\n\};", text, re.S).group(1)
     keys = set()
@@ -186,7 +196,7 @@ def keys_in_loader():
         name, handler = entry.group(1), entry.group(2)
         table = re.search(r"section\(&Config::\w+,\s*(k\w+)", handler)
         if table:
-            keys |= {qualified(name, k) for k in tables[table.group(1)]}
+            keys |= expand(name, table.group(1))
         elif name == "sources":
             keys |= {qualified("sources", k.name) for k in declarations.common_keys()}
             for type_name in declarations.types():

@@ -303,7 +303,7 @@ TEST(Errors, DeliveryLimits) {
 TEST(Errors, UnknownMissingAndDuplicateKeys) {
   expect_one("server:\n  host: h\n  hots: x\n", 3, 3,
              "server: unknown key 'hots' (known keys: host, port, request_timeout, "
-             "max_response_size)");
+             "max_response_size, dtls)");
   expect_one("server:\n  host: h\nservre: 1\n", 3, 1, "unknown key 'servre'");
   expect_one("server:\n  port: 1\n", 1, 1, "server: missing required key 'host'");
   expect_one("device:\n  name: x\n", 1, 1, "missing required key 'server'");
@@ -804,6 +804,43 @@ TEST(Execd, HasCommandAndTimeoutButNoInterval) {
   r = load("server: {host: h}\nsources:\n  - {name: m, type: execd}\n");
   EXPECT_FALSE(r.ok());
   EXPECT_THAT(all(r), HasSubstr("command"));
+}
+
+TEST(Dtls, DefaultsFollowTheServer) {
+  // No dtls: plain coap on 5683.
+  auto r = load("server: {host: tb.example}\ncredentials: {access_token: t}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_FALSE(r.config->server.dtls.enabled);
+  EXPECT_EQ(r.config->server.port, 5683);
+  // dtls present: 5684, the server's name checked, the system CA bundle (Debian's here).
+  r = load("server:\n  host: tb.example\n  dtls: {}\ncredentials: {access_token: t}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_TRUE(r.config->server.dtls.enabled);
+  EXPECT_EQ(r.config->server.port, 5684);
+  EXPECT_EQ(r.config->server.dtls.server_name, "tb.example");
+  EXPECT_FALSE(r.config->server.dtls.ca_file.empty());
+  // An explicit port and name win.
+  r = load(
+      "server:\n  host: 10.0.0.5\n  port: 6000\n  dtls: {server_name: tb.example, ca_dir: "
+      "/etc/ssl/certs}\ncredentials: {access_token: t}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->server.port, 6000);
+  EXPECT_EQ(r.config->server.dtls.server_name, "tb.example");
+  EXPECT_EQ(r.config->server.dtls.ca_dir, "/etc/ssl/certs");
+  EXPECT_TRUE(r.config->server.dtls.ca_file.empty());  // a directory given: no bundle added
+}
+
+TEST(Dtls, FilesAreCheckedWithTheirPositions) {
+  const auto r = load(
+      "server:\n  host: tb.example\n  dtls:\n    ca_file: /nonexistent/ca.pem\n"
+      "    cert_file: /nonexistent/device.crt\n    surprise: 1\ncredentials: {access_token: t}\n");
+  EXPECT_FALSE(r.ok());
+  const std::string text = all(r);
+  EXPECT_NE(text.find("test.yaml:4:"), std::string::npos) << text;
+  EXPECT_NE(text.find("server.dtls.ca_file: cannot read /nonexistent/ca.pem"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("key_file is missing"), std::string::npos) << text;
+  EXPECT_NE(text.find("surprise"), std::string::npos) << text;
 }
 
 }  // namespace
