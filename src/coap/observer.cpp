@@ -297,24 +297,24 @@ struct Observer::Impl {
       return COAP_RESPONSE_OK;
     }
     coap_opt_iterator_t opt_iter;
-    if (coap_check_option(received, COAP_OPTION_BLOCK2, &opt_iter)) {
-      end(id, {EndReason::Protocol, code,
-               "protocol error: notification sent block-wise (Block2), over the " +
-                   format_size(options.max_notification_body) + " limit"});
-      return COAP_RESPONSE_OK;
-    }
     std::size_t len = 0;
     const uint8_t* data = nullptr;
     if (!coap_get_data(received, &len, &data) || !data) len = 0;
-    if (len > options.max_notification_body) {
-      end(id, {EndReason::Protocol, code,
-               "protocol error: " + std::to_string(len) + "-byte notification, over the " +
-                   format_size(options.max_notification_body) + " limit"});
-      return COAP_RESPONSE_OK;
+    // Over the bound, or block-wise (a body over one datagram; no block mode here): the
+    // notification is acknowledged and reported as incomplete, without its payload; the
+    // observation goes on and the owner reads the state with a GET (Client does Block2).
+    const bool block2 = coap_check_option(received, COAP_OPTION_BLOCK2, &opt_iter) != nullptr;
+    const bool incomplete = block2 || len > options.max_notification_body;
+    if (incomplete) {
+      spdlog::warn("coap observe: {}: {} notification, over the {} limit: payload not taken",
+                   o.log_path, block2 ? "block-wise" : std::to_string(len) + "-byte",
+                   format_size(options.max_notification_body));
+      len = 0;
     }
     Notification n;
     n.code = code;
     n.first = first;
+    n.incomplete = incomplete;
     n.payload.assign(reinterpret_cast<const char*>(data), len);
     if (coap_opt_t* cf = coap_check_option(received, COAP_OPTION_CONTENT_FORMAT, &opt_iter)) {
       n.content_format =

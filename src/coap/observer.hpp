@@ -34,10 +34,10 @@ struct ObserverOptions {
   Millis register_timeout = 30s;
   Millis ack_timeout = 2s;  // CON retransmission of the registration (RFC 7252 §4.8)
   unsigned max_retransmit = 4;
-  // Largest notification body accepted. A larger one, or one sent block-wise (Block2: more than
-  // one datagram), ends the observation as Protocol without being delivered: the caller
-  // re-registers and reads the state with a GET (Client, which does Block2 with its own cap).
-  // The default is one ThingsBoard block (MAX_MESSAGE_SIZE 1024, docs/thingsboard-coap.md §1).
+  // Largest notification body taken. A larger one, or one sent block-wise (Block2: more than one
+  // datagram), is acknowledged and delivered as `incomplete`, without its payload: the
+  // observation goes on and the owner reads the state with a GET (Client does Block2 with its
+  // own cap). The default is one ThingsBoard block (MAX_MESSAGE_SIZE 1024, §1).
   std::size_t max_notification_body = 1024;
 };
 
@@ -47,6 +47,7 @@ struct Notification {
   int content_format = -1;                // -1 = absent
   std::optional<std::uint32_t> sequence;  // the Observe option's value
   bool first = false;                     // the answer to the registration itself
+  bool incomplete = false;  // over max_notification_body or block-wise: payload left out
 };
 
 enum class EndReason {
@@ -56,7 +57,7 @@ enum class EndReason {
                 // the relation (RFC 7641 §3.2); its payload was delivered as a notification
   Timeout,      // no answer to the registration within register_timeout, or no ACK of it
   Network,      // the request could not be sent, ICMP unreachable, or reset_network()
-  Protocol,     // a notification over max_notification_body, or sent block-wise
+  Protocol,     // reserved: the server broke the protocol
 };
 
 struct ObservationEnd {

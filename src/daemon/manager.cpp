@@ -12,8 +12,11 @@
 #include <exception>
 #include <map>
 
+#include <nlohmann/json.hpp>
 #include "sources/execd_source.hpp"
 #include "sources/plugin_source.hpp"
+
+#include "daemon/status_report.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
@@ -60,6 +63,7 @@ Manager::Manager(config::Config cfg, Overrides overrides)
 Manager::~Manager() {
   // Reverse of start-up. The uploader releases its in-flight batch; the queue is durable anyway.
   if (uploader_) uploader_->pause();
+  downlink_.reset();
   provisioner_.reset();
   uploader_.reset();
   sources::set_on_all_programs_stopped(nullptr);
@@ -310,6 +314,35 @@ void Manager::start_provisioning() {
 void Manager::start_delivery(const credentials::Credentials& creds) {
   if (stopping_) return;
   uploader_->start(client_.get(), creds.value);
+  start_downlink(creds.value);
+}
+
+// Attributes and server-side RPC (docs/attributes.md, docs/rpc.md): remote settings are applied
+// as a reload applies a config, and getStatus answers what `tb-agent status --json` prints.
+void Manager::start_downlink(const std::string& token) {
+  // Never called from inside the Downlink: its RPC reload runs from a loop source of its own.
+  downlink_.reset();
+  DownlinkHooks hooks;
+  hooks.apply = [this](const config::Config& next) {
+    std::string problems = apply(next);
+    if (problems.empty()) update_status(true);
+    return problems;
+  };
+  hooks.reload = [this] { return reload(); };
+  hooks.flush = [this] {
+    if (uploader_) uploader_->flush_now();
+  };
+  hooks.status = [this] {
+    return nlohmann::json::parse(format_status_json(snapshot(), wall_us()), nullptr, false);
+  };
+  hooks.changed = [this] { update_status(true); };
+  std::string err;
+  downlink_ = Downlink::create(loop_, *client_, cfg_, token, std::move(hooks), &err);
+  if (!downlink_) {
+    spdlog::error("attributes and RPC are unavailable: {}", err);
+    return;
+  }
+  downlink_->start();
 }
 
 void Manager::on_record(telemetry::Record record) {
@@ -397,7 +430,8 @@ std::string Manager::reload() {
     problems = join_diagnostics(result.diagnostics);
   } else {
     apply_overrides(*result.config, overrides_);
-    problems = apply(*result.config);
+    if (downlink_) downlink_->file_config_changed(*result.config);
+    problems = apply(downlink_ ? downlink_->with_remote_settings(*result.config) : *result.config);
   }
   if (!problems.empty()) {
     spdlog::error("reload refused, still running on the previous configuration:\n{}", problems);
@@ -409,6 +443,7 @@ std::string Manager::reload() {
     set_error(utf8::sanitized(error));
   } else {
     spdlog::info("configuration reloaded");
+    if (downlink_) downlink_->applied(cfg_);
   }
   update_status(true);
   notifier_.ready();
@@ -495,9 +530,11 @@ std::string Manager::apply(const config::Config& next) {
     uploader_->pause();
     const bool was_provisioning = provisioner_ != nullptr;
     provisioner_.reset();
+    downlink_.reset();  // it uses the old client; started again below for the new server
     client_ = std::move(new_client);
     if (creds_) uploader_->set_client(client_.get());
     cfg_.server = next.server;
+    if (creds_) start_downlink(creds_->value);
     if (was_provisioning) {
       cfg_ = next;
       start_provisioning();
@@ -529,6 +566,7 @@ std::string Manager::apply(const config::Config& next) {
     provisioning_ = false;
     failed_ = false;
     uploader_->start(client_.get(), creds_->value);
+    start_downlink(creds_->value);
   } else if (retry_provisioning) {
     failed_ = false;
     last_error_.clear();
@@ -588,6 +626,12 @@ dbus::Status Manager::snapshot() const {
          st.last_error});
   }
   s.status_text = status_text_;
+  if (downlink_) {
+    s.attributes_observation = downlink_->attributes_observation();
+    s.rpc_observation = downlink_->rpc_observation();
+    s.last_rpc = downlink_->last_rpc();
+    s.last_remote_change = downlink_->last_remote_change();
+  }
   return s;
 }
 

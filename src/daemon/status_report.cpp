@@ -110,6 +110,27 @@ const ReportField kReport[] = {
        return {s.last_error.empty() ? "none" : s.last_error};
      },
      [](const dbus::Status& s, std::uint64_t, Json& j) { j["last_error"] = s.last_error; }},
+    {"Downlink",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       if (s.attributes_observation.empty() && s.rpc_observation.empty()) return {"not started"};
+       return {"attributes " + s.attributes_observation + ", RPC " + s.rpc_observation};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["attributes_observation"] = s.attributes_observation;
+       j["rpc_observation"] = s.rpc_observation;
+     }},
+    {"Last RPC",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.last_rpc.empty() ? "none" : s.last_rpc};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) { j["last_rpc"] = s.last_rpc; }},
+    {"Remote",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.last_remote_change.empty() ? "no change" : s.last_remote_change};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["last_remote_change"] = s.last_remote_change;
+     }},
     {"Sources",
      [](const dbus::Status& s, std::uint64_t now) -> std::vector<std::string> {
        if (s.sources.empty()) return {"none running"};

@@ -41,6 +41,13 @@ struct Status {
   std::vector<SourceRow> sources;
   // What the state means right now, the same sentence as sd_notify STATUS= ("retrying in 4s: …").
   std::string status_text;
+  // The downlink (docs/attributes.md, docs/rpc.md): each observation's state ("observing",
+  // "registering", "retrying in 4s: …"; "" before there is a token), the last server-side RPC
+  // and how it ended, the last shared-attribute change applied or refused.
+  std::string attributes_observation;
+  std::string rpc_observation;
+  std::string last_rpc;
+  std::string last_remote_change;
   bool operator==(const Status&) const = default;
 };
 
@@ -88,6 +95,10 @@ inline constexpr std::array kProperties = {
     Property{"Sources", &Status::sources, Signal::Throttled},
     // The text carries counters ("delivering 12 queued reading(s)"): rate-limited with them.
     Property{"StatusText", &Status::status_text, Signal::Throttled},
+    Property{"AttributesObservation", &Status::attributes_observation, Signal::Immediate},
+    Property{"RpcObservation", &Status::rpc_observation, Signal::Immediate},
+    Property{"LastRpc", &Status::last_rpc, Signal::Immediate},
+    Property{"LastRemoteChange", &Status::last_remote_change, Signal::Immediate},
 };
 
 // The property's value in `a` differs from the one in `b`.

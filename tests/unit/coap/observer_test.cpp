@@ -194,7 +194,7 @@ TEST_F(ObserverTest, AnUnansweredRegistrationTimesOut) {
   ASSERT_TRUE(run_until([&] { return again.notifications.size() == 1; }, 10s));
 }
 
-TEST_F(ObserverTest, ANotificationOverTheLimitEndsTheObservationUndelivered) {
+TEST_F(ObserverTest, ANotificationOverTheLimitIsDeliveredIncompleteAndTheObservationGoesOn) {
   ObserverOptions o;
   o.max_notification_body = 256;
   make_observer(o);
@@ -203,10 +203,16 @@ TEST_F(ObserverTest, ANotificationOverTheLimitEndsTheObservationUndelivered) {
   ASSERT_TRUE(run_until([&] { return seen.notifications.size() == 1; }));
   ASSERT_EQ(server_->command("set-shared pump-7 {\"big\":\"" + std::string(600, 'x') + "\"}"),
             "ok");
-  ASSERT_TRUE(run_until([&] { return seen.ends.size() == 1; }));
-  EXPECT_EQ(seen.ends[0].reason, EndReason::Protocol);
-  EXPECT_NE(seen.ends[0].error.find("limit"), std::string::npos) << seen.ends[0].error;
-  EXPECT_EQ(seen.notifications.size(), 1u);
+  ASSERT_TRUE(run_until([&] { return seen.notifications.size() == 2; }));
+  EXPECT_TRUE(seen.notifications[1].incomplete);
+  EXPECT_TRUE(seen.notifications[1].payload.empty());
+  // Acknowledged, and the observation goes on.
+  ASSERT_TRUE(run_until([&] { return observers()["attributes"]["unacked"] == false; }));
+  ASSERT_EQ(server_->command(R"(set-shared pump-7 {"small":1})"), "ok");
+  ASSERT_TRUE(run_until([&] { return seen.notifications.size() == 3; }));
+  EXPECT_FALSE(seen.notifications[2].incomplete);
+  EXPECT_EQ(json::parse(seen.notifications[2].payload), json({{"small", 1}}));
+  EXPECT_TRUE(seen.ends.empty());
 }
 
 TEST_F(ObserverTest, ResetNetworkEndsEveryObservationAndANewOneWorks) {
