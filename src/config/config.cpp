@@ -1044,7 +1044,7 @@ void parse_sources(Ctx& ctx, const Item& item, Config& out) {
   }
 }
 
-// --- downlink: attributes:, remote:, rpc:, downlink: (docs/attributes.md, docs/rpc.md) -------
+// --- downlink: attributes:, remote:, rpc:, downlink: (docs/attributes.md) -------
 
 void parse_attributes(Ctx& ctx, const Item& item, Config& out) {
   if (item.value.IsNull()) return;

@@ -161,7 +161,7 @@ struct LoggingConfig {
   std::string level = "info";  // trace, debug, info, warning, error
 };
 
-// The downlink side (docs/attributes.md, docs/rpc.md): `attributes:`, `remote:`, `rpc:` and
+// The downlink side (docs/attributes.md): `attributes:`, `remote:`, `rpc:` and
 // `downlink:` of docs/interface.md.
 struct RpcMethodConfig {
   std::vector<std::string> command;  // argv; no shell

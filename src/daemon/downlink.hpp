@@ -1,4 +1,4 @@
-// The downlink side of the agent, wired (docs/attributes.md, docs/rpc.md): one coap::Observer,
+// The downlink side of the agent, wired (docs/attributes.md): one coap::Observer,
 // the attribute exchange (attributes::Sync) and server-side RPC (rpc::Server), plus what
 // `remote:` lets shared attributes change. Kept out of manager.cpp: the manager only creates it
 // once it has a token, lets it overlay remote settings on a reloaded config, and reads its

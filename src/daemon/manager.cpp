@@ -317,7 +317,7 @@ void Manager::start_delivery(const credentials::Credentials& creds) {
   start_downlink(creds.value);
 }
 
-// Attributes and server-side RPC (docs/attributes.md, docs/rpc.md): remote settings are applied
+// Attributes and server-side RPC (docs/attributes.md): remote settings are applied
 // as a reload applies a config, and getStatus answers what `tb-agent status --json` prints.
 void Manager::start_downlink(const std::string& token) {
   // Never called from inside the Downlink: its RPC reload runs from a loop source of its own.

@@ -41,7 +41,7 @@ struct Status {
   std::vector<SourceRow> sources;
   // What the state means right now, the same sentence as sd_notify STATUS= ("retrying in 4s: …").
   std::string status_text;
-  // The downlink (docs/attributes.md, docs/rpc.md): each observation's state ("observing",
+  // The downlink (docs/attributes.md): each observation's state ("observing",
   // "registering", "retrying in 4s: …"; "" before there is a token), the last server-side RPC
   // and how it ended, the last shared-attribute change applied or refused.
   std::string attributes_observation;

@@ -1,4 +1,4 @@
-// Server-side RPC as JSON (docs/thingsboard-coap.md §3.1; docs/rpc.md). Pure functions.
+// Server-side RPC as JSON (docs/thingsboard-coap.md §3.1; docs/attributes.md). Pure functions.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +24,7 @@ struct Request {
 // string (§3.1: the code sends a number, the docs show a string). nullopt and *error otherwise.
 std::optional<Request> parse_request(std::string_view payload, std::string* error);
 
-// The identity used to recognise a request ThingsBoard sends again (docs/rpc.md
+// The identity used to recognise a request ThingsBoard sends again (docs/attributes.md
 // "De-duplication"): id, method and params.
 std::string request_key(const Request& r);
 

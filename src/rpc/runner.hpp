@@ -1,4 +1,4 @@
-// Runs one operator-defined RPC command (docs/rpc.md): argv, no shell, a small fixed
+// Runs one operator-defined RPC command (docs/attributes.md): argv, no shell, a small fixed
 // environment, stdin /dev/null, in its own process group, as the agent's own user (the service
 // user under systemd), through the exec source's spawn_program(). Output is bounded (stdout kept
 // up to kMaxOutput, the rest read and dropped; stderr up to kMaxStderr); at the timeout the whole

@@ -1,4 +1,4 @@
-// Server-side RPC (docs/rpc.md; docs/thingsboard-coap.md §3.1): observes /api/v1/{token}/rpc
+// Server-side RPC (docs/attributes.md; docs/thingsboard-coap.md §3.1): observes /api/v1/{token}/rpc
 // (kept alive by coap::Subscription), answers every request with a JSON object at
 // /api/v1/{token}/rpc/{id}: built-in methods through `builtin`, the config's `rpc:` methods by
 // running their command, anything else with an error. Nothing runs that the config does not

@@ -1,10 +1,11 @@
 # ctest-labels: integration
 """The real tb-agent's downlink against the real tb-test-server (docs/attributes.md,
-docs/rpc.md): client attributes published on start and on change, shared attributes applied
+docs/attributes.md): client attributes published on start and on change, shared attributes applied
 live as `remote:` allows and refused otherwise, deleted keys, server-side RPC (built-ins,
 configured commands, unknown methods, re-sent requests, ids restarting from 0), observations
 re-registered after a server restart, hostile notifications refused."""
-import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from agent import server_config, wait_until
 from tbserver import TbServer
 from agent import build_dir
+from test_dbus_agent import bus, wait_prop  # noqa: F401  (bus: the private system bus fixture)
 
 TOKEN = "downlink-token"
 DEVICE = "dev1"
@@ -177,3 +179,30 @@ def test_hostile_notifications_are_refused_and_the_agent_goes_on(srv, running):
     srv.check(f'set-shared {DEVICE} {{"host_interval":"9s"}}')
     running.wait_log("applied host_interval=\"9s\"", timeout=40)
     assert running.running()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the policy lets root own the name")
+def test_observation_state_remote_changes_and_rpc_on_dbus_and_in_status(srv, agents, tmp_path,
+                                                                        bus):
+    address = bus
+    cfg = config(srv, tmp_path)
+    cfg["dbus"] = {"bus": "system"}
+    a = agents(cfg).start(env={"DBUS_SYSTEM_BUS_ADDRESS": address})
+    wait_prop(address, "AttributesObservation", lambda v: v == "observing", "== observing")
+    wait_prop(address, "RpcObservation", lambda v: v == "observing", "== observing")
+    srv.check(f'set-shared {DEVICE} {{"host_interval":"4s","colour":"red"}}')
+    wait_prop(address, "LastRemoteChange", lambda v: v.startswith("applied host_interval"),
+              "applied")
+    srv.check(f'set-shared {DEVICE} {{"colour":"blue"}}')
+    wait_prop(address, "LastRemoteChange",
+              lambda v: v == 'refused colour="blue": not allowed by remote:', "refused")
+    rpc_result(srv, srv.send_rpc(DEVICE, "echo", 10000))
+    wait_prop(address, "LastRpc", lambda v: v == "echo (id 0): ok", "echo ok")
+    out = subprocess.run([str(a.binary), "status", "--config", str(a.config_path)],
+                         env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "Downlink: attributes observing, RPC observing" in out.stdout
+    assert "Last RPC: echo (id 0): ok" in out.stdout
+    assert 'Remote: refused colour="blue": not allowed by remote:' in out.stdout
+    assert a.stop() == 0
