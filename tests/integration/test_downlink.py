@@ -127,6 +127,8 @@ def test_rpc_builtins_commands_and_unknown_methods(srv, running, tmp_path):
     assert r["response"]["error"] == "timed out after 1s"
     r = rpc_result(srv, srv.send_rpc(DEVICE, "flush", 10000))
     assert r["response"] == {"result": "flushing"}
+    r = rpc_result(srv, srv.send_rpc(DEVICE, "reload", 10000))
+    assert r["response"] == {"result": "reloaded"}
     running.wait_log("RPC rm (id 2): unknown method")
     assert not (tmp_path / "marker").exists()
 
@@ -162,6 +164,19 @@ def test_server_restart_then_observations_come_back(srv, running):
     running.wait_log("applied host_interval=\"6s\"")
     r = rpc_result(srv, srv.send_rpc(DEVICE, "echo", 10000))
     assert r["response"]["output"] == "hello\n"
+
+
+def test_outage_then_observations_and_state_come_back(srv, running):
+    # The server goes silent (every datagram dropped, as in a network outage): registrations
+    # time out, the agent keeps trying with backoff; a change made meanwhile is picked up by the
+    # resync once the server answers again, without an operator.
+    srv.check("drop-all on")
+    running.wait_log("observation no answer", timeout=30)
+    srv.command(f'set-shared {DEVICE} {{"host_interval":"8s"}}')  # nobody observes: not sent
+    time.sleep(5)
+    srv.check("drop-all off")
+    running.wait_log("applied host_interval=\"8s\"", timeout=90)
+    wait_until(lambda: observing(srv), 30, what="observations back")
 
 
 def test_hostile_notifications_are_refused_and_the_agent_goes_on(srv, running):
