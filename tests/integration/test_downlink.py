@@ -38,7 +38,7 @@ def config(srv, tmp_path, **extra):
         "remote": {"host_interval": "sources.host.interval", "agent_log_level": "log_level"},
         "rpc": {
             "echo": {"command": ["/bin/echo", "hello"], "timeout": "5s"},
-            "mark": {"command": ["/bin/sh", "-c", f"sleep 2; echo run >> {marker}"],
+            "mark": {"command": ["/bin/sh", "-c", f"sleep 5; echo run >> {marker}"],
                      "timeout": "10s"},
             "slow": {"command": ["/bin/sleep", "30"], "timeout": "1s"},
         },
@@ -88,7 +88,7 @@ def test_client_attributes_published_on_start(srv, running):
 def test_shared_attribute_applied_live_refused_and_deleted(srv, running):
     wait_until(lambda: client_attrs(srv).get("sources"), 15, what="client attributes")
     srv.check(f'set-shared {DEVICE} {{"host_interval":"5s"}}')
-    running.wait_log("applied host_interval=\"5s\"")
+    running.wait_log("applied host_interval=\"5s\"", timeout=30)
     # Applied live: the source restarted with the new interval, and the fact is published.
     wait_until(lambda: client_attrs(srv)["sources"] == {"host": "5s"}, 15, what="interval fact")
     # Only the changed key went out.
@@ -140,8 +140,9 @@ def test_resent_request_runs_once_and_restarted_ids_are_served(srv, running, tmp
     # While it runs, the server ends the observation; the agent registers again and ThingsBoard
     # sends the pending request again: it must not run twice.
     srv.check(f"end-observe {DEVICE} rpc")
-    running.wait_log("RPC mark (id 0) sent again while it runs")
-    r = rpc_result(srv, rpc_id)
+    # (the command sleeps 5 s: time enough for the re-registration on a loaded machine)
+    running.wait_log("RPC mark (id 0) sent again while it runs", timeout=30)
+    r = rpc_result(srv, rpc_id, timeout=40)
     assert r["state"] == "SUCCESSFUL" and r["response"]["exit_code"] == 0
     time.sleep(1)
     assert marker.read_text() == "run\n"
@@ -150,7 +151,7 @@ def test_resent_request_runs_once_and_restarted_ids_are_served(srv, running, tmp
     srv.check(f"actor-restart {DEVICE}")
     assert srv.send_rpc(DEVICE, "mark", 30000) == 0
     wait_until(lambda: [r["state"] for r in srv.rpcs(DEVICE)] == ["SUCCESSFUL", "SUCCESSFUL"],
-               20, what=f"second mark answered ({srv.rpcs(DEVICE)})")
+               40, what=f"second mark answered ({srv.rpcs(DEVICE)})")
     assert marker.read_text() == "run\nrun\n"
 
 
