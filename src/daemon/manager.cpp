@@ -13,10 +13,10 @@
 #include <map>
 
 #include <nlohmann/json.hpp>
-#include "sources/execd_source.hpp"
-#include "sources/plugin_source.hpp"
 
 #include "daemon/status_report.hpp"
+#include "sources/execd_source.hpp"
+#include "sources/plugin_source.hpp"
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
