@@ -123,6 +123,12 @@ void Downlink::applied(const config::Config& running) {
   publish_facts();
 }
 
+void Downlink::renew() {
+  spdlog::info("deliveries work again: registering the observations again");
+  sync_->renew();
+  rpc_->renew();
+}
+
 void Downlink::report(const std::string& text, bool refused) {
   last_remote_ = text;
   if (refused) {

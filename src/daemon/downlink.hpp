@@ -48,6 +48,9 @@ class Downlink {
   config::Config with_remote_settings(const config::Config& file_config) const;
   // The whole config as it runs now (file + remote) was applied: publish the facts again.
   void applied(const config::Config& running);
+  // The network or the server may have changed (deliveries work again after failing): register
+  // both observations again now with fresh tokens, and resync the shared attributes.
+  void renew();
 
   std::string attributes_observation() const { return sync_->observation_state(); }
   std::string rpc_observation() const { return rpc_->observation_state(); }

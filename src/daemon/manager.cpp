@@ -367,6 +367,10 @@ void Manager::on_record(telemetry::Record record) {
 }
 
 void Manager::on_delivery_event(const DeliveryEvent& ev) {
+  // The server answers again after failed deliveries (an outage, a network change): the
+  // observations may be gone with it, so they are registered again now, not at the interval.
+  if (downlink_ && delivery_.state == DeliveryState::Retrying && ev.state == DeliveryState::Idle)
+    downlink_->renew();
   delivery_ = ev;
   if (!ev.error.empty()) set_error(ev.error);
   update_status(true);

@@ -180,6 +180,25 @@ def test_outage_then_observations_and_state_come_back(srv, running):
     wait_until(lambda: observing(srv), 30, what="observations back")
 
 
+def test_deliveries_working_again_renew_the_observations(srv, agents, tmp_path):
+    # The server is away long enough for deliveries to fail, then back (same port, same state):
+    # its observations are gone silently. With a 10-minute interval only the agent noticing that
+    # deliveries work again brings them back soon.
+    cfg = config(srv, tmp_path)
+    cfg["sources"][0]["interval"] = "500ms"
+    cfg["delivery"] = {"flush_interval": "100ms", "backoff_initial": "300ms", "backoff_max": "1s"}
+    cfg["downlink"] = {"reregister_interval": "10m"}
+    a = agents(cfg).start()
+    wait_until(lambda: observing(srv), 20, what="both observations registered")
+    srv.stop()
+    a.wait_log("delivery failed", timeout=30)
+    srv.start()
+    a.wait_log("deliveries work again: registering the observations again", timeout=30)
+    wait_until(lambda: observing(srv), 30, what="observations back")
+    srv.check(f'set-shared {DEVICE} {{"host_interval":"3s"}}')
+    a.wait_log("applied host_interval=\"3s\"", timeout=30)
+
+
 def test_hostile_notifications_are_refused_and_the_agent_goes_on(srv, running):
     deep = "[" * 20 + "1" + "]" * 20
     srv.check(f'set-shared {DEVICE} {{"host_interval":{deep}}}')
