@@ -92,10 +92,12 @@ def test_shared_attribute_applied_live_refused_and_deleted(srv, running):
     # Applied live: the source restarted with the new interval, and the fact is published.
     wait_until(lambda: client_attrs(srv)["sources"] == {"host": "5s"}, 15, what="interval fact")
     # Only the changed key went out.
-    posts = [r["attributes"] for r in srv.records()
-             if r.get("feature") == "attributes" and r["method"] == "POST" and r.get("attributes")]
-    change = [p for p in posts if p.get("sources") == {"host": "5s"}]
-    assert change and set(change[0]) == {"sources"}, posts
+    # (the state file is written before the request's record: wait for the record too)
+    def change():
+        posts = [r["attributes"] for r in srv.records() if r.get("feature") == "attributes"
+                 and r["method"] == "POST" and r.get("attributes")]
+        return [p for p in posts if p.get("sources") == {"host": "5s"}]
+    assert set(wait_until(change, 15, what="the change's record")[0]) == {"sources"}
     # A key remote: does not name, and a bad value for one it does, are refused and reported.
     srv.check(f'set-shared {DEVICE} {{"server_host":"evil.example.com"}}')
     running.wait_log("refused server_host=\"evil.example.com\": not allowed by remote:")
