@@ -80,9 +80,13 @@ def test_client_attributes_published_on_start(srv, running):
     assert attrs["agent_version"] and attrs["hostname"] and attrs["kernel"]
     assert attrs["sources"] == {"host": "30s"}
     assert isinstance(attrs["ip_addresses"], list)
-    posts = [r for r in srv.records() if r.get("feature") == "attributes" and r["method"] == "POST"]
-    # Unchanged facts are not sent again: one POST so far (the 60 s fact check sends nothing new).
-    assert len(posts) == 1
+    def posts():
+        return [r for r in srv.records()
+                if r.get("feature") == "attributes" and r["method"] == "POST"]
+    wait_until(posts, 15, what="the POST's record")
+    # Unchanged facts are not sent again: one POST so far, also after the observations' resync.
+    time.sleep(1)
+    assert len(posts()) == 1
 
 
 def test_shared_attribute_applied_live_refused_and_deleted(srv, running):
