@@ -5,6 +5,7 @@ live as `remote:` allows and refused otherwise, deleted keys, server-side RPC (b
 configured commands, unknown methods, re-sent requests, ids restarting from 0), observations
 re-registered after a server restart, hostile notifications refused."""
 import os
+import signal
 import subprocess
 import time
 
@@ -84,7 +85,9 @@ def test_client_attributes_published_on_start(srv, running):
         return [r for r in srv.records()
                 if r.get("feature") == "attributes" and r["method"] == "POST"]
     wait_until(posts, 15, what="the POST's record")
-    # Unchanged facts are not sent again: one POST so far, also after the observations' resync.
+    # Unchanged facts are not sent again: a reload publishes the facts again, and nothing changed.
+    running.send_signal(signal.SIGHUP)
+    running.wait_log("configuration reloaded")
     time.sleep(1)
     assert len(posts()) == 1
 
