@@ -20,12 +20,14 @@
 #include <spdlog/spdlog.h>
 #include "coap/libcoap.hpp"
 
+#include "coap/libcoap_glue.hpp"
 #include "net/resolver.hpp"
 #include "util/units.hpp"
 
 namespace tb::coap {
 
-namespace {
+// Shared with observer.cpp (coap/libcoap_glue.hpp): one log handler, one secret masker.
+namespace detail {
 
 // ---- logging ---------------------------------------------------------------------------------
 //
@@ -172,6 +174,12 @@ std::string path_for_log(const std::vector<std::string>& path) {
   }
   return out.empty() ? "/" : out;
 }
+
+}  // namespace detail
+
+using namespace detail;
+
+namespace {
 
 // Bytes a Uri-Path option takes on the wire (RFC 7252 §3.1): 1 header byte, plus 1 or 2 extended
 // length bytes. The option delta is 0 after the first one, 11 (< 13) for the first.

@@ -800,6 +800,99 @@ void read_sources(Ctx& ctx, const SourceTypes& types, Config& config) {
   }
 }
 
+// --- downlink: attributes:, remote:, rpc:, downlink: (docs/attributes.md) -------
+
+void parse_attributes(Ctx& ctx, const Item& item, Config& out) {
+  if (item.value.IsNull()) return;
+  if (!item.value.IsMap()) {
+    ctx.error(item.where(),
+              item.path + ": expected a map of attribute names to values, not " + kind(item.value));
+    return;
+  }
+  std::size_t nodes = 0;
+  Value v;
+  if (to_value(ctx, item.value, item.path, 0, nodes, v)) out.downlink.attributes = std::move(v);
+}
+
+// The settings a shared attribute may change (never the server or credentials).
+bool remote_setting_known(const std::string& s) {
+  if (s == "log_level" || s == "logging.level") return true;
+  constexpr std::string_view prefix = "sources.", suffix = ".interval";
+  return s.size() > prefix.size() + suffix.size() && s.rfind(prefix, 0) == 0 &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+void parse_remote(Ctx& ctx, const Item& item, Config& out) {
+  if (item.value.IsNull()) return;
+  if (!item.value.IsMap()) {
+    ctx.error(item.where(),
+              item.path + ": expected a map of shared attribute: setting, not " + kind(item.value));
+    return;
+  }
+  for (auto it = item.value.begin(); it != item.value.end(); ++it) {
+    const YAML::Node key = it->first, value = it->second;
+    if (!key.IsScalar() || key.Scalar().empty()) {
+      ctx.error(key.Mark(), item.path + ": expected an attribute name, not " + kind(key));
+      continue;
+    }
+    const std::string path = item.path + "." + key.Scalar();
+    if (!value.IsScalar() || !remote_setting_known(value.Scalar())) {
+      ctx.error(value.IsNull() ? key.Mark() : value.Mark(),
+                path +
+                    ": must name a setting a shared attribute may change: log_level or "
+                    "sources.NAME.interval");
+      continue;
+    }
+    out.downlink.remote[key.Scalar()] = value.Scalar();
+  }
+}
+
+void check_rpc_command(Ctx& ctx, const Item& item, RpcMethodConfig& out) {
+  SourceConfig scratch;
+  check_command(ctx, item, scratch);
+  out.command = std::move(scratch.command);
+}
+
+const Table<RpcMethodConfig> kRpcMethod = {
+    {"command", Required, check_rpc_command},
+    {"timeout", Optional, duration(&RpcMethodConfig::timeout, 100ms, Millis(10min))},
+};
+
+void parse_rpc(Ctx& ctx, const Item& item, Config& out) {
+  if (item.value.IsNull()) return;
+  if (!item.value.IsMap()) {
+    ctx.error(item.where(),
+              item.path + ": expected a map of method names, not " + kind(item.value));
+    return;
+  }
+  for (auto it = item.value.begin(); it != item.value.end(); ++it) {
+    const YAML::Node key = it->first, value = it->second;
+    if (!key.IsScalar() || key.Scalar().empty()) {
+      ctx.error(key.Mark(), item.path + ": expected a method name, not " + kind(key));
+      continue;
+    }
+    const std::string& name = key.Scalar();
+    const std::string path = item.path + "." + name;
+    if (name == "getStatus" || name == "flush" || name == "reload") {
+      ctx.error(key.Mark(), path + ": " + shown(name) + " is built in");
+      continue;
+    }
+    if (!value.IsMap()) {
+      ctx.error(value.IsNull() ? key.Mark() : value.Mark(),
+                path + ": expected a map (command:, timeout:), not " + kind(value));
+      continue;
+    }
+    RpcMethodConfig method;
+    walk(ctx, value, path, kRpcMethod, method, key.Mark(), WalkOptions{});
+    out.downlink.rpc[name] = std::move(method);
+  }
+}
+
+const Table<DownlinkConfig> kDownlink = {
+    {"reregister_interval", Optional,
+     duration(&DownlinkConfig::reregister_interval, 10s, Millis(1h))},
+};
+
 const Table<Config> kTop = {
     {"server", Required, section(&Config::server, kServer, std::function(check_server))},
     {"device", Optional, section(&Config::device, kDevice)},
@@ -813,6 +906,10 @@ const Table<Config> kTop = {
     {"delivery", Optional, section(&Config::delivery, kDelivery, std::function(check_delivery))},
     {"dbus", Optional, section(&Config::dbus, kDbus)},
     {"logging", Optional, section(&Config::logging, kLogging)},
+    {"attributes", Optional, parse_attributes},
+    {"remote", Optional, parse_remote},
+    {"rpc", Optional, parse_rpc},
+    {"downlink", Optional, section(&Config::downlink, kDownlink)},
 };
 
 // --- the document ---------------------------------------------------------------------------

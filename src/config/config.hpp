@@ -223,6 +223,24 @@ struct LoggingConfig {
   std::string level = "info";  // trace, debug, info, warning, error
 };
 
+// The downlink side (docs/attributes.md): `attributes:`, `remote:`, `rpc:` and
+// `downlink:` of docs/interface.md.
+struct RpcMethodConfig {
+  std::vector<std::string> command;  // argv; no shell
+  Millis timeout = 10s;
+  bool operator==(const RpcMethodConfig&) const = default;
+};
+
+struct DownlinkConfig {
+  Value attributes;                            // static client attributes: a Value::Map, or null
+  std::map<std::string, std::string> remote;   // shared attribute key -> the setting it may set
+  std::map<std::string, RpcMethodConfig> rpc;  // operator-defined server-side RPC methods
+  // Observations are registered again this often: a server restart is silent for an observer
+  // and NAT bindings expire within minutes (docs/thingsboard-coap.md §7).
+  Millis reregister_interval = 2min;
+  bool operator==(const DownlinkConfig&) const = default;
+};
+
 struct Config {
   std::filesystem::path file;  // where it was read from
   ServerConfig server;
@@ -236,6 +254,7 @@ struct Config {
   DeliveryConfig delivery;
   DbusConfig dbus;
   LoggingConfig logging;
+  DownlinkConfig downlink;
 };
 
 struct Diagnostic {

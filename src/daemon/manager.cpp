@@ -15,6 +15,9 @@
 #include <limits>
 #include <map>
 
+#include <nlohmann/json.hpp>
+
+#include "daemon/status_report.hpp"
 #include "sources/execd_source.hpp"
 #include "sources/plugin_source.hpp"
 #include "sources/source_type.hpp"
@@ -88,6 +91,7 @@ Manager::Manager(config::Config cfg, Overrides overrides)
 Manager::~Manager() {
   // Reverse of start-up. The uploader releases its in-flight batch; the queue is durable anyway.
   if (uploader_) uploader_->pause();
+  downlink_.reset();
   provisioner_.reset();
   uploader_.reset();
   sources::set_on_all_programs_stopped(nullptr);
@@ -345,6 +349,35 @@ void Manager::start_provisioning() {
 void Manager::start_delivery(const credentials::Credentials& creds) {
   if (stopping_) return;
   uploader_->start(client_.get(), creds.value);
+  start_downlink(creds.value);
+}
+
+// Attributes and server-side RPC (docs/attributes.md): remote settings are applied
+// as a reload applies a config, and getStatus answers what `tb-agent status --json` prints.
+void Manager::start_downlink(const std::string& token) {
+  // Never called from inside the Downlink: its RPC reload runs from a loop source of its own.
+  downlink_.reset();
+  DownlinkHooks hooks;
+  hooks.apply = [this](const config::Config& next) {
+    std::string problems = apply(next);
+    if (problems.empty()) update_status(true);
+    return problems;
+  };
+  hooks.reload = [this] { return reload(); };
+  hooks.flush = [this] {
+    if (uploader_) uploader_->flush_now();
+  };
+  hooks.status = [this] {
+    return nlohmann::json::parse(format_status_json(snapshot(), wall_us()), nullptr, false);
+  };
+  hooks.changed = [this] { update_status(true); };
+  std::string err;
+  downlink_ = Downlink::create(loop_, *client_, cfg_, token, std::move(hooks), &err);
+  if (!downlink_) {
+    spdlog::error("attributes and RPC are unavailable: {}", err);
+    return;
+  }
+  downlink_->start();
 }
 
 void Manager::check_state_dir() {
@@ -422,6 +455,10 @@ void Manager::on_record(telemetry::Record record) {
 }
 
 void Manager::on_delivery_event(const DeliveryEvent& ev) {
+  // The server answers again after failed deliveries (an outage, a network change): the
+  // observations may be gone with it, so they are registered again now, not at the interval.
+  if (downlink_ && delivery_.state == DeliveryState::Retrying && ev.state == DeliveryState::Idle)
+    downlink_->renew();
   delivery_ = ev;
   if (!ev.error.empty()) set_error(ev.error);
   update_status(true);
@@ -485,7 +522,8 @@ std::string Manager::reload() {
     problems = join_diagnostics(result.diagnostics);
   } else {
     apply_overrides(*result.config, overrides_);
-    problems = apply(*result.config);
+    if (downlink_) downlink_->file_config_changed(*result.config);
+    problems = apply(downlink_ ? downlink_->with_remote_settings(*result.config) : *result.config);
   }
   if (!problems.empty()) {
     spdlog::error("reload refused, still running on the previous configuration:\n{}", problems);
@@ -497,6 +535,7 @@ std::string Manager::reload() {
     set_error(utf8::sanitized(error));
   } else {
     spdlog::info("configuration reloaded");
+    if (downlink_) downlink_->applied(cfg_);
   }
   update_status(true);
   notifier_.ready();
@@ -584,9 +623,11 @@ std::string Manager::apply(const config::Config& next) {
     uploader_->pause();
     const bool was_provisioning = provisioner_ != nullptr;
     provisioner_.reset();
+    downlink_.reset();  // it uses the old client; started again below for the new server
     client_ = std::move(new_client);
     if (creds_) uploader_->set_client(client_.get());
     cfg_.server = next.server;
+    if (creds_) start_downlink(creds_->value);
     if (was_provisioning) {
       cfg_ = next;
       start_provisioning();
@@ -621,6 +662,7 @@ std::string Manager::apply(const config::Config& next) {
     provisioning_ = false;
     failed_ = false;
     uploader_->start(client_.get(), creds_->value);
+    start_downlink(creds_->value);
   } else if (retry_provisioning) {
     failed_ = false;
     last_error_.clear();
@@ -680,6 +722,12 @@ dbus::Status Manager::snapshot() const {
          st.last_error});
   }
   s.status_text = status_text_;
+  if (downlink_) {
+    s.attributes_observation = downlink_->attributes_observation();
+    s.rpc_observation = downlink_->rpc_observation();
+    s.last_rpc = downlink_->last_rpc();
+    s.last_remote_change = downlink_->last_remote_change();
+  }
   return s;
 }
 

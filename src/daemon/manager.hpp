@@ -16,6 +16,7 @@
 #include "coap/client.hpp"
 #include "config/config.hpp"
 #include "credentials/credentials.hpp"
+#include "daemon/downlink.hpp"
 #include "daemon/notifier.hpp"
 #include "daemon/uploader.hpp"
 #include "dbus/status_service.hpp"
@@ -58,6 +59,7 @@ class Manager {
   int init();
   void start_provisioning();
   void start_delivery(const credentials::Credentials& creds);
+  void start_downlink(const std::string& token);
   void on_record(telemetry::Record record);
   // Wall clock steps and a clock not set yet (docs/queue.md, "Timestamps and the clock"); returns
   // the step taken now (0: none).
@@ -94,6 +96,7 @@ class Manager {
   std::unique_ptr<provisioning::Provisioner> provisioner_;
   std::vector<sources::SourcePtr> sources_;
   std::unique_ptr<dbus::StatusService> bus_;
+  std::unique_ptr<Downlink> downlink_;  // attributes and RPC, once there is a token
   std::unique_ptr<Timer> limits_timer_;
   std::unique_ptr<Timer> status_timer_;
   std::unique_ptr<Timer> shutdown_timer_;

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <string_view>
+#include <vector>
 
 #include "util/clock.hpp"
 #include "util/units.hpp"
@@ -42,6 +43,120 @@ std::string format_ago(std::uint64_t then_us, std::uint64_t now_us) {
   return std::to_string(s / 86400) + " d ago";
 }
 
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+// One part of the report: its label and lines in the human summary (a second line and later are
+// continuation lines, without the label), and the keys it adds to the JSON object. Both outputs
+// walk kReport, so a new status field is one entry here.
+struct ReportField {
+  std::string_view label;
+  std::vector<std::string> (*human)(const dbus::Status&, std::uint64_t now_us);
+  void (*json)(const dbus::Status&, std::uint64_t now_us, Json& out);
+};
+
+std::string source_line(const dbus::SourceRow& src, std::uint64_t now_us) {
+  std::string text = src.name + " (" + src.type + ", every " +
+                     format_duration(Millis(static_cast<std::int64_t>(src.interval_usec / 1000))) +
+                     "): " + plural(src.readings, "reading", "readings") + ", " +
+                     plural(src.errors, "error", "errors") + ", last read " +
+                     format_ago(src.last_reading_time, now_us);
+  if (!src.last_error.empty()) text += "; error: " + src.last_error;
+  return text;
+}
+
+const ReportField kReport[] = {
+    {"State",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       const std::string reason = why(s);
+       return {reason.empty() ? s.state : s.state + " (" + reason + ")"};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["state"] = s.state;
+       j["status_text"] = s.status_text;
+     }},
+    {"Device",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.device_name + (s.provisioned ? " (provisioned)" : " (not provisioned)")};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["device_name"] = s.device_name;
+       j["provisioned"] = s.provisioned;
+     }},
+    {"Server",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> { return {s.server}; },
+     [](const dbus::Status& s, std::uint64_t, Json& j) { j["server"] = s.server; }},
+    {"Readings",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {std::to_string(s.queued_readings) + " queued, " + std::to_string(s.sent_readings) +
+               " sent, " + std::to_string(s.dropped_readings) + " dropped"};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["queued_readings"] = s.queued_readings;
+       j["sent_readings"] = s.sent_readings;
+       j["dropped_readings"] = s.dropped_readings;
+     }},
+    {"Last success",
+     [](const dbus::Status& s, std::uint64_t now) -> std::vector<std::string> {
+       return {format_ago(s.last_success_time, now)};
+     },
+     [](const dbus::Status& s, std::uint64_t now, Json& j) {
+       j["last_success_time_us"] = s.last_success_time;
+       j["last_success_age_s"] = age_seconds(s.last_success_time, now);
+     }},
+    {"Last error",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.last_error.empty() ? "none" : s.last_error};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) { j["last_error"] = s.last_error; }},
+    {"Downlink",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       if (s.attributes_observation.empty() && s.rpc_observation.empty()) return {"not started"};
+       return {"attributes " + s.attributes_observation + ", RPC " + s.rpc_observation};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["attributes_observation"] = s.attributes_observation;
+       j["rpc_observation"] = s.rpc_observation;
+     }},
+    {"Last RPC",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.last_rpc.empty() ? "none" : s.last_rpc};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) { j["last_rpc"] = s.last_rpc; }},
+    {"Remote",
+     [](const dbus::Status& s, std::uint64_t) -> std::vector<std::string> {
+       return {s.last_remote_change.empty() ? "no change" : s.last_remote_change};
+     },
+     [](const dbus::Status& s, std::uint64_t, Json& j) {
+       j["last_remote_change"] = s.last_remote_change;
+     }},
+    {"Sources",
+     [](const dbus::Status& s, std::uint64_t now) -> std::vector<std::string> {
+       if (s.sources.empty()) return {"none running"};
+       std::vector<std::string> lines;
+       for (const auto& src : s.sources) lines.push_back(source_line(src, now));
+       return lines;
+     },
+     [](const dbus::Status& s, std::uint64_t now, Json& j) {
+       j["sources"] = Json::array();
+       for (const auto& src : s.sources) {
+         Json o;
+         o["name"] = src.name;
+         o["type"] = src.type;
+         o["interval_us"] = src.interval_usec;
+         o["readings"] = src.readings;
+         o["errors"] = src.errors;
+         o["last_reading_time_us"] = src.last_reading_time;
+         o["last_reading_age_s"] = age_seconds(src.last_reading_time, now);
+         o["last_error"] = src.last_error;
+         j["sources"].push_back(std::move(o));
+       }
+     }},
+};
+
+}  // namespace
+
 std::string format_status(const dbus::Status& s, std::uint64_t now_us) {
   // Labels right-aligned on the colon, as timedatectl and hostnamectl do.
   auto line = [](std::string_view label, const std::string& value) {
@@ -54,60 +169,19 @@ std::string format_status(const dbus::Status& s, std::uint64_t now_us) {
     return out;
   };
   std::string out;
-  const std::string reason = why(s);
-  out += line("State", reason.empty() ? s.state : s.state + " (" + reason + ")");
-  out += line("Device", s.device_name + (s.provisioned ? " (provisioned)" : " (not provisioned)"));
-  out += line("Server", s.server);
-  out += line("Readings", std::to_string(s.queued_readings) + " queued, " +
-                              std::to_string(s.sent_readings) + " sent, " +
-                              std::to_string(s.dropped_readings) + " dropped");
-  out += line("Last success", format_ago(s.last_success_time, now_us));
-  out += line("Last error", s.last_error.empty() ? "none" : s.last_error);
-  if (s.sources.empty()) {
-    out += line("Sources", "none running");
-    return out;
-  }
-  bool first = true;
-  for (const auto& src : s.sources) {
-    std::string text =
-        src.name + " (" + src.type + ", every " +
-        format_duration(Millis(static_cast<std::int64_t>(src.interval_usec / 1000))) +
-        "): " + plural(src.readings, "reading", "readings") + ", " +
-        plural(src.errors, "error", "errors") + ", last read " +
-        format_ago(src.last_reading_time, now_us);
-    if (!src.last_error.empty()) text += "; error: " + src.last_error;
-    out += line(first ? "Sources" : "", text);
-    first = false;
+  for (const ReportField& f : kReport) {
+    bool first = true;
+    for (const std::string& text : f.human(s, now_us)) {
+      out += line(first ? f.label : "", text);
+      first = false;
+    }
   }
   return out;
 }
 
 std::string format_status_json(const dbus::Status& s, std::uint64_t now_us) {
-  nlohmann::ordered_json j;
-  j["state"] = s.state;
-  j["status_text"] = s.status_text;
-  j["device_name"] = s.device_name;
-  j["provisioned"] = s.provisioned;
-  j["server"] = s.server;
-  j["queued_readings"] = s.queued_readings;
-  j["sent_readings"] = s.sent_readings;
-  j["dropped_readings"] = s.dropped_readings;
-  j["last_success_time_us"] = s.last_success_time;
-  j["last_success_age_s"] = age_seconds(s.last_success_time, now_us);
-  j["last_error"] = s.last_error;
-  j["sources"] = nlohmann::ordered_json::array();
-  for (const auto& src : s.sources) {
-    nlohmann::ordered_json o;
-    o["name"] = src.name;
-    o["type"] = src.type;
-    o["interval_us"] = src.interval_usec;
-    o["readings"] = src.readings;
-    o["errors"] = src.errors;
-    o["last_reading_time_us"] = src.last_reading_time;
-    o["last_reading_age_s"] = age_seconds(src.last_reading_time, now_us);
-    o["last_error"] = src.last_error;
-    j["sources"].push_back(std::move(o));
-  }
+  Json j;
+  for (const ReportField& f : kReport) f.json(s, now_us, j);
   // Replace invalid UTF-8 (a source's error text may quote bytes it read) instead of throwing.
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }

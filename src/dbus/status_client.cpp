@@ -5,6 +5,8 @@
 #include <cerrno>
 #include <cstring>
 #include <string_view>
+#include <variant>
+#include <vector>
 
 namespace tb::dbus {
 
@@ -73,50 +75,61 @@ std::uint64_t usec(std::chrono::milliseconds d) {
   return static_cast<std::uint64_t>(d.count()) * 1000;
 }
 
-// Reads one property's variant into `out`; skips what it does not know.
-int read_property(sd_bus_message* m, std::string_view name, Status* out) {
-  auto read_s = [&](std::string* dst) {
-    const char* s = nullptr;
-    const int r = sd_bus_message_read(m, "v", "s", &s);
-    if (r >= 0 && s) *dst = s;
-    return r;
-  };
-  auto read_t = [&](std::uint64_t* dst) { return sd_bus_message_read(m, "v", "t", dst); };
-  if (name == "State") return read_s(&out->state);
-  if (name == "DeviceName") return read_s(&out->device_name);
-  if (name == "Server") return read_s(&out->server);
-  if (name == "LastError") return read_s(&out->last_error);
-  if (name == "StatusText") return read_s(&out->status_text);
-  if (name == "QueuedReadings") return read_t(&out->queued_readings);
-  if (name == "SentReadings") return read_t(&out->sent_readings);
-  if (name == "DroppedReadings") return read_t(&out->dropped_readings);
-  if (name == "LastSuccessTime") return read_t(&out->last_success_time);
-  if (name == "Provisioned") {
-    int b = 0;
-    const int r = sd_bus_message_read(m, "v", "b", &b);
-    out->provisioned = b != 0;
-    return r;
+int read_sources(sd_bus_message* m, std::vector<SourceRow>* out) {
+  const char* contents = nullptr;
+  int r = sd_bus_message_peek_type(m, nullptr, &contents);
+  if (r < 0) return r;
+  // Only the signature this client knows; an agent with another one is read without sources.
+  if (!contents || std::string_view(contents) != "a(sstttts)") return sd_bus_message_skip(m, "v");
+  if ((r = sd_bus_message_enter_container(m, 'v', contents)) < 0) return r;
+  if ((r = sd_bus_message_enter_container(m, 'a', "(sstttts)")) < 0) return r;
+  const char *n = nullptr, *t = nullptr, *e = nullptr;
+  SourceRow row;
+  while ((r = sd_bus_message_read(m, "(sstttts)", &n, &t, &row.interval_usec, &row.readings,
+                                  &row.errors, &row.last_reading_time, &e)) > 0) {
+    row.name = n;
+    row.type = t;
+    row.last_error = e;
+    out->push_back(row);
   }
-  if (name == "Sources") {
-    const char* contents = nullptr;
-    int r = sd_bus_message_peek_type(m, nullptr, &contents);
-    if (r < 0) return r;
-    // Only the signature this client knows; an agent with another one is read without sources.
-    if (!contents || std::string_view(contents) != "a(sstttts)") return sd_bus_message_skip(m, "v");
-    if ((r = sd_bus_message_enter_container(m, 'v', contents)) < 0) return r;
-    if ((r = sd_bus_message_enter_container(m, 'a', "(sstttts)")) < 0) return r;
-    const char *n = nullptr, *t = nullptr, *e = nullptr;
-    SourceRow row;
-    while ((r = sd_bus_message_read(m, "(sstttts)", &n, &t, &row.interval_usec, &row.readings,
-                                    &row.errors, &row.last_reading_time, &e)) > 0) {
-      row.name = n;
-      row.type = t;
-      row.last_error = e;
-      out->sources.push_back(row);
+  if (r < 0) return r;
+  if ((r = sd_bus_message_exit_container(m)) < 0) return r;
+  return sd_bus_message_exit_container(m);
+}
+
+// Reads one property's variant into `out` (dbus/status.hpp's kProperties says where); skips what
+// it does not know, and a value of another type than this client expects.
+int read_property(sd_bus_message* m, std::string_view name, Status* out) {
+  struct Read {
+    sd_bus_message* m;
+    Status* out;
+    bool type_is(const char* sig) const {
+      const char* contents = nullptr;
+      return sd_bus_message_peek_type(m, nullptr, &contents) >= 0 && contents &&
+             std::string_view(contents) == sig;
     }
-    if (r < 0) return r;
-    if ((r = sd_bus_message_exit_container(m)) < 0) return r;
-    return sd_bus_message_exit_container(m);
+    int operator()(std::string Status::*f) const {
+      if (!type_is("s")) return sd_bus_message_skip(m, "v");
+      const char* s = nullptr;
+      const int r = sd_bus_message_read(m, "v", "s", &s);
+      if (r >= 0 && s) out->*f = s;
+      return r;
+    }
+    int operator()(bool Status::*f) const {
+      if (!type_is("b")) return sd_bus_message_skip(m, "v");
+      int b = 0;
+      const int r = sd_bus_message_read(m, "v", "b", &b);
+      out->*f = b != 0;
+      return r;
+    }
+    int operator()(std::uint64_t Status::*f) const {
+      if (!type_is("t")) return sd_bus_message_skip(m, "v");
+      return sd_bus_message_read(m, "v", "t", &(out->*f));
+    }
+    int operator()(std::vector<SourceRow> Status::*f) const { return read_sources(m, &(out->*f)); }
+  };
+  for (const Property& p : kProperties) {
+    if (p.name == name) return std::visit(Read{m, out}, p.field);
   }
   return sd_bus_message_skip(m, "v");
 }

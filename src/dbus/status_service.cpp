@@ -12,6 +12,8 @@
 #include <exception>
 #include <string_view>
 #include <utility>
+#include <variant>
+#include <vector>
 
 namespace tb::dbus {
 
@@ -38,7 +40,9 @@ void make_valid(std::string& s) {
 }
 
 Status valid_utf8(Status s) {
-  for (std::string* f : {&s.state, &s.device_name, &s.server, &s.last_error}) make_valid(*f);
+  for (const Property& p : kProperties) {
+    if (auto* m = std::get_if<std::string Status::*>(&p.field)) make_valid(s.**m);
+  }
   for (auto& row : s.sources) {
     for (std::string* f : {&row.name, &row.type, &row.last_error}) make_valid(*f);
   }
@@ -110,24 +114,23 @@ struct StatusService::Impl {
   }
 
   bool counters_differ() const {
-    return current.queued_readings != emitted.queued_readings ||
-           current.sent_readings != emitted.sent_readings ||
-           current.dropped_readings != emitted.dropped_readings ||
-           current.sources != emitted.sources || current.status_text != emitted.status_text;
+    for (const Property& p : kProperties)
+      if (p.signal == Signal::Throttled && differs(p, current, emitted)) return true;
+    return false;
+  }
+
+  // Names of the properties of kind `signal` that differ from what peers last heard; they are
+  // taken as heard.
+  void take(Signal signal, std::vector<const char*>& names) {
+    for (const Property& p : kProperties) {
+      if (p.signal != signal || !differs(p, current, emitted)) continue;
+      names.push_back(p.name.data());  // string literals: NUL-terminated
+      copy(p, current, emitted);
+    }
   }
 
   void take_counters(std::vector<const char*>& names) {
-    if (current.queued_readings != emitted.queued_readings) names.push_back("QueuedReadings");
-    if (current.sent_readings != emitted.sent_readings) names.push_back("SentReadings");
-    if (current.dropped_readings != emitted.dropped_readings) names.push_back("DroppedReadings");
-    if (current.sources != emitted.sources) names.push_back("Sources");
-    // The text carries counters ("delivering 12 queued reading(s)"): rate-limited with them.
-    if (current.status_text != emitted.status_text) names.push_back("StatusText");
-    emitted.status_text = current.status_text;
-    emitted.queued_readings = current.queued_readings;
-    emitted.sent_readings = current.sent_readings;
-    emitted.dropped_readings = current.dropped_readings;
-    emitted.sources = current.sources;
+    take(Signal::Throttled, names);
     last_counter_emit = now_monotonic();
   }
 
@@ -135,18 +138,7 @@ struct StatusService::Impl {
     refresh();
     if (!is_connected) return;
     std::vector<const char*> names;
-    if (current.state != emitted.state) names.push_back("State");
-    if (current.device_name != emitted.device_name) names.push_back("DeviceName");
-    if (current.provisioned != emitted.provisioned) names.push_back("Provisioned");
-    if (current.server != emitted.server) names.push_back("Server");
-    if (current.last_success_time != emitted.last_success_time) names.push_back("LastSuccessTime");
-    if (current.last_error != emitted.last_error) names.push_back("LastError");
-    emitted.state = current.state;
-    emitted.device_name = current.device_name;
-    emitted.provisioned = current.provisioned;
-    emitted.server = current.server;
-    emitted.last_success_time = current.last_success_time;
-    emitted.last_error = current.last_error;
+    take(Signal::Immediate, names);
 
     if (counters_differ()) {
       const std::uint64_t now = now_monotonic();
@@ -271,21 +263,32 @@ struct StatusService::Impl {
     auto* self = static_cast<Impl*>(userdata);
     return guarded(error, [&]() -> int {
       const Status& s = self->latest();
-      const std::string_view p = property;
-      if (p == "State") return sd_bus_message_append(reply, "s", s.state.c_str());
-      if (p == "DeviceName") return sd_bus_message_append(reply, "s", s.device_name.c_str());
-      if (p == "Provisioned") return sd_bus_message_append(reply, "b", s.provisioned ? 1 : 0);
-      if (p == "Server") return sd_bus_message_append(reply, "s", s.server.c_str());
-      if (p == "QueuedReadings") return sd_bus_message_append(reply, "t", s.queued_readings);
-      if (p == "SentReadings") return sd_bus_message_append(reply, "t", s.sent_readings);
-      if (p == "DroppedReadings") return sd_bus_message_append(reply, "t", s.dropped_readings);
-      if (p == "LastSuccessTime") return sd_bus_message_append(reply, "t", s.last_success_time);
-      if (p == "LastError") return sd_bus_message_append(reply, "s", s.last_error.c_str());
-      if (p == "StatusText") return sd_bus_message_append(reply, "s", s.status_text.c_str());
-      if (p == "Sources") {
+      const std::string_view name = property;
+      for (const Property& p : kProperties) {
+        if (p.name == name) return append_value(reply, s, p.field);
+      }
+      return sd_bus_error_setf(error, SD_BUS_ERROR_UNKNOWN_PROPERTY, "unknown property %s",
+                               property);
+    });
+  }
+
+  static int append_value(sd_bus_message* reply, const Status& s, const Field& field) {
+    struct Append {
+      sd_bus_message* reply;
+      const Status& s;
+      int operator()(std::string Status::*m) const {
+        return sd_bus_message_append(reply, "s", (s.*m).c_str());
+      }
+      int operator()(bool Status::*m) const {
+        return sd_bus_message_append(reply, "b", (s.*m) ? 1 : 0);
+      }
+      int operator()(std::uint64_t Status::*m) const {
+        return sd_bus_message_append(reply, "t", s.*m);
+      }
+      int operator()(std::vector<SourceRow> Status::*m) const {
         int r = sd_bus_message_open_container(reply, 'a', "(sstttts)");
         if (r < 0) return r;
-        for (const auto& row : s.sources) {
+        for (const auto& row : s.*m) {
           r = sd_bus_message_append(reply, "(sstttts)", row.name.c_str(), row.type.c_str(),
                                     row.interval_usec, row.readings, row.errors,
                                     row.last_reading_time, row.last_error.c_str());
@@ -293,9 +296,8 @@ struct StatusService::Impl {
         }
         return sd_bus_message_close_container(reply);
       }
-      return sd_bus_error_setf(error, SD_BUS_ERROR_UNKNOWN_PROPERTY, "unknown property %s",
-                               property);
-    });
+    };
+    return std::visit(Append{reply, s}, field);
   }
 
   static int method_flush(sd_bus_message* m, void* userdata, sd_bus_error* error) {
@@ -381,34 +383,23 @@ struct StatusService::Impl {
     return 0;
   }
 
+  // Built from kProperties; systemd/io.tbagent.Agent1.xml is the contract, tests/unit/dbus
+  // compares the two.
   static const sd_bus_vtable* vtable() {
-    // Mirrors systemd/io.tbagent.Agent1.xml; tests/unit/dbus compares the two.
-    static const sd_bus_vtable table[] = {
-        SD_BUS_VTABLE_START(0),
-        SD_BUS_PROPERTY("State", "s", &Impl::get_property, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("DeviceName", "s", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Provisioned", "b", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Server", "s", &Impl::get_property, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("QueuedReadings", "t", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("SentReadings", "t", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("DroppedReadings", "t", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("LastSuccessTime", "t", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("LastError", "s", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Sources", "a(sstttts)", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("StatusText", "s", &Impl::get_property, 0,
-                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_METHOD("Flush", "", "", &Impl::method_flush, 0),
-        SD_BUS_METHOD("Reload", "", "", &Impl::method_reload, 0),
-        SD_BUS_VTABLE_END};
-    return table;
+    static const std::vector<sd_bus_vtable> table = [] {
+      std::vector<sd_bus_vtable> t;
+      t.push_back(SD_BUS_VTABLE_START(0));
+      for (const Property& p : kProperties) {
+        // Names and signatures are string literals (NUL-terminated), which sd-bus keeps.
+        t.push_back(SD_BUS_PROPERTY(p.name.data(), signature(p.field).data(), &Impl::get_property,
+                                    0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE));
+      }
+      t.push_back(SD_BUS_METHOD("Flush", "", "", &Impl::method_flush, 0));
+      t.push_back(SD_BUS_METHOD("Reload", "", "", &Impl::method_reload, 0));
+      t.push_back(SD_BUS_VTABLE_END);
+      return t;
+    }();
+    return table.data();
   }
 };
 

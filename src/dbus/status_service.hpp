@@ -1,6 +1,7 @@
 // The io.tbagent.Agent1 status object (docs/interface.md, "D-Bus"). Only dbus/ includes sd-bus.
 // The daemon hands in a function that snapshots its status; changed() compares with the last
 // snapshot and emits PropertiesChanged for what differs (counters at most once per second).
+// Every property is declared once, in dbus/status.hpp (kProperties).
 // systemd/io.tbagent.Agent1.xml is the contract; tests/unit/dbus holds the vtable to it.
 #pragma once
 
@@ -13,6 +14,7 @@
 #include <systemd/sd-event.h>
 
 #include "config/config.hpp"
+#include "dbus/status.hpp"
 
 namespace tb::dbus {
 
@@ -25,36 +27,6 @@ inline constexpr const char* kErrorFailed = "io.tbagent.Agent1.Error.Failed";
 // architecture.md "One loop": signals (-100) > bus > CoAP I/O (0) > delivery > collection, so a
 // status query is answered even while a backlog is being pushed.
 inline constexpr int kBusPriority = -50;
-
-// One element of the `Sources` property, D-Bus signature (sstttts):
-// name, type, interval (µs), readings collected, errors, time of the last successful reading
-// (µs since the Unix epoch, 0 = never), last error ("" = none).
-struct SourceRow {
-  std::string name;
-  std::string type;
-  std::uint64_t interval_usec = 0;
-  std::uint64_t readings = 0;
-  std::uint64_t errors = 0;
-  std::uint64_t last_reading_time = 0;
-  std::string last_error;
-  bool operator==(const SourceRow&) const = default;
-};
-
-struct Status {
-  std::string state = "starting";
-  std::string device_name;
-  bool provisioned = false;
-  std::string server;  // host:port
-  std::uint64_t queued_readings = 0;
-  std::uint64_t sent_readings = 0;
-  std::uint64_t dropped_readings = 0;
-  std::uint64_t last_success_time = 0;  // µs since the epoch; 0 = never
-  std::string last_error;
-  std::vector<SourceRow> sources;
-  // What the state means right now, the same sentence as sd_notify STATUS= ("retrying in 4s: …").
-  std::string status_text;
-  bool operator==(const Status&) const = default;
-};
 
 struct Handlers {
   std::function<void()> flush;

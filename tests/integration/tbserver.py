@@ -167,6 +167,22 @@ class TbServer:
     def stats(self):
         return json.loads(self.command("stats"))
 
+    def send_rpc(self, device, method, timeout_ms=10000, params=None):
+        """A server-side RPC (docs/test-server.md "Observe and RPC"); returns its id."""
+        line = f"rpc {device} {method} {int(timeout_ms)}"
+        if params is not None:
+            line += " " + json.dumps(params)
+        reply = self.command(line)
+        if not reply.startswith("ok "):
+            raise TbServerError(f"{line!r} -> {reply!r}")
+        return int(reply.split()[1])
+
+    def rpcs(self, device):
+        return json.loads(self.command(f"rpcs {device}"))
+
+    def observers(self, device):
+        return json.loads(self.command(f"observers {device}"))
+
     # -- observations -------------------------------------------------------------------------
     def records(self):
         """Every request as recorded, oldest first (one dict per line of --record)."""

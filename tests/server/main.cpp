@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "faults.h"
+#include "observe.h"
 #include "tb_rules.h"
 #include "wire.h"
 
@@ -218,14 +219,6 @@ struct Device {
   json shared = json::object();
 };
 
-struct Observer {
-  Peer peer;
-  std::string token;
-  bool con = true;
-  std::optional<uint32_t> cf;
-  uint32_t seq = 0;
-};
-
 volatile std::sig_atomic_t g_stop = 0;
 void OnSignal(int) { g_stop = 1; }
 
@@ -264,8 +257,6 @@ class Server {
   void SendEmptyAck(const Peer& p, uint16_t mid);
   void SendRst(const Peer& p, uint16_t mid);
   uint16_t SendCon(const Peer& p, Message m, const std::string& what);
-  // 2.02 Deleted on an observation that ends, CON or NON like the registration (§2.3, §7).
-  void SendDeleted(const Observer& o, bool with_observe, const std::string& what);
   void SendRaw(const Peer& p, const std::string& bytes);
   void OnAckOrRst(const Message& m, const Peer& peer);
   void Timers();
@@ -277,7 +268,6 @@ class Server {
   // control, state, record
   void OnStdin();
   std::string Control(const std::string& line);
-  void Notify(const std::string& dev, const json& changed);
   void LoadState();
   void SaveState();
   void Record(const ordered_json& rec);
@@ -296,9 +286,9 @@ class Server {
   bool quit_ = false;
 
   std::map<std::string, Device> devices_;
-  std::map<std::string, std::string> tokens_;       // token -> device name
-  std::map<std::string, Observer> attr_observers_;  // device -> observer (§2.3 one per device)
-  std::map<std::string, Observer> rpc_observers_;
+  std::map<std::string, std::string> tokens_;  // token -> device name
+  // Observations and server-side RPC (tests/server/observe.cpp).
+  ObserveHub hub_{[this](const std::string& line) { Log(line); }};
 
   std::map<std::string, Exchange> exchanges_;  // "peer#mid"
   std::map<std::string, OutCon> outgoing_;     // "peer#mid" of our CON messages
@@ -852,6 +842,18 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
                                [](unsigned char c) { return std::isdigit(c); });
       rp.code = (j.is_discarded() || !j.is_object() || !id_ok) ? Code(5, 0) : kCreated;
       rp.success = rp.code == kCreated;
+      if (rp.success) {
+        int64_t id = -1;
+        auto [ptr, ec] =
+            std::from_chars(p.request_id->data(), p.request_id->data() + p.request_id->size(), id);
+        if (ec == std::errc() && ptr == p.request_id->data() + p.request_id->size()) {
+          rec["rpc_id"] = id;
+          hub_.OnRpcReply(name, id, j);
+        } else {
+          rp.code = Code(5, 0);  // §0: the id must parse as an int
+          rp.success = false;
+        }
+      }
       return rp;
     }
     case Feature::kClaim: {
@@ -960,22 +962,23 @@ Reply Server::Observe(const std::string& dev, Feature f, const Request& rq, orde
   Reply rp;
   uint32_t obs = *rq.msg.Uint(kOptObserve);
   bool rpc = f == Feature::kRpc;
-  auto& table = rpc ? rpc_observers_ : attr_observers_;
   rec["observe"] = obs;
   if (obs != 0) {
     // §2.3: deregistration; what TB answers is uncertain, we only ACK (no response).
-    table.erase(dev);
+    hub_.Deregister(dev, rpc);
     rp.none = true;
     return rp;
   }
-  auto old = table.find(dev);
-  if (old != table.end() &&
-      (old->second.token != rq.msg.token || old->second.peer.key != rq.peer.key)) {
-    // §2.3/§3.1: one subscription per device; the old one gets 2.02 Deleted.
-    SendDeleted(old->second, /*with_observe=*/true, "2.02 to replaced observer");
-  }
-  Observer o{rq.peer, rq.msg.token, rq.con, rq.msg.Uint(kOptContentFormat), 0};
-  table[dev] = o;
+  const Peer peer = rq.peer;
+  const std::optional<uint32_t> cf = rq.msg.Uint(kOptContentFormat);
+  hub_.Register(dev, rpc, peer.key, rq.msg.token, rq.con, cf,
+                [this, peer](Message m, bool con, const std::string& what) -> uint16_t {
+                  if (con) return SendCon(peer, std::move(m), what);
+                  m.type = MsgType::kNon;
+                  m.mid = ++mid_;
+                  SendRaw(peer, Encode(m));
+                  return m.mid;
+                });
   rp.observe = 0;
   if (rpc) {
     rp.code = kValid;  // §3.1: 2.03, empty, Observe=0, separate CON for a CON request (§8)
@@ -983,7 +986,7 @@ Reply Server::Observe(const std::string& dev, Feature f, const Request& rq, orde
   } else {
     rp.code = kContent;  // §2.3: all shared attributes as a flat object; piggybacked (§8)
     rp.payload = devices_[dev].shared.dump();
-    rp.content_format = o.cf.value_or(50);
+    rp.content_format = cf.value_or(50);
   }
   Log("device " + dev + " subscribed to " + (rpc ? "RPC" : "shared attributes"));
   return rp;
@@ -1277,20 +1280,6 @@ void Server::SendRst(const Peer& p, uint16_t mid) {
   SendRaw(p, Encode(m));
 }
 
-void Server::SendDeleted(const Observer& o, bool with_observe, const std::string& what) {
-  Message m;
-  m.code = Code(2, 2);
-  m.token = o.token;
-  if (with_observe) m.AddUint(kOptObserve, o.seq);
-  if (o.con) {
-    SendCon(o.peer, m, what);
-  } else {
-    m.type = MsgType::kNon;
-    m.mid = ++mid_;
-    SendRaw(o.peer, Encode(m));
-  }
-}
-
 uint16_t Server::SendCon(const Peer& p, Message m, const std::string& what) {
   m.type = MsgType::kCon;
   m.mid = ++mid_;
@@ -1310,14 +1299,13 @@ void Server::OnAckOrRst(const Message& m, const Peer& peer) {
   auto it = outgoing_.find(peer.key + "#" + std::to_string(m.mid));
   if (it == outgoing_.end()) return;
   Count(m.type == MsgType::kAck ? "con_acked" : "con_reset");
-  if (m.type == MsgType::kRst) {
-    // RST to a notification cancels the observation (§2.3).
-    for (auto* table : {&attr_observers_, &rpc_observers_}) {
-      for (auto o = table->begin(); o != table->end();)
-        o = o->second.peer.key == peer.key ? table->erase(o) : std::next(o);
-    }
-  }
   outgoing_.erase(it);
+  // An ACK lets a coalesced notification go; RST to a notification cancels it (§2.3).
+  if (m.type == MsgType::kRst) {
+    hub_.OnRst(peer.key, m.mid);
+  } else {
+    hub_.OnAck(peer.key, m.mid);
+  }
 }
 
 int64_t Server::NextTimer() {
@@ -1325,6 +1313,7 @@ int64_t Server::NextTimer() {
   auto take = [&](int64_t t) { next = next < 0 ? t : std::min(next, t); };
   for (const auto& t : tasks_) take(t.at);
   for (const auto& [k, o] : outgoing_) take(o.next);
+  if (int64_t h = hub_.NextDeadline(); h >= 0) take(h);
   return next;
 }
 
@@ -1343,6 +1332,7 @@ void Server::Timers() {
   std::stable_sort(due.begin(), due.end(),
                    [](const Task& a, const Task& b) { return a.at < b.at; });
   for (auto& t : due) t.fn();
+  hub_.Tick(now);
   for (auto it = outgoing_.begin(); it != outgoing_.end();) {
     OutCon& o = it->second;
     if (o.next > now) {
@@ -1353,7 +1343,11 @@ void Server::Timers() {
       Count("con_timeouts");
       Log("gave up on CON " + o.what + " to " + o.peer.key + " after " +
           std::to_string(kMaxRetransmit) + " retransmissions");
+      const std::string peer_key = o.peer.key;
+      const uint16_t mid =
+          static_cast<uint16_t>(std::stoul(it->first.substr(it->first.rfind('#') + 1)));
       it = outgoing_.erase(it);
+      hub_.OnConGiveUp(peer_key, mid);
       continue;
     }
     ++o.retries;
@@ -1417,6 +1411,7 @@ std::string Server::Control(const std::string& line) {
     if (ec != std::errc() || p != s.data() + s.size()) return std::nullopt;
     return v;
   };
+  if (auto r = hub_.Control(cmd, line)) return *r;
   if (cmd == "drop") {
     auto n = count(a);
     if (!n) return "error usage: drop N";
@@ -1446,12 +1441,7 @@ std::string Server::Control(const std::string& line) {
     auto it = tokens_.find(a);
     if (it == tokens_.end()) return "error unknown token";
     // §7: token deleted or changed -> observations get 2.02, later requests 4.01.
-    for (auto* table : {&attr_observers_, &rpc_observers_}) {
-      auto o = table->find(it->second);
-      if (o == table->end()) continue;
-      SendDeleted(o->second, /*with_observe=*/false, "2.02 after revoke");
-      table->erase(o);
-    }
+    hub_.EndDevice(it->second);
     devices_[it->second].token.clear();
     tokens_.erase(it);
     SaveState();
@@ -1498,13 +1488,27 @@ std::string Server::Control(const std::string& line) {
     if (j.is_discarded() || !j.is_object()) return "error usage: set-shared DEVICE JSON_OBJECT";
     for (auto it = j.begin(); it != j.end(); ++it) d->second.shared[it.key()] = it.value();
     SaveState();
-    Notify(a, j);
+    hub_.NotifyAttributes(a, j);
+  } else if (cmd == "delete-shared") {
+    // delete-shared DEVICE KEY...: shared attributes deleted on the server; the observer gets
+    // {"deleted":[...]} (§2.3).
+    auto d = devices_.find(a);
+    if (d == devices_.end()) return "error unknown device";
+    json deleted = json::array();
+    for (std::string k = b; !k.empty(); k.clear(), in >> k) {
+      d->second.shared.erase(k);
+      deleted.push_back(k);
+    }
+    if (deleted.empty()) return "error usage: delete-shared DEVICE KEY...";
+    SaveState();
+    hub_.NotifyAttributes(a, json{{"deleted", deleted}});
   } else if (cmd == "stats") {
     json s = json::object();
     for (const auto& [k, v] : stats_) s[k] = v;
     s["devices"] = devices_.size();
     s["pending_con"] = outgoing_.size();
     s["framing"] = FramingName(opt_.framing);
+    hub_.Stats(s);
     return s.dump();
   } else if (cmd == "quit") {
     quit_ = true;
@@ -1512,25 +1516,6 @@ std::string Server::Control(const std::string& line) {
     return "error unknown command " + cmd;
   }
   return "ok";
-}
-
-void Server::Notify(const std::string& dev, const json& changed) {
-  auto it = attr_observers_.find(dev);
-  if (it == attr_observers_.end()) return;
-  Observer& o = it->second;
-  Message m;
-  m.code = kContent;  // §2.3: 2.05, Observe 1, 2, 3, ..., only the changed keys
-  m.token = o.token;
-  m.AddUint(kOptObserve, ++o.seq);
-  m.AddUint(kOptContentFormat, o.cf.value_or(50));
-  m.payload = changed.dump();
-  if (o.con) {
-    SendCon(o.peer, m, "attribute notification");
-  } else {
-    m.type = MsgType::kNon;
-    m.mid = ++mid_;
-    SendRaw(o.peer, Encode(m));
-  }
 }
 
 // ---- state and record -------------------------------------------------------------------------

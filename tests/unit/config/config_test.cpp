@@ -316,7 +316,8 @@ TEST(Errors, UnknownMissingAndDuplicateKeys) {
   ASSERT_EQ(r.diagnostics.size(), 1u) << all(r);
   EXPECT_EQ(r.diagnostics[0].to_string(),
             "test.yaml:2:1: unknown key (known keys: server, device, provisioning, credentials, "
-            "state_dir, plugin_dir, sources, queue, delivery, dbus, logging)");
+            "state_dir, plugin_dir, sources, queue, delivery, dbus, logging, attributes, remote, "
+            "rpc, downlink)");
 }
 
 TEST(Errors, Provisioning) {

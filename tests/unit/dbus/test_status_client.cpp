@@ -39,6 +39,10 @@ Status sample() {
   s.last_error = "server answered 5.00";
   s.sources = {{"room", "file", 30'000'000, 7, 1, kNow - 3'000'000, "cannot read /x: ENOENT"},
                {"sensors", "exec", 60'000'000, 0, 0, 0, ""}};
+  s.attributes_observation = "observing";
+  s.rpc_observation = "retrying in 4s: no answer";
+  s.last_rpc = "restart_modem (id 3): ok";
+  s.last_remote_change = "applied host_interval=\"10s\"";
   return s;
 }
 
@@ -165,6 +169,9 @@ TEST(StatusReport, SummaryNamesEverything) {
             "    Readings: 12 queued, 34 sent, 5 dropped\n"
             "Last success: 12 s ago\n"
             "  Last error: server answered 5.00\n"
+            "    Downlink: attributes observing, RPC retrying in 4s: no answer\n"
+            "    Last RPC: restart_modem (id 3): ok\n"
+            "      Remote: applied host_interval=\"10s\"\n"
             "     Sources: room (file, every 30s): 7 readings, 1 error, last read 3 s ago; error: "
             "cannot read /x: ENOENT\n"
             "              sensors (exec, every 1m): 0 readings, 0 errors, last read never\n");
@@ -185,6 +192,7 @@ TEST(StatusReport, SummaryOfAFreshAgent) {
   EXPECT_NE(out.find("Last success: never\n"), std::string::npos) << out;
   EXPECT_NE(out.find("Last error: none\n"), std::string::npos) << out;
   EXPECT_NE(out.find("Sources: none running\n"), std::string::npos) << out;
+  EXPECT_NE(out.find("Downlink: not started\n"), std::string::npos) << out;
   // "failed: why" is shown once, not as "failed (failed: why)".
   s.state = "failed";
   s.status_text = "failed: provisioning refused";
@@ -214,6 +222,10 @@ TEST(StatusReport, JsonCarriesTheSameFacts) {
   EXPECT_EQ(j["sources"][0]["last_reading_age_s"], 3);
   EXPECT_EQ(j["sources"][0]["last_error"], "cannot read /x: ENOENT");
   EXPECT_TRUE(j["sources"][1]["last_reading_age_s"].is_null());
+  EXPECT_EQ(j["attributes_observation"], "observing");
+  EXPECT_EQ(j["rpc_observation"], "retrying in 4s: no answer");
+  EXPECT_EQ(j["last_rpc"], "restart_modem (id 3): ok");
+  EXPECT_EQ(j["last_remote_change"], "applied host_interval=\"10s\"");
   EXPECT_EQ(j["sources"][1]["last_reading_time_us"], 0);
 
   Status empty;

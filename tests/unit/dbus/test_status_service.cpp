@@ -311,6 +311,8 @@ class StatusServiceTest : public ::testing::Test {
     s.sources = {{"room", "file", 30'000'000, 7, 1, 1'700'000'000'000'000, "ENOENT"},
                  {"sensors", "exec", 60'000'000, 2, 0, 0, ""}};
     s.status_text = "delivering 12 queued reading(s)";
+    s.attributes_observation = "observing";
+    s.last_rpc = "getStatus (id 0): ok";
     return s;
   }();
   std::unique_ptr<StatusService> service_;
@@ -367,6 +369,10 @@ TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
   EXPECT_EQ(get_t("SentReadings"), 34u);
   EXPECT_EQ(get_t("DroppedReadings"), 5u);
   EXPECT_EQ(get_t("LastSuccessTime"), 1'700'000'000'000'000u);
+  EXPECT_EQ(get_s("AttributesObservation"), "observing");
+  EXPECT_EQ(get_s("RpcObservation"), "");
+  EXPECT_EQ(get_s("LastRpc"), "getStatus (id 0): ok");
+  EXPECT_EQ(get_s("LastRemoteChange"), "");
   {
     sd_bus_message* r = get("Provisioned");
     int b = 0;
@@ -405,7 +411,8 @@ TEST_F(StatusServiceTest, PropertiesFollowTheSnapshot) {
     sd_bus_message_skip(r, "sv");
     sd_bus_message_exit_container(r);
   }
-  EXPECT_EQ(count, 11);
+  EXPECT_EQ(count, static_cast<int>(tb::dbus::kProperties.size()));
+  EXPECT_EQ(count, 15);
   sd_bus_message_unref(r);
 }
 
