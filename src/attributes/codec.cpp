@@ -1,5 +1,7 @@
 #include "attributes/codec.hpp"
 
+#include "sources/exec_source.hpp"
+#include "sources/plugin_source.hpp"
 #include "util/units.hpp"
 
 namespace tb::attributes {
@@ -169,7 +171,8 @@ std::string apply_setting(config::Config& cfg, const std::string& setting, const
     for (auto& s : cfg.sources)
       if (s.name == name) source = &s;
     if (!source) return "no source named '" + name + "'";
-    if (source->type == config::SourceType::Execd) return "an execd source has no interval";
+    // A type without an interval (execd reports whenever it has readings) loads with 0.
+    if (source->interval == Millis(0)) return "a " + source->type + " source has no interval";
     std::optional<Millis> d;
     std::string why;
     if (value.is_string()) {
@@ -182,11 +185,13 @@ std::string apply_setting(config::Config& cfg, const std::string& setting, const
     if (!d) return why;
     if (*d < Millis(100) || *d > Millis(7LL * 24 * 3600 * 1000))
       return "must be from 100ms to 7d, not " + format_duration(*d);
-    const bool timed =
-        source->type == config::SourceType::Exec || source->type == config::SourceType::Plugin;
-    if (timed && source->timeout > *d)
-      return "must not be shorter than the source's timeout (" + format_duration(source->timeout) +
-             ")";
+    // A run must fit in its interval (as the loader checks for the file's own interval).
+    std::optional<Millis> timeout;
+    if (const auto* p = config::settings_of<sources::ProgramSettings>(*source))
+      timeout = p->timeout;
+    if (const auto* p = config::settings_of<sources::PluginSettings>(*source)) timeout = p->timeout;
+    if (timeout && *timeout > *d)
+      return "must not be shorter than the source's timeout (" + format_duration(*timeout) + ")";
     source->interval = *d;
     return "";
   }

@@ -66,7 +66,7 @@ Facts collect_facts(const config::Config& cfg, const std::string& agent_version)
   f.os = os_pretty_name();
   f.ip_addresses = ip_addresses();
   for (const auto& s : cfg.sources)
-    f.sources.emplace_back(s.name, s.type == config::SourceType::Execd ? Millis(0) : s.interval);
+    f.sources.emplace_back(s.name, s.interval);  // 0 for a type without one (execd)
   return f;
 }
 

@@ -175,6 +175,80 @@ std::string path_for_log(const std::vector<std::string>& path) {
   return out.empty() ? "/" : out;
 }
 
+// libcoap verified the chain; the leaf (depth 0) must also be the server we meant. OpenSSL's own
+// name check (X509_check_host: every subjectAltName, wildcards by RFC 6125; an IP address
+// against IP entries) is taken from the libcrypto that libcoap's OpenSSL build loaded.
+int on_server_certificate(const char* cn, const uint8_t* der, size_t der_length, coap_session_t*,
+                          unsigned depth, int validated, void* arg) noexcept {
+  try {
+    const auto* d = static_cast<const DtlsOptions*>(arg);
+    if (depth != 0 || !validated) return 1;  // CAs: libcoap and OpenSSL already judged them
+    const std::string& name = d->server_name;
+    const auto verdict = certificate_names(der, der_length, name);
+    if (verdict == NameCheck::Match) return 1;
+    if (g_tls_problem.empty()) {
+      g_tls_problem = verdict == NameCheck::Mismatch
+                          ? "the server's certificate is not for '" + name + "' (it names '" +
+                                std::string(cn ? cn : "?") + "')"
+                          : "cannot check the name in the server's certificate";
+    }
+    return 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+bool prepare_libcoap(const std::optional<DtlsOptions>& dtls, std::string* error) {
+  if (dtls && dtls->ca_file.empty() && dtls->ca_dir.empty()) {
+    *error = "DTLS needs trusted CAs (a CA file or directory)";
+    return false;
+  }
+  if (!load_libcoap(dtls.has_value(), error)) return false;
+  if (dtls && !coap_dtls_is_supported()) {
+    *error = libcoap().soname + " cannot do DTLS";
+    return false;
+  }
+  setup_libcoap_once();
+  return true;
+}
+
+bool trust_cas(coap_context_t* ctx, const DtlsOptions& d, std::string* error) {
+  // The trust anchors of every DTLS session of this context (SSL_CTX_load_verify_locations).
+  if (coap_context_set_pki_root_cas(ctx, d.ca_file.empty() ? nullptr : d.ca_file.c_str(),
+                                    d.ca_dir.empty() ? nullptr : d.ca_dir.c_str()))
+    return true;
+  *error = "cannot load the trusted CAs from " + (d.ca_file.empty() ? d.ca_dir : d.ca_file);
+  return false;
+}
+
+coap_dtls_pki_t dtls_pki(const DtlsOptions& d) {
+  coap_dtls_pki_t pki{};
+  pki.version = COAP_DTLS_PKI_SETUP_VERSION;
+  pki.verify_peer_cert = 1;   // the chain must lead to a CA given in ca_file/ca_dir
+  pki.check_common_ca = 0;    // (that is about a CA shared with our own certificate)
+  pki.allow_self_signed = 0;  // a self-signed server is trusted only through ca_file
+  pki.allow_expired_certs = 0;
+  pki.cert_chain_validation = 1;
+  pki.cert_chain_verify_depth = 4;  // leaf, intermediates, root: public CAs need 2-3
+  pki.check_cert_revocation = 0;    // no CRL distribution on devices; short-lived certs instead
+  pki.validate_cn_call_back = &on_server_certificate;
+  pki.cn_call_back_arg = const_cast<DtlsOptions*>(&d);
+  // SNI: ThingsBoard's DTLS server ignores it, but a load balancer in front may need it.
+  pki.client_sni = const_cast<char*>(d.server_name.c_str());
+  pki.pki_key.key_type = COAP_PKI_KEY_PEM;
+  pki.pki_key.key.pem.ca_file = nullptr;  // trust comes from coap_context_set_pki_root_cas
+  pki.pki_key.key.pem.public_cert = d.cert_file.empty() ? nullptr : d.cert_file.c_str();
+  pki.pki_key.key.pem.private_key = d.key_file.empty() ? nullptr : d.key_file.c_str();
+  return pki;
+}
+
+void reset_tls_problem() { g_tls_problem.clear(); }
+
+std::string tls_failure(const std::string& remote) {
+  return "DTLS handshake with " + remote + " failed" +
+         (g_tls_problem.empty() ? std::string() : ": " + g_tls_problem);
+}
+
 }  // namespace detail
 
 using namespace detail;
@@ -593,8 +667,7 @@ struct Client::Impl {
           if (s == self->session) self->drop_session_after_io = true;
           break;
         case COAP_NACK_TLS_FAILED:
-          tls_why = "DTLS handshake with " + self->remote_text + " failed" +
-                    (g_tls_problem.empty() ? std::string() : ": " + g_tls_problem);
+          tls_why = detail::tls_failure(self->remote_text);
           why = tls_why.c_str();
           self->session_broken = true;
           break;
@@ -665,8 +738,8 @@ struct Client::Impl {
     session_broken = false;
     fresh_address = false;
     if (options.dtls) {
-      g_tls_problem.clear();
-      coap_dtls_pki_t pki = dtls_setup();
+      detail::reset_tls_problem();
+      coap_dtls_pki_t pki = detail::dtls_pki(*options.dtls);
       session = coap_new_client_session_pki(ctx, nullptr, &remote, COAP_PROTO_DTLS, &pki);
     } else {
       session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
@@ -678,53 +751,6 @@ struct Client::Impl {
     coap_session_set_ack_timeout(session, to_fixed(options.ack_timeout));
     coap_session_set_max_retransmit(session, static_cast<uint16_t>(options.max_retransmit));
     return true;
-  }
-
-  // The PKI setup of a DTLS session (libcoap copies it; the strings live in `options`).
-  coap_dtls_pki_t dtls_setup() {
-    const DtlsOptions& d = *options.dtls;
-    coap_dtls_pki_t pki{};
-    pki.version = COAP_DTLS_PKI_SETUP_VERSION;
-    pki.verify_peer_cert = 1;   // the chain must lead to a CA given in ca_file/ca_dir
-    pki.check_common_ca = 0;    // (that is about a CA shared with our own certificate)
-    pki.allow_self_signed = 0;  // a self-signed server is trusted only through ca_file
-    pki.allow_expired_certs = 0;
-    pki.cert_chain_validation = 1;
-    pki.cert_chain_verify_depth = 4;  // leaf, intermediates, root: public CAs need 2-3
-    pki.check_cert_revocation = 0;    // no CRL distribution on devices; short-lived certs instead
-    pki.validate_cn_call_back = &Impl::on_server_certificate;
-    pki.cn_call_back_arg = this;
-    // SNI: ThingsBoard's DTLS server ignores it, but a load balancer in front may need it.
-    pki.client_sni = const_cast<char*>(d.server_name.c_str());
-    pki.pki_key.key_type = COAP_PKI_KEY_PEM;
-    pki.pki_key.key.pem.ca_file = nullptr;  // trust comes from coap_context_set_pki_root_cas
-    pki.pki_key.key.pem.public_cert = d.cert_file.empty() ? nullptr : d.cert_file.c_str();
-    pki.pki_key.key.pem.private_key = d.key_file.empty() ? nullptr : d.key_file.c_str();
-    return pki;
-  }
-
-  // libcoap verified the chain; the leaf (depth 0) must also be the server we meant. OpenSSL's own
-  // name check (X509_check_host: every subjectAltName, wildcards by RFC 6125; an IP address
-  // against IP entries) is taken from the libcrypto that libcoap's OpenSSL build loaded.
-  static int on_server_certificate(const char* cn, const uint8_t* der, size_t der_length,
-                                   coap_session_t*, unsigned depth, int validated,
-                                   void* arg) noexcept {
-    try {
-      auto* self = static_cast<Impl*>(arg);
-      if (depth != 0 || !validated) return 1;  // CAs: libcoap and OpenSSL already judged them
-      const std::string& name = self->options.dtls->server_name;
-      const auto verdict = certificate_names(der, der_length, name);
-      if (verdict == NameCheck::Match) return 1;
-      if (g_tls_problem.empty()) {
-        g_tls_problem = verdict == NameCheck::Mismatch
-                            ? "the server's certificate is not for '" + name + "' (it names '" +
-                                  std::string(cn ? cn : "?") + "')"
-                            : "cannot check the name in the server's certificate";
-      }
-      return 0;
-    } catch (...) {
-      return 0;
-    }
   }
 
   // Bytes of a request before its payload: fixed header, token, Uri-Path options, payload marker.
@@ -846,11 +872,7 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
     return fail("DTLS needs trusted CAs (a CA file or directory)");
   }
   std::string load_error;
-  if (!load_libcoap(options.dtls.has_value(), &load_error)) return fail(load_error);
-  if (options.dtls && !coap_dtls_is_supported()) {
-    return fail(libcoap().soname + " cannot do DTLS");
-  }
-  setup_libcoap_once();
+  if (!detail::prepare_libcoap(options.dtls, &load_error)) return fail(load_error);
 
   auto impl = std::make_unique<Impl>();
   impl->loop = sd_event_ref(loop);
@@ -864,14 +886,10 @@ std::unique_ptr<Client> Client::create(sd_event* loop, const Endpoint& endpoint,
   impl->ctx = coap_new_context(nullptr);
   if (!impl->ctx) return fail("cannot create a libcoap context");
   coap_set_app_data(impl->ctx, impl.get());
-  if (const auto& d = impl->options.dtls) {
-    // The trust anchors of every DTLS session of this context (SSL_CTX_load_verify_locations).
-    if (!coap_context_set_pki_root_cas(impl->ctx, d->ca_file.empty() ? nullptr : d->ca_file.c_str(),
-                                       d->ca_dir.empty() ? nullptr : d->ca_dir.c_str())) {
-      return fail("cannot load the trusted CAs from " +
-                  (d->ca_file.empty() ? d->ca_dir : d->ca_file));
-    }
+  if (impl->options.dtls && !detail::trust_cas(impl->ctx, *impl->options.dtls, &load_error)) {
+    return fail(load_error);
   }
+
   // libcoap does RFC 7959 both ways: Block1 for our large bodies, and it asks for the blocks of
   // large answers (Block2). Not COAP_BLOCK_SINGLE_BODY: libcoap would then hold an answer of any
   // size (or its Size2) and keep asking for blocks until request_timeout; on_response sees each

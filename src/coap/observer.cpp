@@ -13,8 +13,8 @@
 #include <utility>
 #include <variant>
 
-#include <coap3/coap.h>
 #include <spdlog/spdlog.h>
+#include "coap/libcoap.hpp"
 
 #include "coap/libcoap_glue.hpp"
 #include "net/resolver.hpp"
@@ -349,6 +349,7 @@ struct Observer::Impl {
       if (!self || self->destroying || !sent) return;
       EndReason r = EndReason::Network;
       const char* why = "could not deliver the registration";
+      std::string tls_why;
       switch (reason) {
         case COAP_NACK_TOO_MANY_RETRIES:
           r = EndReason::Timeout;
@@ -359,6 +360,11 @@ struct Observer::Impl {
           break;
         case COAP_NACK_ICMP_ISSUE:
           why = "ICMP error (server unreachable)";
+          self->session_broken = true;
+          break;
+        case COAP_NACK_TLS_FAILED:
+          tls_why = detail::tls_failure(self->remote_text);
+          why = tls_why.c_str();
           self->session_broken = true;
           break;
         default:
@@ -396,7 +402,13 @@ struct Observer::Impl {
     drop_session();
     session_broken = false;
     fresh_address = false;
-    session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
+    if (options.dtls) {
+      detail::reset_tls_problem();
+      coap_dtls_pki_t pki = detail::dtls_pki(*options.dtls);
+      session = coap_new_client_session_pki(ctx, nullptr, &remote, COAP_PROTO_DTLS, &pki);
+    } else {
+      session = coap_new_client_session(ctx, nullptr, &remote, COAP_PROTO_UDP);
+    }
     if (!session) {
       *error = "cannot create a CoAP session to " + remote_text;
       return false;
@@ -487,7 +499,8 @@ std::unique_ptr<Observer> Observer::create(sd_event* loop, const Endpoint& endpo
   if (options.max_notification_body < 64 || options.max_notification_body > 64 * 1024) {
     return fail("max_notification_body must be between 64 B and 64 KiB");
   }
-  detail::setup_libcoap_once();
+  std::string load_error;
+  if (!detail::prepare_libcoap(options.dtls, &load_error)) return fail(load_error);
 
   auto impl = std::make_unique<Impl>();
   impl->loop = sd_event_ref(loop);
@@ -498,6 +511,9 @@ std::unique_ptr<Observer> Observer::create(sd_event* loop, const Endpoint& endpo
   impl->ctx = coap_new_context(nullptr);
   if (!impl->ctx) return fail("cannot create a libcoap context");
   coap_set_app_data(impl->ctx, impl.get());
+  if (impl->options.dtls && !detail::trust_cas(impl->ctx, *impl->options.dtls, &load_error)) {
+    return fail(load_error);
+  }
   // No block mode: libcoap would track the observation itself (and cancel it with a GET
   // Observe=1 of its own when the session goes, possibly after a newer registration replaced
   // it). A notification over one block ends the observation instead (observer.hpp).

@@ -39,6 +39,8 @@ struct ObserverOptions {
   // observation goes on and the owner reads the state with a GET (Client does Block2 with its
   // own cap). The default is one ThingsBoard block (MAX_MESSAGE_SIZE 1024, §1).
   std::size_t max_notification_body = 1024;
+  // Set: the observations go over DTLS like the Client's requests (never plain beside coaps).
+  std::optional<DtlsOptions> dtls;
 };
 
 struct Notification {

@@ -811,7 +811,7 @@ void parse_attributes(Ctx& ctx, const Item& item, Config& out) {
   }
   std::size_t nodes = 0;
   Value v;
-  if (to_value(ctx, item.value, item.path, 0, nodes, v)) out.downlink.attributes = std::move(v);
+  if (to_tree(ctx, item.value, item.path, 0, nodes, v)) out.downlink.attributes = std::move(v);
 }
 
 // The settings a shared attribute may change (never the server or credentials).
@@ -847,10 +847,36 @@ void parse_remote(Ctx& ctx, const Item& item, Config& out) {
   }
 }
 
+// An RPC method's argv, as exec sources take theirs (src/sources/exec_source.hpp): a list of
+// strings, no shell, a program that is not empty.
 void check_rpc_command(Ctx& ctx, const Item& item, RpcMethodConfig& out) {
-  SourceConfig scratch;
-  check_command(ctx, item, scratch);
-  out.command = std::move(scratch.command);
+  if (!item.value.IsSequence()) {
+    ctx.error(item.where(), item.path +
+                                ": expected a list of strings (program and arguments; no shell), "
+                                "not " +
+                                kind(item.value));
+    return;
+  }
+  if (item.value.size() == 0) {
+    ctx.error(item.where(), item.path + ": must name at least the program to run");
+    return;
+  }
+  std::vector<std::string> argv;
+  for (std::size_t i = 0; i < item.value.size(); ++i) {
+    const YAML::Node arg = item.value[i];
+    const std::string path = item.path + "[" + std::to_string(i) + "]";
+    if (!arg.IsScalar()) {
+      ctx.error(arg.IsNull() ? item.value.Mark() : arg.Mark(),
+                path + ": expected a string, not " + kind(arg));
+      return;
+    }
+    if (i == 0 && arg.Scalar().empty()) {
+      ctx.error(arg.Mark(), path + ": the program must not be empty");
+      return;
+    }
+    argv.push_back(arg.Scalar());
+  }
+  out.command = std::move(argv);
 }
 
 const Table<RpcMethodConfig> kRpcMethod = {

@@ -1,5 +1,7 @@
 #include "daemon/downlink.hpp"
 
+#include "daemon/manager.hpp"
+
 #include <spdlog/spdlog.h>
 
 #include <utility>
@@ -64,6 +66,8 @@ std::unique_ptr<Downlink> Downlink::create(sd_event* loop, coap::Client& client,
   std::unique_ptr<Downlink> d(new Downlink(loop, file_config, std::move(hooks)));
   coap::ObserverOptions oo;
   oo.register_timeout = file_config.server.request_timeout;
+  // With server.dtls the observations are DTLS too: nothing goes to the server in the clear.
+  oo.dtls = client_options(file_config.server).dtls;
   d->observer_ =
       coap::Observer::create(loop, {file_config.server.host, file_config.server.port}, oo, error);
   if (!d->observer_) return nullptr;

@@ -39,6 +39,8 @@ std::string server_string(const config::ServerConfig& s) {
   return (s.dtls.enabled ? "coaps://" : "") + s.host + ":" + std::to_string(s.port);
 }
 
+}  // namespace
+
 // The CoAP client's settings from the server section; every key of it, in one place.
 coap::ClientOptions client_options(const config::ServerConfig& s) {
   coap::ClientOptions o;
@@ -51,8 +53,6 @@ coap::ClientOptions client_options(const config::ServerConfig& s) {
   }
   return o;
 }
-
-}  // namespace
 
 std::string check_transport_files(const config::ServerConfig& server) {
   if (!server.dtls.enabled) return "";

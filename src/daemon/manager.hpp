@@ -41,6 +41,10 @@ struct Overrides {
 // Applies command-line overrides to a loaded config.
 void apply_overrides(config::Config& cfg, const Overrides& overrides);
 
+// The CoAP client's settings from the server section; every key of it, in one place (the
+// Client's and the downlink Observer's transport).
+coap::ClientOptions client_options(const config::ServerConfig& s);
+
 // "" when the transport's files can be used, else why not ("server.dtls: the private key … does
 // not belong to the certificate …"). Plain CoAP has none. For --check-config, start and reload.
 std::string check_transport_files(const config::ServerConfig& server);

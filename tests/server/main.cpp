@@ -1452,12 +1452,7 @@ std::string Server::Control(const std::string& line) {
     // on, and the name is free again (a new provisioning request may create it anew).
     auto d = devices_.find(a);
     if (d == devices_.end()) return "error unknown device";
-    for (auto* table : {&attr_observers_, &rpc_observers_}) {
-      auto o = table->find(a);
-      if (o == table->end()) continue;
-      SendDeleted(o->second, /*with_observe=*/false, "2.02 after delete");
-      table->erase(o);
-    }
+    hub_.EndDevice(a);
     tokens_.erase(d->second.token);
     devices_.erase(d);
     SaveState();

@@ -8,6 +8,9 @@
 #include "attributes/codec.hpp"
 #include "config/config.hpp"
 #include "rpc/codec.hpp"
+#include "sources/exec_source.hpp"
+#include "sources/source_type.hpp"
+#include "sources/system_source.hpp"
 
 namespace {
 
@@ -85,11 +88,14 @@ config::Config with_sources() {
   config::Config c;
   config::SourceConfig host;
   host.name = "host";
-  host.type = config::SourceType::System;
+  host.type = "system";
+  host.settings = std::make_shared<sources::SystemSettings>();
   config::SourceConfig script;
   script.name = "script";
-  script.type = config::SourceType::Exec;
-  script.timeout = 5s;
+  script.type = "exec";
+  auto program = std::make_shared<sources::ProgramSettings>();
+  program->timeout = 5s;
+  script.settings = std::move(program);
   c.sources = {host, script};
   return c;
 }
@@ -159,7 +165,7 @@ rpc:
   restart_modem: {command: [/usr/sbin/restart-modem, now], timeout: 30s}
 downlink: {reregister_interval: 1m}
 )",
-                               "t.yaml");
+                               "t.yaml", sources::source_types());
   ASSERT_TRUE(r.ok()) << (r.diagnostics.empty() ? "" : r.diagnostics[0].to_string());
   const auto& d = r.config->downlink;
   EXPECT_EQ(d.remote.at("host_interval"), "sources.host.interval");
@@ -173,7 +179,8 @@ downlink: {reregister_interval: 1m}
                           "rpc: {getStatus: {command: [/bin/true]}}\n", "rpc: {m: {timeout: 1s}}\n",
                           "rpc: {m: {command: /bin/true}}\n", "attributes: [1, 2]\n",
                           "downlink: {reregister_interval: 1s}\n"}) {
-    auto b = config::load_string(std::string("server: {host: h}\n") + bad, "t.yaml");
+    auto b = config::load_string(std::string("server: {host: h}\n") + bad, "t.yaml",
+                                 sources::source_types());
     EXPECT_FALSE(b.ok()) << bad;
   }
 }
