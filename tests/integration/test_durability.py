@@ -62,8 +62,12 @@ def test_kill_9_at_random_moments_loses_no_queued_reading(server, agents, tmp_pa
     queued_ts = [int(m.group(3)) for m in QUEUED.finditer(agent.log())
                  if m.group(2) == "counter"]
     assert len(queued_ts) > 50, "the rounds should have queued many readings"
-    # One clean run drains everything that was queued.
+    # One clean run drains everything that was queued. It must be up before it is stopped (the
+    # readings may all be at the server already, and a SIGTERM before the agent has set up its
+    # signal handling ends it as any process).
+    runs = agent.log().count("tb-agent running")
     agent.start()
+    wait_until(lambda: agent.log().count("tb-agent running") > runs, what="the agent running")
     wait_until(lambda: set(queued_ts) <= {ts for ts, _ in seq_points(server)}, timeout=30,
                what="every queued reading at the server")
     assert agent.stop() == 0
