@@ -12,6 +12,15 @@ PROVISION_KEY = "test-provision-key"
 PROVISION_SECRET = "test-provision-secret-do-not-log"
 
 
+def registered_server(tmp_path, device, token):
+    """A started test server (allow_create) that already has `device` with access `token`; the
+    caller stops it."""
+    srv = TbServer(build_dir(), tmp_path, devices={device: token}, provision_key=PROVISION_KEY,
+                   provision_secret=PROVISION_SECRET)
+    srv.start()
+    return srv
+
+
 @pytest.fixture
 def server(tmp_path):
     """A ThingsBoard-compatible CoAP server on loopback, allow_create strategy."""

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent import build_dir, server_config, wait_until
-from conftest import PROVISION_KEY, PROVISION_SECRET
-from tbserver import TbServer
+from conftest import PROVISION_KEY, PROVISION_SECRET, registered_server
 from test_durability import QUEUED, scratch_mount
 from test_spine import counter_script
 
@@ -29,9 +28,7 @@ HOUR_MS = 3600 * 1000
 
 @pytest.fixture
 def server(tmp_path):
-    srv = TbServer(build_dir(), tmp_path, devices={DEVICE: TOKEN},
-                   provision_key=PROVISION_KEY, provision_secret=PROVISION_SECRET)
-    srv.start()
+    srv = registered_server(tmp_path, DEVICE, TOKEN)
     yield srv
     srv.stop()
 

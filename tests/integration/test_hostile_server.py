@@ -6,8 +6,7 @@ import time
 import pytest
 
 from agent import build_dir, server_config, wait_until
-from conftest import PROVISION_KEY, PROVISION_SECRET
-from tbserver import TbServer
+from conftest import PROVISION_KEY, PROVISION_SECRET, registered_server
 from test_spine import counter_script
 
 TOKEN = "HOSTILETOKEN"
@@ -21,9 +20,7 @@ MAX_PEAK_RSS_KIB = 32 * 1024
 
 @pytest.fixture
 def server(tmp_path):
-    srv = TbServer(build_dir(), tmp_path, devices={DEVICE: TOKEN},
-                   provision_key=PROVISION_KEY, provision_secret=PROVISION_SECRET)
-    srv.start()
+    srv = registered_server(tmp_path, DEVICE, TOKEN)
     yield srv
     srv.stop()
 

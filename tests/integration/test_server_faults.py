@@ -10,8 +10,7 @@ import time
 import pytest
 
 from agent import build_dir, server_config, wait_until
-from conftest import PROVISION_KEY, PROVISION_SECRET
-from tbserver import TbServer
+from conftest import PROVISION_KEY, PROVISION_SECRET, registered_server
 from test_durability import QUEUED
 from test_spine import counter_script
 
@@ -21,9 +20,7 @@ DEVICE = "fault-1"
 
 @pytest.fixture
 def server(tmp_path):
-    srv = TbServer(build_dir(), tmp_path, devices={DEVICE: TOKEN},
-                   provision_key=PROVISION_KEY, provision_secret=PROVISION_SECRET)
-    srv.start()
+    srv = registered_server(tmp_path, DEVICE, TOKEN)
     yield srv
     srv.stop()
 
