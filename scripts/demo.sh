@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # The main job on one machine: installs what is missing, builds, starts the project's
 # ThingsBoard-compatible CoAP server on loopback and runs tb-agent against it. You see the agent
-# provision itself, then telemetry arrive. Usage: scripts/demo.sh [SECONDS]   (default 20; 0 = until Ctrl-C)
+# provision itself, then telemetry arrive. Usage: scripts/demo.sh [--dtls] [SECONDS]
+# (default 20; 0 = until Ctrl-C). With --dtls the same runs over CoAP over DTLS 1.2 (coaps): a
+# throwaway CA and server certificate are made with openssl, tb-test-dtls-proxy terminates DTLS
+# in front of the server as ThingsBoard's transport does, and the agent verifies the server's
+# certificate against that CA (server.dtls.ca_file) and sends its token over one-way DTLS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dtls=0
+if [[ "${1:-}" == "--dtls" ]]; then
+  dtls=1
+  shift
+fi
 duration=${1:-20}
 scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j"$(nproc)" --target tb-agent tb-test-server
+targets=(tb-agent tb-test-server)
+[[ $dtls == 1 ]] && targets+=(tb-test-dtls-proxy)
+cmake --build build -j"$(nproc)" --target "${targets[@]}"
 
 demo=$(mktemp -d /tmp/tb-agent-demo.XXXXXX)
 server_log="$demo/server.out"
 cleanup() {
   [[ -n "${agent_pid:-}" ]] && kill -TERM "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
+  [[ -n "${proxy_pid:-}" ]] && kill "$proxy_pid" 2>/dev/null && wait "$proxy_pid" 2>/dev/null || true
   [[ -n "${server_pid:-}" ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -27,6 +39,33 @@ exec 3>"$demo/ctl"  # keep the control pipe open so the server keeps running
 for _ in $(seq 100); do grep -q "listening on" "$server_log" 2>/dev/null && break; sleep 0.05; done
 port=$(awk '/listening on/ {print $NF; exit}' "$server_log")
 echo "== tb-test-server listening on 127.0.0.1:$port (requests logged below)"
+host=127.0.0.1
+dtls_config=""
+if [[ $dtls == 1 ]]; then
+  # A throwaway CA and a server certificate it signs (ECDSA, as ThingsBoard's docs require).
+  pki="$demo/pki"
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+    openssl req -x509 -new -key ca.key -subj "/CN=tb-agent demo CA" -days 2 -out ca.crt
+    openssl ecparam -name prime256v1 -genkey -noout -out server.key
+    openssl req -new -key server.key -subj "/CN=localhost" -out server.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+      -extfile server.ext -out server.crt
+  ) >"$pki/openssl.log" 2>&1
+  build/tests/server/tb-test-dtls-proxy --listen 127.0.0.1:0 --upstream "127.0.0.1:$port" \
+    --cert "$pki/server.crt" --key "$pki/server.key" >"$demo/proxy.out" &
+  proxy_pid=$!
+  for _ in $(seq 100); do grep -q "listening" "$demo/proxy.out" 2>/dev/null && break; sleep 0.05; done
+  port=$(awk '/listening/ {n = split($2, a, ":"); print a[n]; exit}' "$demo/proxy.out")
+  host=localhost  # the name in the server certificate, which the agent checks
+  dtls_config="
+  dtls:
+    ca_file: $pki/ca.crt"
+  echo "== tb-test-dtls-proxy: coaps://localhost:$port -> the server (CA: $pki/ca.crt)"
+fi
 
 # The machine's own health (built in), a program's JSON (exec) and, where there is one, a sysfs
 # file: one source of each type.
@@ -50,8 +89,8 @@ if [[ -r /sys/class/thermal/thermal_zone0/temp ]]; then
 fi
 cat >"$demo/tb-agent.yaml" <<YAML
 server:
-  host: 127.0.0.1
-  port: $port
+  host: $host
+  port: $port$dtls_config
 device:
   name: demo-$(hostname)
 provisioning:

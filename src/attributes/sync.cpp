@@ -4,6 +4,7 @@
 
 #include <utility>
 
+#include "credentials/credentials.hpp"
 #include "util/units.hpp"
 
 namespace tb::attributes {
@@ -17,7 +18,7 @@ Sync::Sync(sd_event* loop, coap::Client& client, coap::Observer& observer, SyncO
       on_update_(std::move(on_update)),
       on_state_(std::move(on_state)),
       subscription_(
-          loop, observer, {"api", "v1", options_.token, "attributes"}, "shared attributes",
+          loop, observer, credentials::api_path(options_.token, "attributes"), "shared attributes",
           coap::SubscriptionOptions{options_.reregister_interval},
           [this](const coap::Notification& n) { on_notification(n); },
           [this](const std::string& state) {
@@ -49,7 +50,7 @@ void Sync::get_shared() {
   if (get_in_flight_) return;
   // §2.2: without a key list the answer holds every client and shared attribute.
   get_in_flight_ = client_.request(
-      coap::Method::Get, {"api", "v1", options_.token, "attributes"}, "",
+      coap::Method::Get, credentials::api_path(options_.token, "attributes"), "",
       [this](const coap::Outcome& o) {
         get_in_flight_ = 0;
         if (!o.answered()) {
@@ -109,8 +110,8 @@ void Sync::send_pending() {
   json diff = changed_attributes(acknowledged_, wanted_);
   if (diff.empty()) return;
   post_in_flight_ =
-      client_.request(coap::Method::Post, {"api", "v1", options_.token, "attributes"}, diff.dump(),
-                      [this, diff](const coap::Outcome& o) {
+      client_.request(coap::Method::Post, credentials::api_path(options_.token, "attributes"),
+                      diff.dump(), [this, diff](const coap::Outcome& o) {
                         post_in_flight_ = 0;
                         if (o.answered() && o.response->code / 100 == 2) {
                           for (auto it = diff.begin(); it != diff.end(); ++it)

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <set>
@@ -160,6 +161,13 @@ void setup_libcoap_once() {
 // The path segment that is a credential: api/v1/{token}/... and fw|sw/{token}
 // (docs/thingsboard-coap.md §0).
 std::optional<std::size_t> secret_segment(const std::vector<std::string>& path) {
+  // api/v1/{feature}/{digits} is the token-less (X.509) RPC reply, not a token (§0).
+  const auto all_digits = [](const std::string& s) {
+    return !s.empty() &&
+           std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  if (path.size() == 4 && path[0] == "api" && path[1] == "v1" && all_digits(path[3]))
+    return std::nullopt;
   if (path.size() >= 4 && path[0] == "api" && path[1] == "v1") return 2;
   if (path.size() >= 2 && (path[0] == "fw" || path[0] == "sw")) return 1;
   return std::nullopt;
@@ -637,6 +645,14 @@ struct Client::Impl {
       r.content_format =
           static_cast<int>(coap_decode_var_bytes(coap_opt_value(cf), coap_opt_length(cf)));
     }
+    if (code_num == 401 && options.dtls) {
+      // docs/thingsboard-coap.md §6.2: ThingsBoard looks the client certificate up once, in the
+      // handshake, and caches the identity under (client address, certificate). A 4.01 on a DTLS
+      // session may be a stale or missing identity: the next request gets a new session, so a
+      // fresh full handshake (libcoap starts every new client session without resumption).
+      // Requests still in flight here finish first (the session goes when none is left).
+      recycle_when_idle = true;
+    }
     Outcome o;
     o.response = std::move(r);
     complete(id, std::move(o));
@@ -1031,6 +1047,14 @@ void Client::cancel(RequestId id) {
   impl_->abandon(id, Impl::failure(Failure::Canceled, "canceled"));
 }
 
+void Client::renew_session() {
+  if (impl_->pending.empty()) {
+    impl_->recycle_session();
+  } else {
+    impl_->recycle_when_idle = true;
+  }
+}
+
 void Client::refresh_address() {
   impl_->address_stale = true;
   impl_->fresh_address = false;
@@ -1062,6 +1086,23 @@ bool check_dtls_files(const DtlsOptions& dtls, std::string* error) {
   try {
     if (!load_libcoap(true, error)) return false;
     return check_pem_files(dtls.ca_file, dtls.cert_file, dtls.key_file, error);
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return false;
+  }
+}
+
+bool ensure_device_identity(const std::string& key_file, const std::string& cert_file,
+                            const std::string& device_name, std::string* error) {
+  try {
+    std::error_code ec;
+    if (std::filesystem::exists(key_file, ec) && std::filesystem::exists(cert_file, ec))
+      return true;
+    if (!load_libcoap(true, error)) return false;
+    if (!generate_identity(key_file, cert_file, device_name, error)) return false;
+    spdlog::info("generated the device's key {} (EC P-256) and self-signed certificate {} (CN={})",
+                 key_file, cert_file, device_name);
+    return true;
   } catch (const std::exception& e) {
     *error = e.what();
     return false;

@@ -121,6 +121,11 @@ class Client {
   // session, and requests still in flight on the old one fail as Failure::Network; the same
   // address, or a lookup that fails, keeps the session as it is.
   void refresh_address();
+  // The next request starts a new session: with DTLS a fresh full handshake (no resumption), so
+  // ThingsBoard looks our client certificate up again (docs/thingsboard-coap.md §6.2). Now when
+  // nothing is in flight, else once the requests in flight are done. A 4.01 over DTLS does this
+  // by itself.
+  void renew_session();
   // Requests sent and not yet answered, failed or canceled.
   std::size_t in_flight() const;
   // Another client to the same server with the same options, and the address this one resolved
@@ -143,6 +148,13 @@ class Client {
 // --check-config and start-up, so that a bad file is a configuration error, not a failing
 // handshake later. Never throws.
 bool check_dtls_files(const DtlsOptions& dtls, std::string* error);
+
+// The device's own X.509 identity for provisioning with X509_CERTIFICATE (docs/security.md):
+// when key_file or cert_file is missing, generates an EC P-256 key (0600) and a self-signed
+// certificate with CN = device_name, with libcrypto from libcoap's DTLS build. Existing files are
+// kept as they are. Never throws.
+bool ensure_device_identity(const std::string& key_file, const std::string& cert_file,
+                            const std::string& device_name, std::string* error);
 
 // "2.01"
 std::string code_string(int code);

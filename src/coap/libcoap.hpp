@@ -49,6 +49,12 @@ NameCheck certificate_names(const unsigned char* der, std::size_t length, const 
 bool check_pem_files(const std::string& ca_file, const std::string& cert_file,
                      const std::string& key_file, std::string* error);
 
+// Makes an EC P-256 private key (key_file, 0600) and a self-signed certificate for it with
+// CN = common_name (cert_file), both PEM, each written atomically. With libcrypto from the DTLS
+// build (load_libcoap(true) first). *error says what failed.
+bool generate_identity(const std::string& key_file, const std::string& cert_file,
+                       const std::string& common_name, std::string* error);
+
 // The loaded library. Only valid after load_libcoap() succeeded (Client::create() does that
 // before anything else).
 const Libcoap& libcoap();

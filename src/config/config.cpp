@@ -581,10 +581,24 @@ void read_secret_file(Ctx& ctx, const Item& item, ProvisioningConfig& out) {
   out.secret_file = *v;
 }
 
+// access_token | x509_certificate, and where it was given (checks that span sections point there).
+template <class T>
+Setter<T> credentials_type(CredentialsType T::*field, Position T::*at) {
+  const Setter<T> pick = choice(field, {{"access_token", CredentialsType::AccessToken},
+                                        {"x509_certificate", CredentialsType::X509Certificate}});
+  return [=](Ctx& ctx, const Item& item, T& out) {
+    out.*at = to_position(item.where());
+    pick(ctx, item, out);
+  };
+}
+
 const Table<ProvisioningConfig> kProvisioning = {
     {"key", Required, text(&ProvisioningConfig::key, {}, true)},
     {"secret", Optional, text(&ProvisioningConfig::secret, {}, true)},
     {"secret_file", Optional, read_secret_file},
+    {"credentials_type", Optional,
+     credentials_type(&ProvisioningConfig::credentials_type,
+                      &ProvisioningConfig::credentials_type_at)},
 };
 
 void check_provisioning(Ctx& ctx, const Item& item, const Seen& seen, ProvisioningConfig& out) {
@@ -605,7 +619,32 @@ void check_provisioning(Ctx& ctx, const Item& item, const Seen& seen, Provisioni
 
 const Table<CredentialsConfig> kCredentials = {
     {"access_token", Optional, text(&CredentialsConfig::access_token, {}, true)},
+    {"type", Optional, credentials_type(&CredentialsConfig::type, &CredentialsConfig::type_at)},
 };
+
+// X.509 identity needs DTLS (docs/thingsboard-coap.md §6.2: the client certificate is the one
+// of the handshake), and a pre-registered device needs its certificate configured.
+void check_credentials_types(Ctx& ctx, const Config& c) {
+  const DtlsConfig& dtls = c.server.dtls;
+  if (c.credentials.type == CredentialsType::X509Certificate) {
+    if (!dtls.enabled || dtls.cert_file.empty() || dtls.key_file.empty()) {
+      ctx.error(c.credentials.type_at,
+                "credentials.type: x509_certificate needs server.dtls with cert_file and key_file "
+                "(the certificate the device is registered with in ThingsBoard)");
+    }
+    if (!c.credentials.access_token.empty()) {
+      ctx.error(c.credentials.type_at,
+                "credentials.type: x509_certificate identifies the device by its certificate; "
+                "remove credentials.access_token");
+    }
+  }
+  if (c.provisioning.present &&
+      c.provisioning.credentials_type == CredentialsType::X509Certificate && !dtls.enabled) {
+    ctx.error(c.provisioning.credentials_type_at,
+              "provisioning.credentials_type: x509_certificate needs server.dtls (the "
+              "certificate is presented in the DTLS handshake)");
+  }
+}
 
 const Table<QueueConfig> kQueue = {
     {"max_size", Optional, size(&QueueConfig::max_size, 64 << 10, UINT64_MAX)},
@@ -847,36 +886,13 @@ void parse_remote(Ctx& ctx, const Item& item, Config& out) {
   }
 }
 
-// An RPC method's argv, as exec sources take theirs (src/sources/exec_source.hpp): a list of
-// strings, no shell, a program that is not empty.
+// An RPC method's argv, read as exec sources read theirs (program_argv in schema.hpp).
 void check_rpc_command(Ctx& ctx, const Item& item, RpcMethodConfig& out) {
-  if (!item.value.IsSequence()) {
-    ctx.error(item.where(), item.path +
-                                ": expected a list of strings (program and arguments; no shell), "
-                                "not " +
-                                kind(item.value));
-    return;
-  }
-  if (item.value.size() == 0) {
-    ctx.error(item.where(), item.path + ": must name at least the program to run");
-    return;
-  }
-  std::vector<std::string> argv;
-  for (std::size_t i = 0; i < item.value.size(); ++i) {
-    const YAML::Node arg = item.value[i];
-    const std::string path = item.path + "[" + std::to_string(i) + "]";
-    if (!arg.IsScalar()) {
-      ctx.error(arg.IsNull() ? item.value.Mark() : arg.Mark(),
-                path + ": expected a string, not " + kind(arg));
-      return;
-    }
-    if (i == 0 && arg.Scalar().empty()) {
-      ctx.error(arg.Mark(), path + ": the program must not be empty");
-      return;
-    }
-    argv.push_back(arg.Scalar());
-  }
-  out.command = std::move(argv);
+  std::size_t nodes = 0;
+  Value tree;
+  if (!to_tree(ctx, item.value, item.path, 0, nodes, tree)) return;
+  const Field field{tree, to_position(item.key.Mark()), item.path, ctx};
+  if (auto argv = program_argv()(field)) out.command = std::move(*argv);
 }
 
 const Table<RpcMethodConfig> kRpcMethod = {
@@ -1066,6 +1082,7 @@ LoadResult load(const std::string& text, const std::string& name, const SourceTy
   config.file = name;
   walk(ctx, root, "", kTop, config, root.Mark());
   read_sources(ctx, types, config);
+  check_credentials_types(ctx, config);
 
   if (config.device.name.empty()) {
     char host[HOST_NAME_MAX + 1] = {};

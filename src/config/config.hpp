@@ -40,6 +40,9 @@ struct DtlsConfig {
   std::string server_name;          // checked against the server's certificate; empty = host
   std::filesystem::path cert_file;  // X.509 client certificate (PEM), with key_file
   std::filesystem::path key_file;   // its private key (PEM), not readable by group or others
+  // Not a key of the file: cert_file/key_file are the agent's own, generated into state_dir
+  // before provisioning with X509_CERTIFICATE (docs/security.md, "The device's own key").
+  bool generated_identity = false;
   bool operator==(const DtlsConfig&) const = default;
 };
 
@@ -57,8 +60,17 @@ struct DeviceConfig {
   std::string name;  // default: the machine's hostname
 };
 
+// How the device proves who it is (docs/thingsboard-coap.md §0, "How the device is identified"):
+// an access token in every request's path, or the X.509 client certificate of the DTLS
+// handshake (server.dtls.cert_file) and token-less paths.
+enum class CredentialsType { AccessToken, X509Certificate };
+
 struct ProvisioningConfig {
   bool present = false;
+  // The credentialsType asked for (§4.1): X509_CERTIFICATE proposes server.dtls.cert_file, or a
+  // certificate the agent generates into state_dir when server.dtls has none.
+  CredentialsType credentials_type = CredentialsType::AccessToken;
+  Position credentials_type_at;
   std::string key;
   std::string secret;       // from `secret` or read from `secret_file` (e.g. LoadCredential=)
   std::string secret_file;  // where the secret came from, if a file
@@ -66,6 +78,13 @@ struct ProvisioningConfig {
 
 struct CredentialsConfig {
   std::string access_token;  // empty = none configured
+  // X509Certificate: the device is pre-registered in ThingsBoard with server.dtls.cert_file.
+  CredentialsType type = CredentialsType::AccessToken;
+  Position type_at;
+  // Credentials to use without provisioning: a token, or the configured certificate.
+  bool configured() const {
+    return !access_token.empty() || type == CredentialsType::X509Certificate;
+  }
 };
 
 // A value from the YAML as the source types read it (yaml-cpp stays inside config/): the loader

@@ -140,6 +140,39 @@ Parse<double> number(double lo, double hi) {
   };
 }
 
+Parse<std::vector<std::string>> program_argv() {
+  return [](const Field& f) -> std::optional<std::vector<std::string>> {
+    const Value::List* list = f.value.list();
+    if (!list) {
+      f.error("expected a list of strings (program and arguments; no shell), not " +
+              std::string(kind(f.value)));
+      return std::nullopt;
+    }
+    if (list->empty()) {
+      f.error("must name at least the program to run");
+      return std::nullopt;
+    }
+    std::vector<std::string> argv;
+    bool ok = true;
+    for (std::size_t i = 0; i < list->size(); ++i) {
+      const Value& arg = (*list)[i];
+      const std::string path = f.path + "[" + std::to_string(i) + "]";
+      if (!arg.is_scalar()) {
+        f.report.error(arg.is_null() ? f.value.position : arg.position,
+                       path + ": expected a string, not " + kind(arg));
+        ok = false;
+      } else if (i == 0 && arg.text.empty()) {
+        f.report.error(arg.position, path + ": the program must not be empty");
+        ok = false;
+      } else {
+        argv.push_back(arg.text);
+      }
+    }
+    if (!ok) return std::nullopt;
+    return argv;
+  };
+}
+
 Parse<std::vector<std::string>> string_list(std::string_view plural, std::string_view one,
                                             Check check, bool unique) {
   return [plural = std::string(plural), what = std::string(one), check,

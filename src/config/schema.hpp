@@ -75,6 +75,10 @@ Parse<double> number(double lo, double hi);
 Parse<std::vector<std::string>> string_list(std::string_view plural, std::string_view one,
                                             Check check = {}, bool unique = false);
 
+// A program's argv, run without a shell (exec and execd sources, RPC methods): a non-empty list of
+// strings whose first, the program, is not empty.
+Parse<std::vector<std::string>> program_argv();
+
 std::string check_absolute(const std::string& v);
 std::string check_printable(const std::string& v);
 

@@ -76,13 +76,14 @@ std::optional<Credentials> load(const std::filesystem::path& state_dir, std::str
       return std::nullopt;
     }
   }
-  if (c.type != "ACCESS_TOKEN") {
+  if (c.type != kAccessToken && c.type != kX509Certificate) {
     if (error)
-      *error =
-          file.string() + ": credentialsType '" + c.type + "' is not supported (only ACCESS_TOKEN)";
+      *error = file.string() + ": credentialsType '" + c.type +
+               "' is not supported (only ACCESS_TOKEN and X509_CERTIFICATE)";
     return std::nullopt;
   }
-  if (c.value.empty()) {
+  // X.509: the certificate in use is server.dtls.cert_file; the value is only kept.
+  if (c.value.empty() && !c.x509()) {
     if (error) *error = file.string() + ": credentialsValue is missing or empty";
     return std::nullopt;
   }
@@ -105,7 +106,8 @@ std::optional<PendingProvision> load_pending(const std::filesystem::path& state_
   PendingProvision p;
   p.device_name = string_field(*j, "deviceName");
   p.token = string_field(*j, "token");
-  if (p.token.empty()) {
+  p.x509 = string_field(*j, "credentialsType") == kX509Certificate;
+  if (p.token.empty() && !p.x509) {
     if (error) *error = file + ": token is missing or not a string";
     return std::nullopt;
   }
@@ -126,6 +128,7 @@ std::optional<PendingProvision> load_pending(const std::filesystem::path& state_
 bool save_pending(const std::filesystem::path& state_dir, const PendingProvision& pending,
                   std::string* error) {
   json j = {{"deviceName", pending.device_name},
+            {"credentialsType", std::string(pending.x509 ? kX509Certificate : kAccessToken)},
             {"token", pending.token},
             {"attempts", pending.attempts},
             {"firstAttemptMs", pending.first_attempt_ms}};
@@ -135,6 +138,15 @@ bool save_pending(const std::filesystem::path& state_dir, const PendingProvision
 void remove_pending(const std::filesystem::path& state_dir) {
   std::error_code ec;
   std::filesystem::remove(state_dir / kPendingFile, ec);
+}
+
+std::vector<std::string> api_path(const std::string& token, std::string_view feature,
+                                  const std::string& id) {
+  std::vector<std::string> path{"api", "v1"};
+  if (!token.empty()) path.push_back(token);
+  path.emplace_back(feature);
+  if (!id.empty()) path.push_back(id);
+  return path;
 }
 
 std::string generate_token() {

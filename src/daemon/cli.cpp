@@ -172,7 +172,7 @@ int check_config(const Args& args) {
   std::cout << "OK\n";
   // Valid, but the agent will have nothing to get credentials with unless some are stored: it
   // then starts and idles in state `unconfigured` (stdout stays the contract's "OK").
-  if (!cfg->provisioning.present && cfg->credentials.access_token.empty())
+  if (!cfg->provisioning.present && !cfg->credentials.configured())
     std::cerr << "note: neither provisioning nor credentials.access_token is set: unless "
               << (cfg->state_dir / "credentials.json").string()
               << " exists, the agent idles unconfigured until they are set and it is reloaded\n";

@@ -24,6 +24,7 @@
 #include "util/clock.hpp"
 #include "util/fs.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 #include "util/units.hpp"
 #include "util/utf8.hpp"
 
@@ -34,6 +35,12 @@ namespace {
 // sd-event priorities (architecture.md, "One loop"): signals > bus > CoAP I/O > delivery >
 // collection. Lower runs first.
 constexpr int kPrioritySignal = -100;
+
+// When start-up is over: the first deliveries, attribute requests and observations are done.
+constexpr Millis kReleaseStartupAfter = Millis(10000);
+
+// Records collected in one loop wake-up that go into the queue with one commit, at most.
+constexpr std::size_t kMaxPendingRecords = 256;
 
 std::string server_string(const config::ServerConfig& s) {
   return (s.dtls.enabled ? "coaps://" : "") + s.host + ":" + std::to_string(s.port);
@@ -57,11 +64,36 @@ coap::ClientOptions client_options(const config::ServerConfig& s) {
 std::string check_transport_files(const config::ServerConfig& server) {
   if (!server.dtls.enabled) return "";
   std::string err;
-  if (coap::check_dtls_files(*client_options(server).dtls, &err)) return "";
+  auto dtls = *client_options(server).dtls;
+  // The agent's own identity is made before provisioning: until then only the CAs are checked.
+  std::error_code ec;
+  if (server.dtls.generated_identity &&
+      (!std::filesystem::exists(dtls.cert_file, ec) || !std::filesystem::exists(dtls.key_file, ec)))
+    dtls.cert_file.clear(), dtls.key_file.clear();
+  if (coap::check_dtls_files(dtls, &err)) return "";
   return "server.dtls: " + err;
 }
 
+std::string prepare_device_identity(const config::Config& cfg) {
+  if (!cfg.server.dtls.generated_identity) return "";
+  std::string err;
+  if (coap::ensure_device_identity(cfg.server.dtls.key_file.string(),
+                                   cfg.server.dtls.cert_file.string(), cfg.device.name, &err))
+    return "";
+  return "cannot make the device's own key and certificate: " + err;
+}
+
 namespace {
+
+std::optional<credentials::Credentials> configured_credentials(const config::Config& cfg) {
+  if (cfg.credentials.type == config::CredentialsType::X509Certificate)
+    return credentials::Credentials{std::string(credentials::kX509Certificate), "",
+                                    cfg.device.name};
+  if (!cfg.credentials.access_token.empty())
+    return credentials::Credentials{std::string(credentials::kAccessToken),
+                                    cfg.credentials.access_token, cfg.device.name};
+  return std::nullopt;
+}
 
 // Every setting, by construction (config::same_settings), but not the position: a source that
 // only moved within the file keeps running on reload.
@@ -83,6 +115,16 @@ std::string join_diagnostics(const std::vector<config::Diagnostic>& diags) {
 void apply_overrides(config::Config& cfg, const Overrides& overrides) {
   if (overrides.state_dir) cfg.state_dir = *overrides.state_dir;
   if (overrides.log_level) cfg.logging.level = *overrides.log_level;
+  // Provisioning with X509_CERTIFICATE and no certificate of the operator's: the agent's own,
+  // generated into state_dir (docs/security.md, "The device's own key"), presented from then on.
+  config::DtlsConfig& dtls = cfg.server.dtls;
+  if (cfg.provisioning.present &&
+      cfg.provisioning.credentials_type == config::CredentialsType::X509Certificate &&
+      dtls.enabled && dtls.cert_file.empty() && dtls.key_file.empty()) {
+    dtls.cert_file = cfg.state_dir / kDeviceCertFile;
+    dtls.key_file = cfg.state_dir / kDeviceKeyFile;
+    dtls.generated_identity = true;
+  }
 }
 
 Manager::Manager(config::Config cfg, Overrides overrides)
@@ -99,11 +141,13 @@ Manager::~Manager() {
   bus_.reset();
   shutdown_timer_.reset();
   reap_timer_.reset();
+  release_timer_.reset();
   status_timer_.reset();
   limits_timer_.reset();
   client_.reset();
   queue_.reset();
   for (auto* s : signal_sources_) sd_event_source_disable_unref(s);
+  sd_event_source_disable_unref(store_source_);
   if (loop_) sd_event_unref(loop_);
 }
 
@@ -118,8 +162,14 @@ int Manager::run() {
   else if (!unconfigured_)
     start_provisioning();
   update_status(true);
+  // Start-up's code and heap are not needed again (util/memory.hpp). Not at once: the first
+  // exchanges with the server (attributes, observations, provisioning) run from the loop.
+  release_timer_ = std::make_unique<Timer>(
+      loop_, [] { release_startup_memory(); }, Millis(1000));
+  release_timer_->arm_in(kReleaseStartupAfter);
 
   const int r = sd_event_loop(loop_);
+  store_pending();  // the loop may have been told to exit before the store source ran
   if (r < 0) {
     spdlog::critical("event loop failed: {}", std::strerror(-r));
     return kExitFailure;
@@ -153,6 +203,14 @@ int Manager::init() {
   }
   // WATCHDOG=1 from the loop itself, only while it turns (sd_event_set_watchdog(3)).
   sd_event_set_watchdog(loop_, true);
+  // A defer source keeps the loop from sleeping while it is enabled; at a priority below
+  // collection's it runs once every source that woke in this iteration has reported.
+  if (sd_event_add_defer(loop_, &store_source_, &Manager::on_store, this) < 0) {
+    spdlog::critical("cannot schedule storing readings on the event loop");
+    return kExitFailure;
+  }
+  sd_event_source_set_priority(store_source_, sources::kCollectionPriority + 1);
+  sd_event_source_set_enabled(store_source_, SD_EVENT_OFF);
 
   std::string err;
   if (!ensure_directory(cfg_.state_dir, 0700, &err)) {
@@ -167,10 +225,10 @@ int Manager::init() {
   // Plugins' crash guard: a run that died inside a plugin counts a strike (docs/plugins.md).
   if (!sources::PluginSource::guard_open(cfg_.state_dir, &err)) spdlog::warn("{}", err);
 
-  // Credentials: configured token first, then the stored file, else provisioning.
-  if (!cfg_.credentials.access_token.empty()) {
-    creds_ =
-        credentials::Credentials{"ACCESS_TOKEN", cfg_.credentials.access_token, cfg_.device.name};
+  // Credentials: configured token (or certificate) first, then the stored file, else
+  // provisioning.
+  if (cfg_.credentials.configured()) {
+    creds_ = configured_credentials(cfg_);
   } else {
     creds_ = credentials::load(cfg_.state_dir, &err);
     if (!creds_ && !err.empty()) {
@@ -212,6 +270,10 @@ int Manager::init() {
   restamp_after_id_ = queue_->last_id();
   check_clock();
 
+  if (const auto problem = prepare_device_identity(cfg_); !problem.empty()) {
+    spdlog::critical("{}", problem);
+    return kExitFailure;
+  }
   if (const auto problem = check_transport_files(cfg_.server); !problem.empty()) {
     spdlog::critical("{}", problem);
     return kExitConfig;
@@ -317,6 +379,8 @@ void Manager::start_provisioning() {
   opt.secret = cfg_.provisioning.secret;
   opt.device_name = cfg_.device.name;
   opt.state_dir = cfg_.state_dir;
+  if (cfg_.provisioning.credentials_type == config::CredentialsType::X509Certificate)
+    opt.certificate_file = cfg_.server.dtls.cert_file;
   opt.backoff_initial = cfg_.delivery.backoff_initial;
   opt.backoff_max = cfg_.delivery.backoff_max;
   provisioner_ = std::make_unique<provisioning::Provisioner>(
@@ -348,8 +412,8 @@ void Manager::start_provisioning() {
 
 void Manager::start_delivery(const credentials::Credentials& creds) {
   if (stopping_) return;
-  uploader_->start(client_.get(), creds.value);
-  start_downlink(creds.value);
+  uploader_->start(client_.get(), creds.path_token());
+  start_downlink(creds.path_token());
 }
 
 // Attributes and server-side RPC (docs/attributes.md): remote settings are applied
@@ -394,8 +458,7 @@ void Manager::check_state_dir() {
     set_error("state directory vanished: " + err);
     return;
   }
-  if (creds_ && cfg_.credentials.access_token.empty() &&
-      !credentials::save(cfg_.state_dir, *creds_, &err))
+  if (creds_ && !cfg_.credentials.configured() && !credentials::save(cfg_.state_dir, *creds_, &err))
     spdlog::error("cannot store the credentials again: {}", err);
 }
 
@@ -408,8 +471,11 @@ std::int64_t Manager::check_clock() {
     // clock's time, so it moves with it. Records of earlier runs keep their timestamps.
     if (!queue_->shift_ts(restamp_after_id_, step, &moved, &err))
       spdlog::error("the system clock was stepped, but cannot re-stamp queued readings: {}", err);
+    // Said to the second: the step is measured from two clock reads, and a preemption between
+    // them adds milliseconds that are not the step's (a step of 3h read as "3h4ms").
+    const std::int64_t whole_s = (std::llabs(step) + 500) / 1000;
     spdlog::warn("the system clock was stepped by {}{}; re-stamped {} queued record(s) of this run",
-                 step < 0 ? "-" : "+", format_duration(Millis(step < 0 ? -step : step)), moved);
+                 step < 0 ? "-" : "+", format_duration(Millis(whole_s * 1000)), moved);
   }
   const bool set = wall_clock_set(wall_ms());
   if (set != clock_set_) {
@@ -433,19 +499,55 @@ void Manager::on_record(telemetry::Record record) {
   if (const std::int64_t step = check_clock();
       step != 0 && std::llabs(record.ts_ms - wall_ms()) > std::llabs(step) / 2)
     record.ts_ms += step;
+  // Not pushed here: sources that woke together (their timers coalesce, architecture.md "One
+  // loop") report one after the other in this loop iteration, and one commit for all of them is
+  // one fsync instead of one each. The store source runs before the loop sleeps again, and
+  // nothing (log, counters, delivery) treats a record as queued before then (docs/queue.md).
+  pending_records_.push_back(std::move(record));
+  // Bounded: a source whose input is always ready (an execd program writing flat out) could keep
+  // the lower-priority store source from running.
+  if (store_source_ && pending_records_.size() < kMaxPendingRecords)
+    sd_event_source_set_enabled(store_source_, SD_EVENT_ONESHOT);
+  else
+    store_pending();
+}
+
+int Manager::on_store(sd_event_source*, void* userdata) {
+  auto* self = static_cast<Manager*>(userdata);
+  try {
+    self->store_pending();
+  } catch (const std::exception& e) {
+    spdlog::error("internal error storing readings: {}", e.what());
+  } catch (...) {
+    spdlog::error("internal error storing readings");
+  }
+  return 0;
+}
+
+void Manager::store_pending() {
+  if (pending_records_.empty() || !queue_) return;
+  const auto records = std::move(pending_records_);
+  pending_records_.clear();
   check_state_dir();
   std::string err;
-  const std::uint64_t n = record.readings.size();
-  if (!queue_->push(record, &err)) {
-    push_dropped_readings_ += n;
-    if (!push_failing_) spdlog::error("cannot queue readings of '{}': {}", record.source, err);
+  if (!queue_->push_all(records, &err)) {
+    for (const auto& r : records) push_dropped_readings_ += r.readings.size();
+    if (!push_failing_) {
+      // Every source whose readings this commit held, each named once.
+      std::string sources;
+      for (const auto& r : records)
+        if (sources.find("'" + r.source + "'") == std::string::npos)
+          sources += (sources.empty() ? "'" : ", '") + r.source + "'";
+      spdlog::error("cannot queue readings of {}: {}", sources, err);
+    }
     push_failing_ = true;
     set_error("cannot queue readings: " + err);
     update_status();
     return;
   }
   // One line per durable record: what the kill -9 tests hold the agent to.
-  spdlog::debug("queued {} reading(s) from '{}' ts={}", n, record.source, record.ts_ms);
+  for (const auto& r : records)
+    spdlog::debug("queued {} reading(s) from '{}' ts={}", r.readings.size(), r.source, r.ts_ms);
   if (push_failing_) {
     spdlog::info("queueing readings works again");
     push_failing_ = false;
@@ -487,6 +589,7 @@ int Manager::on_signal(sd_event_source*, const struct signalfd_siginfo* si, void
 }
 
 void Manager::begin_shutdown() {
+  store_pending();  // before counting what the last flush must deliver
   stopping_ = true;
   notifier_.stopping();
   for (auto& s : sources_) s->stop();
@@ -566,6 +669,7 @@ std::string Manager::apply(const config::Config& next) {
   // paths): a new client, a new handshake.
   const bool new_transport = server_changed || next.server.dtls.enabled;
   if (new_transport) {
+    if (const auto problem = prepare_device_identity(next); !problem.empty()) return problem;
     if (const auto problem = check_transport_files(next.server); !problem.empty()) return problem;
     new_client = coap::Client::create(loop_, {next.server.host, next.server.port},
                                       client_options(next.server), &err);
@@ -580,9 +684,8 @@ std::string Manager::apply(const config::Config& next) {
     spdlog::warn("dbus.bus changed: takes effect when the service restarts");
 
   // Still nothing to get credentials with: sources stay built but idle (see init()).
-  const bool stays_unconfigured = unconfigured_ && !creds_ &&
-                                  next.credentials.access_token.empty() &&
-                                  !next.provisioning.present;
+  const bool stays_unconfigured =
+      unconfigured_ && !creds_ && !next.credentials.configured() && !next.provisioning.present;
   // Sources: keep the unchanged ones running, replace the changed, drop the removed.
   std::map<std::string, sources::SourcePtr> running;
   for (auto& s : sources_) running[s->config().name] = std::move(s);
@@ -627,7 +730,7 @@ std::string Manager::apply(const config::Config& next) {
     client_ = std::move(new_client);
     if (creds_) uploader_->set_client(client_.get());
     cfg_.server = next.server;
-    if (creds_) start_downlink(creds_->value);
+    if (creds_) start_downlink(creds_->path_token());
     if (was_provisioning) {
       cfg_ = next;
       start_provisioning();
@@ -637,16 +740,17 @@ std::string Manager::apply(const config::Config& next) {
     client_->refresh_address();
   }
 
-  const bool token_changed = !next.credentials.access_token.empty() &&
-                             next.credentials.access_token != cfg_.credentials.access_token;
+  const bool token_changed = next.credentials.configured() &&
+                             (next.credentials.access_token != cfg_.credentials.access_token ||
+                              next.credentials.type != cfg_.credentials.type);
   const bool retry_provisioning =
       (failed_ || unconfigured_) && !creds_ && next.provisioning.present;
   if (unconfigured_ && !stays_unconfigured) {
     // Configured at last: what init() left idle starts now (the changed sources already did).
     unconfigured_ = false;
-    spdlog::info("configured: starting sources and {}",
-                 next.provisioning.present && next.credentials.access_token.empty() ? "provisioning"
-                                                                                    : "delivery");
+    spdlog::info(
+        "configured: starting sources and {}",
+        next.provisioning.present && !next.credentials.configured() ? "provisioning" : "delivery");
     for (auto& s : sources_) {
       if (s->started()) continue;
       if (!s->start([this](telemetry::Record rec) { on_record(std::move(rec)); }, &err))
@@ -656,13 +760,12 @@ std::string Manager::apply(const config::Config& next) {
   }
   cfg_ = next;
   if (token_changed) {
-    creds_ =
-        credentials::Credentials{"ACCESS_TOKEN", next.credentials.access_token, next.device.name};
+    creds_ = configured_credentials(next);
     provisioner_.reset();
     provisioning_ = false;
     failed_ = false;
-    uploader_->start(client_.get(), creds_->value);
-    start_downlink(creds_->value);
+    uploader_->start(client_.get(), creds_->path_token());
+    start_downlink(creds_->path_token());
   } else if (retry_provisioning) {
     failed_ = false;
     last_error_.clear();
@@ -737,12 +840,20 @@ void Manager::update_status(bool immediate) {
     publish_status();
   } else if (!status_timer_->armed()) {
     // Counters change with every reading; the service manager and the bus hear at most once
-    // a second (docs/interface.md allows counters to be rate-limited).
-    status_timer_->arm_in(Millis(1000));
+    // a second (docs/interface.md allows counters to be rate-limited). The first change after a
+    // quiet second goes out at once: a timer for it would be one more wake-up per reading.
+    constexpr std::uint64_t kStatusIntervalUs = 1000000;
+    std::uint64_t now = 0;
+    sd_event_now(loop_, CLOCK_BOOTTIME, &now);
+    if (now - status_published_us_ >= kStatusIntervalUs)
+      publish_status();
+    else
+      status_timer_->arm_in(Millis((status_published_us_ + kStatusIntervalUs - now + 999) / 1000));
   }
 }
 
 void Manager::publish_status() {
+  sd_event_now(loop_, CLOCK_BOOTTIME, &status_published_us_);
   const std::string state = state_name();
   const std::uint64_t queued = queue_ ? queue_->queued_readings() : 0;
   std::string text;
@@ -756,8 +867,9 @@ void Manager::publish_status() {
   } else if (state == "provisioning") {
     text = progress_.empty() ? "provisioning" : progress_;
   } else if (state == "unauthorized") {
-    text = "unauthorized: the server rejects the access token; " + std::to_string(queued) +
-           " reading(s) kept";
+    text = std::string("unauthorized: the server rejects the ") +
+           (creds_ && creds_->x509() ? "device's certificate; " : "access token; ") +
+           std::to_string(queued) + " reading(s) kept";
   } else if (state == "retrying") {
     text = "retrying in " + format_duration(delivery_.retry_in) + ": " + delivery_.error + "; " +
            std::to_string(queued) + " reading(s) queued";

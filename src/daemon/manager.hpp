@@ -49,6 +49,15 @@ coap::ClientOptions client_options(const config::ServerConfig& s);
 // not belong to the certificate …"). Plain CoAP has none. For --check-config, start and reload.
 std::string check_transport_files(const config::ServerConfig& server);
 
+// The agent's own key and certificate in state_dir (provisioning with X509_CERTIFICATE and no
+// server.dtls.cert_file; docs/security.md).
+inline constexpr const char* kDeviceKeyFile = "device.key";
+inline constexpr const char* kDeviceCertFile = "device.crt";
+
+// Generates the agent's own key and certificate when the config uses them and they are missing;
+// "" or what failed.
+std::string prepare_device_identity(const config::Config& cfg);
+
 class Manager {
  public:
   Manager(config::Config cfg, Overrides overrides);
@@ -65,6 +74,9 @@ class Manager {
   void start_delivery(const credentials::Credentials& creds);
   void start_downlink(const std::string& token);
   void on_record(telemetry::Record record);
+  // The records of one loop wake-up go into the queue together (one commit): see on_record.
+  void store_pending();
+  static int on_store(sd_event_source* s, void* userdata);
   // Wall clock steps and a clock not set yet (docs/queue.md, "Timestamps and the clock"); returns
   // the step taken now (0: none).
   std::int64_t check_clock();
@@ -92,6 +104,9 @@ class Manager {
   Overrides overrides_;
   sd_event* loop_ = nullptr;
   std::vector<sd_event_source*> signal_sources_;
+  sd_event_source* store_source_ = nullptr;         // runs store_pending() before the loop sleeps
+  std::vector<telemetry::Record> pending_records_;  // collected, not yet durable
+  std::uint64_t status_published_us_ = 0;           // CLOCK_BOOTTIME of the last publish_status()
   Notifier notifier_;
 
   std::unique_ptr<telemetry::Queue> queue_;
@@ -105,6 +120,7 @@ class Manager {
   std::unique_ptr<Timer> status_timer_;
   std::unique_ptr<Timer> shutdown_timer_;
   std::unique_ptr<Timer> reap_timer_;
+  std::unique_ptr<Timer> release_timer_;  // start-up's memory given back (util/memory.hpp)
 
   std::optional<credentials::Credentials> creds_;
   std::string progress_;    // what provisioning is doing

@@ -10,8 +10,12 @@ std::string encode_request(const Request& r) {
   json j = {{"provisionDeviceKey", r.key},
             {"provisionDeviceSecret", r.secret},
             {"deviceName", r.device_name},
-            {"credentialsType", "ACCESS_TOKEN"}};
-  if (!r.token.empty()) j["token"] = r.token;
+            {"credentialsType", r.certificate.empty() ? "ACCESS_TOKEN" : "X509_CERTIFICATE"}};
+  if (!r.certificate.empty()) {
+    j["hash"] = r.certificate;
+  } else if (!r.token.empty()) {
+    j["token"] = r.token;
+  }
   // The config refuses non-UTF-8 text, so nothing is replaced in practice; but dump() would
   // throw (type_error.316) on a bad byte, and an exception is no way to fail a request.
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -37,7 +41,11 @@ Answer decode_answer(int code, const std::string& payload) {
   if (code == 201 && status == "SUCCESS") {
     a.credentials_type = str("credentialsType");
     a.credentials_value = str("credentialsValue");
-    if (a.credentials_type != "ACCESS_TOKEN" || a.credentials_value.empty()) {
+    // X509_CERTIFICATE: the device is the one of our certificate; the value (the PEM) is not
+    // needed to use it. A pre-provisioned device may answer with its existing ACCESS_TOKEN
+    // whatever we asked for (§4.3): that is used as it comes.
+    const bool x509 = a.credentials_type == "X509_CERTIFICATE";
+    if (!x509 && (a.credentials_type != "ACCESS_TOKEN" || a.credentials_value.empty())) {
       a.verdict = Verdict::Unexpected;
       a.error_message = "the server answered SUCCESS without an access token (credentialsType '" +
                         a.credentials_type + "')";

@@ -10,10 +10,13 @@ struct Request {
   std::string secret;       // provisionDeviceSecret
   std::string device_name;  // deviceName
   std::string token;        // the access token we propose (credentialsType ACCESS_TOKEN)
+  std::string certificate;  // or the PEM certificate we propose (credentialsType X509_CERTIFICATE)
 };
 
 // {"provisionDeviceKey":…,"provisionDeviceSecret":…,"deviceName":…,
-//  "credentialsType":"ACCESS_TOKEN","token":…}
+//  "credentialsType":"ACCESS_TOKEN","token":…}, or with a certificate
+//  "credentialsType":"X509_CERTIFICATE","hash":"-----BEGIN CERTIFICATE-----…" (§4.1: despite its
+//  name, `hash` carries the PEM text; the server hashes it itself)
 std::string encode_request(const Request& request);
 
 enum class Verdict {
@@ -28,7 +31,7 @@ enum class Verdict {
 struct Answer {
   Verdict verdict = Verdict::Unexpected;
   std::string credentials_type;   // on Success
-  std::string credentials_value;  // on Success: the token to use
+  std::string credentials_value;  // on Success: the token to use (X.509: the certificate, if any)
   std::string error_message;      // errorMsg, or our description
 };
 

@@ -4,6 +4,7 @@
 
 #include "provisioning/codec.hpp"
 #include "util/clock.hpp"
+#include "util/fs.hpp"
 #include "util/units.hpp"
 
 namespace tb::provisioning {
@@ -24,9 +25,28 @@ Provisioner::~Provisioner() {
 
 void Provisioner::start() {
   std::string err;
+  const bool x509 = !options_.certificate_file.empty();
+  if (x509) {
+    auto pem = read_file(options_.certificate_file, &err);
+    if (!pem || pem->empty()) {
+      fail("cannot read the certificate to provision with, " + options_.certificate_file.string() +
+           ": " + (err.empty() ? std::string("missing or empty") : err));
+      return;
+    }
+    certificate_ = std::move(*pem);
+  }
   auto pending = credentials::load_pending(options_.state_dir, &err);
   if (pending && !err.empty()) spdlog::warn("provisioning record: {}", err);
-  if (pending && pending->device_name == options_.device_name) {
+  if (pending && pending->device_name == options_.device_name && pending->x509 != x509) {
+    spdlog::info("provisioning credentials type changed to {}: starting provisioning afresh",
+                 x509 ? "X509_CERTIFICATE" : "ACCESS_TOKEN");
+    pending.reset();
+    pending_ = {};
+    pending_.device_name = options_.device_name;
+    pending_.x509 = x509;
+    if (!x509) pending_.token = credentials::generate_token();
+    pending_.first_attempt_ms = wall_ms();
+  } else if (pending && pending->device_name == options_.device_name) {
     pending_ = *pending;
     spdlog::info(
         "resuming provisioning of device '{}' ({} request(s) sent before; the proposed token "
@@ -47,7 +67,8 @@ void Provisioner::start() {
                    pending->device_name, options_.device_name);
     pending_ = {};
     pending_.device_name = options_.device_name;
-    pending_.token = credentials::generate_token();
+    pending_.x509 = x509;
+    if (!x509) pending_.token = credentials::generate_token();
     pending_.first_attempt_ms = wall_ms();
   }
   send_request();
@@ -72,7 +93,8 @@ void Provisioner::send_request() {
   progress_("provisioning device '" + pending_.device_name + "'");
   spdlog::info("provisioning device '{}' (attempt {})", pending_.device_name, pending_.attempts);
   const std::string body =
-      encode_request({options_.key, options_.secret, pending_.device_name, pending_.token});
+      encode_request({options_.key, options_.secret, pending_.device_name, pending_.token,
+                      pending_.x509 ? certificate_ : std::string()});
   in_flight_ = client_.request(coap::Method::Post, {"api", "v1", "provision"}, body,
                                [this](const coap::Outcome& o) {
                                  in_flight_ = 0;
@@ -104,7 +126,16 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
   }
   switch (a.verdict) {
     case Verdict::Success:
-      succeed(a.credentials_value);
+      if (a.credentials_type == credentials::kX509Certificate && !pending_.x509) {
+        // The device's credential is a certificate we do not hold (a pre-provisioned device,
+        // §4.3): nothing this agent can identify itself with.
+        fail(
+            "provisioning answered SUCCESS with an X509_CERTIFICATE credential, but the agent "
+            "proposed an access token: set provisioning.credentials_type: x509_certificate "
+            "with the device's certificate in server.dtls, or give the device a token");
+        return;
+      }
+      succeed({a.credentials_type, a.credentials_value, pending_.device_name});
       return;
     case Verdict::Retryable:
       retry_later(coap::describe(outcome), false);
@@ -119,8 +150,8 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
         // An earlier request may have succeeded with its answer lost (§4.3): check our token.
         spdlog::warn(
             "provisioning answered FAILURE after {} attempts; checking whether an earlier "
-            "attempt registered our proposed token",
-            pending_.attempts);
+            "attempt registered our proposed {}",
+            pending_.attempts, pending_.x509 ? "certificate" : "token");
         backoff_.reset();
         verify_token();
         return;
@@ -140,12 +171,17 @@ void Provisioner::on_answer(const coap::Outcome& outcome) {
 
 void Provisioner::verify_token() {
   verifying_ = true;
-  progress_("checking the proposed access token");
-  in_flight_ = client_.request(coap::Method::Get, {"api", "v1", pending_.token, "attributes"}, "",
-                               [this](const coap::Outcome& o) {
-                                 in_flight_ = 0;
-                                 on_verify(o);
-                               });
+  progress_(pending_.x509 ? "checking whether our certificate is registered"
+                          : "checking the proposed access token");
+  // X.509: ThingsBoard looked our certificate up when this session's handshake ran, perhaps
+  // before the device existed (§6.2): ask on a fresh handshake.
+  if (pending_.x509) client_.renew_session();
+  in_flight_ =
+      client_.request(coap::Method::Get, credentials::api_path(pending_.token, "attributes"), "",
+                      [this](const coap::Outcome& o) {
+                        in_flight_ = 0;
+                        on_verify(o);
+                      });
 }
 
 void Provisioner::on_verify(const coap::Outcome& outcome) {
@@ -156,8 +192,17 @@ void Provisioner::on_verify(const coap::Outcome& outcome) {
   const int code = outcome.response->code;
   // 2.05: attributes returned; 4.04: the token is valid but no attributes exist (§2.2).
   if (code == 205 || code == 404) {
-    spdlog::info("the proposed token is registered: an earlier provisioning answer was lost");
-    succeed(pending_.token);
+    spdlog::info("the proposed {} is registered: an earlier provisioning answer was lost",
+                 pending_.x509 ? "certificate" : "token");
+    if (pending_.x509)
+      succeed({std::string(credentials::kX509Certificate), certificate_, pending_.device_name});
+    else
+      succeed({std::string(credentials::kAccessToken), pending_.token, pending_.device_name});
+  } else if (code == 401 && pending_.x509) {
+    fail("provisioning refused (FAILURE) and our certificate is not registered: device '" +
+         pending_.device_name +
+         "' exists already or was provisioned with other credentials; ask the ThingsBoard "
+         "administrator to delete it or reset its provisionState");
   } else if (code == 401) {
     fail("provisioning refused (FAILURE) and the proposed token is not registered: device '" +
          pending_.device_name +
@@ -183,17 +228,15 @@ void Provisioner::retry_later(const std::string& why, bool verifying) {
   retry_timer_.arm_in(delay);
 }
 
-void Provisioner::succeed(const std::string& token) {
+void Provisioner::succeed(credentials::Credentials credentials) {
   Result r;
-  r.credentials.type = "ACCESS_TOKEN";
-  r.credentials.value = token;
-  r.credentials.device_name = pending_.device_name;
+  r.credentials = std::move(credentials);
   std::string err;
   if (!credentials::save(options_.state_dir, r.credentials, &err)) {
     // The server has registered the device; losing this token would need an operator. Keep the
     // pending record (it holds our token) and keep trying to store.
     spdlog::error("provisioned, but cannot store the credentials: {}", err);
-    if (r.credentials.value == pending_.token) {
+    if (pending_.x509 ? r.credentials.x509() : r.credentials.value == pending_.token) {
       retry_later("cannot store the credentials: " + err, true);
       return;
     }
@@ -201,6 +244,9 @@ void Provisioner::succeed(const std::string& token) {
     return;
   }
   credentials::remove_pending(options_.state_dir);
+  // Our handshake ran before the device existed, so ThingsBoard cached no identity for it
+  // (§6.2): the token-less requests from now on start with a fresh one.
+  if (r.credentials.x509()) client_.renew_session();
   spdlog::info("device '{}' provisioned; credentials stored in {}", pending_.device_name,
                (options_.state_dir / credentials::kCredentialsFile).string());
   r.ok = true;

@@ -4,6 +4,9 @@
 // FAILURE. So the agent proposes its own random access token and saves it (provisioning.json)
 // before the first request; when a retry answers FAILURE, it asks the server whether that token
 // works (GET attributes: 2.05 or 4.04 = the token is valid, 4.01 = it is not) before giving up.
+// With X509_CERTIFICATE it proposes its certificate (server.dtls.cert_file) instead and checks
+// the same way with a token-less GET, on a fresh DTLS session: ThingsBoard looks the certificate
+// up only in the handshake (docs/thingsboard-coap.md §6.2).
 #pragma once
 
 #include <filesystem>
@@ -23,6 +26,8 @@ struct Options {
   std::string secret;
   std::string device_name;
   std::filesystem::path state_dir;
+  // Set: credentialsType X509_CERTIFICATE with this certificate (PEM file), else ACCESS_TOKEN.
+  std::filesystem::path certificate_file;
   Millis backoff_initial{1000};
   Millis backoff_max{300000};
 };
@@ -51,7 +56,7 @@ class Provisioner {
   void verify_token();
   void on_verify(const coap::Outcome& outcome);
   void retry_later(const std::string& why, bool verifying);
-  void succeed(const std::string& token);
+  void succeed(credentials::Credentials credentials);
   void fail(const std::string& error);
 
   coap::Client& client_;
@@ -62,6 +67,7 @@ class Provisioner {
   Backoff backoff_;
   Timer retry_timer_;
   bool verifying_ = false;
+  std::string certificate_;  // the PEM of certificate_file
   coap::RequestId in_flight_ = 0;
 };
 

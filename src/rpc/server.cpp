@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "credentials/credentials.hpp"
 #include "util/units.hpp"
 #include "util/utf8.hpp"
 
@@ -53,7 +54,7 @@ Server::Server(sd_event* loop, coap::Client& client, coap::Observer& observer,
       builtin_(std::move(builtin)),
       on_state_(std::move(on_state)),
       subscription_(
-          loop, observer, {"api", "v1", options_.token, "rpc"}, "RPC",
+          loop, observer, credentials::api_path(options_.token, "rpc"), "RPC",
           coap::SubscriptionOptions{options_.reregister_interval},
           [this](const coap::Notification& n) { on_notification(n); },
           [this](const std::string&) {
@@ -179,8 +180,8 @@ void Server::send_reply(const std::string& key) {
   ++e.attempts;
   auto alive = alive_;
   client_.request(coap::Method::Post,
-                  {"api", "v1", options_.token, "rpc", std::to_string(e.request.id)}, e.reply,
-                  [this, key, alive](const coap::Outcome& o) {
+                  credentials::api_path(options_.token, "rpc", std::to_string(e.request.id)),
+                  e.reply, [this, key, alive](const coap::Outcome& o) {
                     if (!*alive) return;
                     auto found = entries_.find(key);
                     if (found == entries_.end()) return;

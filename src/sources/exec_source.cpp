@@ -177,38 +177,6 @@ namespace {
 using config::Need;
 using P = ProgramSettings;
 
-// command: the argv, a non-empty list of strings whose first (the program) is not empty.
-std::optional<std::vector<std::string>> read_command(const config::Field& f) {
-  const config::Value::List* list = f.value.list();
-  if (!list) {
-    f.error("expected a list of strings (program and arguments; no shell), not " +
-            std::string(config::kind(f.value)));
-    return std::nullopt;
-  }
-  if (list->empty()) {
-    f.error("must name at least the program to run");
-    return std::nullopt;
-  }
-  std::vector<std::string> argv;
-  bool ok = true;
-  for (std::size_t i = 0; i < list->size(); ++i) {
-    const config::Value& arg = (*list)[i];
-    const std::string path = f.path + "[" + std::to_string(i) + "]";
-    if (!arg.is_scalar()) {
-      f.report.error(arg.is_null() ? f.value.position : arg.position,
-                     path + ": expected a string, not " + config::kind(arg));
-      ok = false;
-    } else if (i == 0 && arg.text.empty()) {
-      f.report.error(arg.position, path + ": the program must not be empty");
-      ok = false;
-    } else {
-      argv.push_back(arg.text);
-    }
-  }
-  if (!ok) return std::nullopt;
-  return argv;
-}
-
 // env: NAME: value pairs. Values are never quoted back (they may hold credentials).
 std::optional<std::map<std::string, std::string>> read_env(const config::Field& f) {
   const config::Value::Map* map = f.value.map();
@@ -253,7 +221,8 @@ std::optional<std::map<std::string, std::string>> read_env(const config::Field& 
 
 // exec and execd share it.
 const config::Keys<ProgramSettings> kProgramKeys = {
-    {"command", Need::Required, "list of strings", "", config::into(&P::command, read_command),
+    {"command", Need::Required, "list of strings", "",
+     config::into(&P::command, config::program_argv()),
      "The program and its arguments (argv); no shell."},
     {"timeout", Need::Optional, "duration, at least 100ms", "5s",
      config::into(&P::timeout, config::duration(Millis(100), Millis::max())),

@@ -31,7 +31,7 @@ class TbServer:
 
     def __init__(self, build_dir=None, tmp_path=None, *, port=0, bind="127.0.0.1",
                  strategy="allow_create", provision_key=None, provision_secret=None,
-                 devices=None, framing=None, strict_size=False, verbose=False,
+                 devices=None, x509_devices=None, framing=None, strict_size=False, verbose=False,
                  quiet=True, extra_args=(), name="tbserver"):
         build_dir = build_dir or os.environ.get("TB_BUILD_DIR")
         if not build_dir:
@@ -51,7 +51,8 @@ class TbServer:
         # start(), e.g. options["devices"] = {"pump-7b": "TOKEN"} to add a device.
         self.options = dict(strategy=strategy, provision_key=provision_key,
                             provision_secret=provision_secret, framing=framing,
-                            devices=dict(devices or {}), strict_size=strict_size,
+                            devices=dict(devices or {}),
+                            x509_devices=dict(x509_devices or {}), strict_size=strict_size,
                             verbose=verbose, quiet=quiet, extra_args=list(extra_args))
         self.proc = None
         self._buf = b""
@@ -69,6 +70,8 @@ class TbServer:
             argv += ["--framing", self.options["framing"]]
         for name, token in (self.options["devices"] or {}).items():
             argv += ["--device", f"{name}={token}"]
+        for name, pem_file in self.options["x509_devices"].items():
+            argv += ["--device-x509", f"{name}={pem_file}"]
         if self.options["strict_size"]:
             argv.append("--strict-size")
         if self.options["verbose"]:
@@ -189,7 +192,11 @@ class TbServer:
         if not self.record_file.exists():
             return []
         with open(self.record_file, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            text = f.read()
+        # The server may be half-way through writing its newest line (a long record leaves its
+        # stream buffer in more than one write): only lines that end in a newline are complete.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def state(self):
         if not self.state_file.exists():

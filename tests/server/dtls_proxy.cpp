@@ -7,6 +7,13 @@
 // each decrypted datagram to the plain server from a UDP socket of its own per client (so the
 // server sees one peer per DTLS session), and the server's answers back through that session.
 //
+// Client authentication is WANTED, as in ThingsBoard (§6.2): a client certificate is asked for but
+// not required, no CA trust is checked, and only an expired or not-yet-valid certificate aborts
+// the handshake (fatal bad_certificate). After a handshake, the session's upstream socket first
+// sends the plain server one identity datagram (tests/server/x509.h): 0x00, "tb-x509\n", then
+// the client's leaf certificate as PEM, or nothing after the prefix when it presented none; the
+// server looks the certificate up among its X.509 devices, as ThingsBoard does at handshake time.
+//
 // The classic OpenSSL DTLS server shape: DTLSv1_listen() with cookies on the listening socket,
 // then a socket bound to the same address and connected to the client carries that session.
 // One thread, poll(); a test tool, not production code.
@@ -14,6 +21,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <poll.h>
@@ -120,6 +128,37 @@ int verify_cookie(SSL* ssl, const unsigned char* cookie, unsigned int len) {
   return len == n && std::memcmp(cookie, expected, n) == 0;
 }
 
+// §6.2 "X.509 identity check": every certificate of the client chain must be within its validity
+// period; nothing else is checked (no CA trust, as in ThingsBoard). Rejected with the error
+// X509_V_ERR_CERT_REJECTED, which OpenSSL turns into a fatal bad_certificate alert (an expiry
+// error would become certificate_expired, which Scandium does not send).
+int verify_client(int /*preverify_ok*/, X509_STORE_CTX* store) {
+  X509* cert = X509_STORE_CTX_get_current_cert(store);
+  if (!cert) return 1;
+  if (X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0 ||
+      X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0) {
+    X509_STORE_CTX_set_error(store, X509_V_ERR_CERT_REJECTED);
+    return 0;
+  }
+  return 1;
+}
+
+// The identity datagram for the server (tests/server/x509.h): the prefix, then the leaf as PEM.
+std::string identity_datagram(SSL* ssl) {
+  std::string out("\0tb-x509\n", 9);
+  X509* leaf = SSL_get1_peer_certificate(ssl);
+  if (!leaf) return out;
+  BIO* mem = BIO_new(BIO_s_mem());
+  if (mem && PEM_write_bio_X509(mem, leaf) == 1) {
+    char* data = nullptr;
+    const long n = BIO_get_mem_data(mem, &data);
+    if (n > 0) out.append(data, static_cast<size_t>(n));
+  }
+  BIO_free(mem);
+  X509_free(leaf);
+  return out;
+}
+
 struct Session {
   Address client;
   int client_fd = -1;    // bound to the listening address, connected to the client
@@ -206,7 +245,12 @@ struct Proxy {
       const int r = SSL_accept(s.ssl);
       if (r == 1) {
         s.established = true;
-        log("session with " + s.client.text() + " established (" + SSL_get_cipher(s.ssl) + ")");
+        // Before anything is relayed: who the client is (a certificate, or none).
+        const std::string identity = identity_datagram(s.ssl);
+        const bool with_cert = identity.size() > 9;
+        send(s.upstream_fd, identity.data(), identity.size(), 0);
+        log("session with " + s.client.text() + " established (" + SSL_get_cipher(s.ssl) +
+            (with_cert ? ", client certificate)" : ", no client certificate)"));
       } else {
         const int e = SSL_get_error(s.ssl, r);
         if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return true;
@@ -319,6 +363,10 @@ int main(int argc, char** argv) {
   SSL_CTX_set_cookie_generate_cb(p.ctx, generate_cookie);
   SSL_CTX_set_cookie_verify_cb(p.ctx, verify_cookie);
   SSL_CTX_set_read_ahead(p.ctx, 1);
+  // Client authentication WANTED (§6.2): ask for a certificate, accept a handshake without one.
+  SSL_CTX_set_verify(p.ctx, SSL_VERIFY_PEER, verify_client);
+  static const unsigned char kSessionContext[] = "tb-test-dtls-proxy";
+  SSL_CTX_set_session_id_context(p.ctx, kSessionContext, sizeof kSessionContext - 1);
   if (SSL_CTX_use_certificate_chain_file(p.ctx, cert.c_str()) != 1 ||
       SSL_CTX_use_PrivateKey_file(p.ctx, key.c_str(), SSL_FILETYPE_PEM) != 1 ||
       SSL_CTX_check_private_key(p.ctx) != 1) {

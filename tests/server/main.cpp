@@ -47,6 +47,7 @@
 #include "observe.h"
 #include "tb_rules.h"
 #include "wire.h"
+#include "x509.h"
 
 namespace tbserver {
 namespace {
@@ -146,6 +147,7 @@ struct Options {
   std::string provision_secret;
   bool pre_provisioned = false;
   std::vector<std::pair<std::string, std::string>> devices;
+  std::vector<std::pair<std::string, std::string>> x509_devices;  // NAME, PEM file
   bool strict_size = false;
   int verbosity = 1;                     // 0 quiet, 1 normal, 2 verbose
   Framing framing = Framing::kConNoAck;  // §8: what TB does today
@@ -214,6 +216,10 @@ struct BlockState {
 
 struct Device {
   std::string token;
+  // X509_CERTIFICATE credential (§4.1 "hash", §6.2): the PEM as given, and its leaf's DER, by
+  // which a DTLS client certificate is matched. Empty when the device has none.
+  std::string x509_pem;
+  std::string x509_der;
   bool provisioned = false;
   json client = json::object();
   json shared = json::object();
@@ -248,6 +254,12 @@ class Server {
   Reply GetAttributes(const std::string& dev, const Request& rq);
   Reply Observe(const std::string& dev, Feature f, const Request& rq, ordered_json& rec);
   const std::string* DeviceByToken(const std::optional<std::string>& token);
+  // X.509 identities (x509.h): the identity datagram from tb-test-dtls-proxy, the device a
+  // peer's cached identity stands for, and the X509_CERTIFICATE credential of a device.
+  void OnIdentity(std::string_view pem, const Peer& peer);
+  const std::string* DeviceByIdentity(const Peer& peer) const;
+  bool SetCertificate(const std::string& name, const std::string& pem, const std::string& der);
+  void DropCertificate(const std::string& name);
   std::optional<Reply> FailSwitch();
 
   // framing
@@ -287,6 +299,8 @@ class Server {
 
   std::map<std::string, Device> devices_;
   std::map<std::string, std::string> tokens_;  // token -> device name
+  std::map<std::string, std::string> certs_;   // leaf DER -> device name (X509_CERTIFICATE)
+  X509Identities identities_;                  // peer -> identity cached at the handshake
   // Observations and server-side RPC (tests/server/observe.cpp).
   ObserveHub hub_{[this](const std::string& line) { Log(line); }};
 
@@ -357,6 +371,34 @@ bool Server::Init() {
     devices_[name].token = token;
     tokens_[token] = name;
   }
+  for (const auto& [name, file] : opt_.x509_devices) {
+    // --device-x509: a device whose credential is a client certificate (§6.2 "Register the
+    // device's leaf certificate in PEM"). A device already in the state file keeps its record.
+    // A ThingsBoard device has one credential: not both --device and --device-x509.
+    if (std::any_of(opt_.devices.begin(), opt_.devices.end(),
+                    [&](const auto& d) { return d.first == name; })) {
+      std::cerr << "tb-test-server: " << name << " is given by --device and --device-x509"
+                << std::endl;
+      return false;
+    }
+    if (devices_.count(name)) continue;
+    std::ifstream in(file);
+    std::stringstream pem;
+    pem << in.rdbuf();
+    const auto der = CertDerFromPem(pem.str());
+    if (!in || !der) {
+      std::cerr << "tb-test-server: --device-x509 " << name << ": no certificate in " << file
+                << std::endl;
+      return false;
+    }
+    if (certs_.count(*der)) {
+      std::cerr << "tb-test-server: certificate of --device-x509 " << name << " already used"
+                << std::endl;
+      return false;
+    }
+    devices_[name];
+    SetCertificate(name, pem.str(), *der);
+  }
   SaveState();
   std::cout << "listening on " << opt_.port << std::endl;
   Log("tb-test-server: ThingsBoard CoAP emulation on " + opt_.bind + ":" +
@@ -414,6 +456,10 @@ void Server::OnDatagram(const uint8_t* d, size_t n, const Peer& peer) {
   rec["t"] = WallMs();
   rec["peer"] = peer.key;
   rec["datagram_bytes"] = n;
+  if (auto pem = IdentityPem(d, n)) {
+    OnIdentity(*pem, peer);  // from tb-test-dtls-proxy: not a request, never recorded as one
+    return;
+  }
   if (n > kUdpDatagramSize) {
     // §1: Californium's UDPConnector silently drops datagrams over 2048 bytes: no ACK, nothing.
     if (n >= 4) {
@@ -715,6 +761,64 @@ const std::string* Server::DeviceByToken(const std::optional<std::string>& token
   return it == tokens_.end() ? nullptr : &it->second;
 }
 
+// §6.2 "X.509 identity check", as ThingsBoard does it during the handshake: the leaf is looked up
+// among the devices' X509_CERTIFICATE credentials *now*, and only a match is cached under the
+// peer. So a device provisioned with this certificate later in the same session is not found
+// until a new handshake (a new identity datagram).
+void Server::OnIdentity(std::string_view pem, const Peer& peer) {
+  identities_.Forget(peer.key);
+  if (pem.empty()) {
+    Log("DTLS session " + peer.key + " without a client certificate");
+    return;
+  }
+  const auto der = CertDerFromPem(pem);
+  if (!der) {
+    Count("x509_malformed");
+    Log("x509 identity of " + peer.key + ": not a PEM certificate, ignored");
+    return;
+  }
+  auto it = certs_.find(*der);
+  if (it == certs_.end()) {
+    Count("x509_unknown");
+    Log("x509 identity of " + peer.key + ": certificate " + CertFingerprint(*der) +
+        " is not registered (token-less requests get 4.01)");
+    return;
+  }
+  Count("x509_identities");
+  identities_.Set(peer.key, it->second, *der);
+  Log("x509 identity of " + peer.key + ": device " + it->second + " (certificate " +
+      CertFingerprint(*der) + ")");
+}
+
+const std::string* Server::DeviceByIdentity(const Peer& peer) const {
+  const X509Identities::Entry* e = identities_.Find(peer.key);
+  if (!e) return nullptr;
+  auto d = devices_.find(e->device);
+  // Revoked or deleted since the handshake: the cached identity no longer names a device.
+  if (d == devices_.end() || d->second.x509_der != e->der) return nullptr;
+  return &d->first;
+}
+
+bool Server::SetCertificate(const std::string& name, const std::string& pem,
+                            const std::string& der) {
+  if (certs_.count(der)) return false;
+  Device& d = devices_[name];
+  d.x509_pem = pem;
+  d.x509_der = der;
+  certs_[der] = name;
+  return true;
+}
+
+void Server::DropCertificate(const std::string& name) {
+  auto d = devices_.find(name);
+  if (d != devices_.end() && !d->second.x509_der.empty()) {
+    certs_.erase(d->second.x509_der);
+    d->second.x509_pem.clear();
+    d->second.x509_der.clear();
+  }
+  identities_.ForgetDevice(name);
+}
+
 std::optional<Reply> Server::FailSwitch() {
   Reply rp;
   if (fail_n_ > 0) {
@@ -799,17 +903,23 @@ Reply Server::DispatchApi(const Request& rq, ordered_json& rec) {
       return *HostileContinue(Block{}, rec);  // "continue no-block1": nothing provisioned
     return Provision(rq, rec);                // §4: no authentication
   }
-  const std::string* dev = DeviceByToken(p.token);
+  // §0 "How the device is identified": an X.509 identity cached at the handshake wins, and any
+  // token in the URI is then ignored; otherwise the token is checked on every request.
+  const std::string* dev = DeviceByIdentity(rq.peer);
+  const bool by_x509 = dev != nullptr;
+  if (!dev) dev = DeviceByToken(p.token);
   if (!dev) {
     // §0: token missing (3-segment X.509 form without DTLS identity), unknown or revoked -> 4.01.
     rp.code = kUnauthorized;
     Count("unauthorized");
     Log(std::string("rejected ") + (get ? "GET " : "POST ") + rec["path"].get<std::string>() +
-        ": missing, unknown or revoked token (4.01)");
+        (p.token ? ": unknown or revoked token (4.01)"
+                 : ": no token and no X.509 identity for " + rq.peer.key + " (4.01)"));
     return rp;
   }
   const std::string name = *dev;
   rec["device"] = name;
+  rec["identity"] = by_x509 ? "x509" : "token";
   if (get && observe) return Observe(name, p.feature, rq, rec);
   if ((p.feature == Feature::kTelemetry || p.feature == Feature::kAttributes) && !get &&
       !rq.block1_final && continue_mode_ == ContinueMode::kNoBlock1) {
@@ -1054,8 +1164,10 @@ Reply Server::Provision(const Request& rq, ordered_json& rec) {
     name = n->substr(b, n->find_last_not_of(" \t\r\n\f\v") - b + 1);
   }
   rec["provision_name"] = name ? json(*name) : json(nullptr);
-  if (ctype != "ACCESS_TOKEN") return failure("only ACCESS_TOKEN credentials are emulated");
+  if (ctype != "ACCESS_TOKEN" && ctype != "X509_CERTIFICATE")
+    return failure("only ACCESS_TOKEN and X509_CERTIFICATE credentials are emulated");
   std::string token;
+  std::string credentials_type = "ACCESS_TOKEN";
   if (opt_.pre_provisioned) {
     // §4.3 CHECK_PRE_PROVISIONED_DEVICES: device must exist, first request returns its existing
     // token (credentials in the request ignored), any later request -> FAILURE.
@@ -1065,6 +1177,27 @@ Reply Server::Provision(const Request& rq, ordered_json& rec) {
     if (it->second.provisioned) return failure("device " + *name + " already provisioned");
     it->second.provisioned = true;
     token = it->second.token;
+    if (!it->second.x509_pem.empty()) {
+      token = it->second.x509_pem;  // the device's existing credential is its certificate
+      credentials_type = "X509_CERTIFICATE";
+    }
+  } else if (ctype == "X509_CERTIFICATE") {
+    // §4.1: "hash" is the client certificate in PEM; it becomes the device's X509_CERTIFICATE
+    // credential. Missing, not a certificate, or already another device's -> FAILURE (§4.2, as
+    // for a requested token already in use).
+    if (!name) name = RandomAlnum(20);  // §4.1
+    if (devices_.count(*name)) return failure("device " + *name + " already exists");
+    std::optional<std::string> pem;
+    if (j.contains("hash") && !j["hash"].is_null()) pem = as_string(j["hash"]);
+    if (!pem || pem->empty()) return failure("X509_CERTIFICATE without a hash (certificate)");
+    const auto der = CertDerFromPem(*pem);
+    if (!der) return failure("hash is not a PEM certificate");
+    if (auto used = certs_.find(*der); used != certs_.end())
+      return failure("certificate already used by device " + used->second);
+    devices_[*name].provisioned = true;
+    SetCertificate(*name, *pem, *der);
+    token = *pem;
+    credentials_type = "X509_CERTIFICATE";
   } else {
     // §4.3 ALLOW_CREATE_NEW_DEVICES: second request with the same name -> FAILURE; the requested
     // token is honoured unless another device uses it; otherwise a generated one.
@@ -1086,11 +1219,13 @@ Reply Server::Provision(const Request& rq, ordered_json& rec) {
   }
   rec["provision_name"] = *name;
   SaveState();
-  Log("provisioned device " + *name + (rp.lost ? " (reply deliberately lost)" : ""));
+  Log("provisioned device " + *name +
+      (credentials_type == "X509_CERTIFICATE" ? " (X.509 certificate)" : "") +
+      (rp.lost ? " (reply deliberately lost)" : ""));
   Count("provisioned");
   ordered_json body;
   body["credentialsValue"] = token;
-  body["credentialsType"] = "ACCESS_TOKEN";
+  body["credentialsType"] = credentials_type;
   body["status"] = "SUCCESS";
   rec["provision_status"] = "SUCCESS";
   rp.code = kCreated;
@@ -1445,6 +1580,21 @@ std::string Server::Control(const std::string& line) {
     devices_[it->second].token.clear();
     tokens_.erase(it);
     SaveState();
+  } else if (cmd == "forget-x509") {
+    // Every cached X.509 identity is gone, as after ThingsBoard's 24 h eviction or a NAT
+    // rebinding (§6.2): token-less requests get 4.01 until a new handshake.
+    identities_.ForgetAll();
+    Log("forgot every cached X.509 identity");
+  } else if (cmd == "revoke-x509") {
+    // The device's X509_CERTIFICATE credential is removed (§7): its cached identities go, its
+    // observations get 2.02, token-less requests 4.01. Persisted.
+    auto d = devices_.find(a);
+    if (d == devices_.end()) return "error unknown device";
+    if (d->second.x509_der.empty()) return "error device has no certificate";
+    hub_.EndDevice(a);
+    DropCertificate(a);
+    SaveState();
+    Log("revoked the certificate of device " + a);
   } else if (cmd == "fault") {
     return faults_.Control(a, b);
   } else if (cmd == "delete") {
@@ -1454,6 +1604,7 @@ std::string Server::Control(const std::string& line) {
     if (d == devices_.end()) return "error unknown device";
     hub_.EndDevice(a);
     tokens_.erase(d->second.token);
+    DropCertificate(a);
     devices_.erase(d);
     SaveState();
   } else if (cmd == "framing") {
@@ -1501,6 +1652,7 @@ std::string Server::Control(const std::string& line) {
     json s = json::object();
     for (const auto& [k, v] : stats_) s[k] = v;
     s["devices"] = devices_.size();
+    s["x509_cached"] = identities_.size();
     s["pending_con"] = outgoing_.size();
     s["framing"] = FramingName(opt_.framing);
     hub_.Stats(s);
@@ -1536,6 +1688,10 @@ void Server::LoadState() {
       if (d.contains("shared") && d["shared"].is_object()) dev.shared = d["shared"];
       if (!dev.token.empty()) tokens_[dev.token] = it.key();
       devices_[it.key()] = dev;
+      if (d.contains("x509") && d["x509"].is_string()) {
+        const std::string pem = d["x509"].get<std::string>();
+        if (auto der = CertDerFromPem(pem)) SetCertificate(it.key(), pem, *der);
+      }
     }
   }
 }
@@ -1546,6 +1702,7 @@ void Server::SaveState() {
   j["devices"] = json::object();
   for (const auto& [name, d] : devices_) {
     j["devices"][name] = {{"token", d.token.empty() ? json(nullptr) : json(d.token)},
+                          {"x509", d.x509_pem.empty() ? json(nullptr) : json(d.x509_pem)},
                           {"provisioned", d.provisioned},
                           {"client", d.client},
                           {"shared", d.shared}};
@@ -1566,7 +1723,10 @@ void Server::SaveState() {
 void Server::Record(const ordered_json& rec) {
   if (!record_.is_open()) return;
   // Payloads may be arbitrary bytes: invalid UTF-8 is replaced rather than thrown on.
-  record_ << rec.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  // One write per line: readers (tbserver.py) poll this file and must never see half a record.
+  std::string line = rec.dump(-1, ' ', false, json::error_handler_t::replace);
+  line += '\n';
+  record_.write(line.data(), static_cast<std::streamsize>(line.size()));
   record_.flush();
 }
 
@@ -1576,7 +1736,8 @@ void Usage() {
       << "usage: tb-test-server [--port N] [--bind ADDR] [--state FILE] [--record FILE]\n"
          "         [--provision-key K --provision-secret S] [--strategy "
          "allow_create|pre_provisioned]\n"
-         "         [--device NAME=TOKEN]... [--framing con-no-ack|separate|piggyback]\n"
+         "         [--device NAME=TOKEN]... [--device-x509 NAME=PEMFILE]...\n"
+         "         [--framing con-no-ack|separate|piggyback]\n"
          "         [--strict-size] [--quiet|--verbose]\n"
          "A ThingsBoard-compatible CoAP server for tests and demos; see docs/test-server.md.\n";
 }
@@ -1628,6 +1789,10 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
       auto eq = v->find('=');
       if (eq == std::string::npos || eq == 0 || eq + 1 == v->size()) return std::nullopt;
       o.devices.emplace_back(v->substr(0, eq), v->substr(eq + 1));
+    } else if (a == "--device-x509") {
+      auto eq = v->find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == v->size()) return std::nullopt;
+      o.x509_devices.emplace_back(v->substr(0, eq), v->substr(eq + 1));
     } else {
       std::cerr << "tb-test-server: unknown option " << a << "\n";
       return std::nullopt;

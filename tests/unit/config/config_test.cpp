@@ -557,7 +557,7 @@ dbus: {bus: "TOKEN-SECRET-4"}
   }
   EXPECT_THAT(text, HasSubstr("mutually exclusive"));
   EXPECT_THAT(text, HasSubstr("dbus.bus: must be one of system, session, none, not '<redacted>'"));
-  EXPECT_THAT(text, HasSubstr("credentials: unknown key (known keys: access_token)"));
+  EXPECT_THAT(text, HasSubstr("credentials: unknown key (known keys: access_token, type)"));
 }
 
 }  // namespace
@@ -842,6 +842,52 @@ TEST(Dtls, FilesAreCheckedWithTheirPositions) {
       << text;
   EXPECT_NE(text.find("key_file is missing"), std::string::npos) << text;
   EXPECT_NE(text.find("surprise"), std::string::npos) << text;
+}
+
+TEST(X509, CredentialsTypeNeedsTheCertificateInServerDtls) {
+  char dir_template[] = "/tmp/tb-x509-cfg-XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  const std::string crt = dir + "/d.crt", key = dir + "/d.key";
+  std::ofstream(crt) << "x";
+  std::ofstream(key) << "x";
+  ::chmod(key.c_str(), 0600);
+  const std::string dtls =
+      "  dtls: {ca_file: " + crt + ", cert_file: " + crt + ", key_file: " + key + "}\n";
+  // Pre-registered: the certificate is the credential, no token.
+  auto r = load("server:\n  host: tb.example\n" + dtls + "credentials: {type: x509_certificate}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->credentials.type, CredentialsType::X509Certificate);
+  EXPECT_TRUE(r.config->credentials.configured());
+  // The default stays the token.
+  r = load("server: {host: h}\ncredentials: {access_token: t}\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->credentials.type, CredentialsType::AccessToken);
+  EXPECT_EQ(r.config->provisioning.credentials_type, CredentialsType::AccessToken);
+  // No DTLS, or DTLS without a certificate: refused where the type is given.
+  expect_one("server: {host: h}\ncredentials:\n  type: x509_certificate\n", 3, 9,
+             "needs server.dtls with cert_file and key_file");
+  expect_one("server:\n  host: h\n  dtls: {ca_file: " + crt +
+                 "}\ncredentials:\n  type: x509_certificate\n",
+             5, 9, "needs server.dtls with cert_file and key_file");
+  // A token beside it is a contradiction.
+  expect_one("server:\n  host: tb.example\n" + dtls +
+                 "credentials:\n  type: x509_certificate\n  access_token: S3cretT0ken\n",
+             5, 9, "remove credentials.access_token");
+  expect_one("server: {host: h}\ncredentials:\n  type: pem\n", 3, 9, "must be one of");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(X509, ProvisioningCredentialsTypeNeedsServerDtls) {
+  auto r = load(
+      "server:\n  host: tb.example\n  dtls: {}\nprovisioning:\n  key: k\n  secret: s\n"
+      "  credentials_type: x509_certificate\n");
+  ASSERT_TRUE(r.ok()) << all(r);
+  EXPECT_EQ(r.config->provisioning.credentials_type, CredentialsType::X509Certificate);
+  EXPECT_FALSE(r.config->credentials.configured());
+  expect_one(
+      "server: {host: h}\nprovisioning:\n  key: k\n  secret: s\n"
+      "  credentials_type: x509_certificate\n",
+      5, 21, "provisioning.credentials_type: x509_certificate needs server.dtls");
 }
 
 }  // namespace

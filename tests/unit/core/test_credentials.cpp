@@ -40,9 +40,9 @@ TEST(Credentials, CorruptFileIsAnErrorNotAbsence) {
   EXPECT_FALSE(load(dir, &err));
   EXPECT_FALSE(err.empty());
   std::ofstream(dir / kCredentialsFile, std::ios::trunc)
-      << R"({"credentialsType":"X509_CERTIFICATE","credentialsValue":"pem"})";
+      << R"({"credentialsType":"MQTT_BASIC","credentialsValue":"x"})";
   EXPECT_FALSE(load(dir, &err));
-  EXPECT_NE(err.find("X509_CERTIFICATE"), std::string::npos);
+  EXPECT_NE(err.find("MQTT_BASIC"), std::string::npos);
   fs::remove_all(dir);
 }
 
@@ -140,4 +140,48 @@ TEST(Credentials, GeneratedTokensAreRandomAlphanumerics) {
     seen.insert(t);
   }
   EXPECT_EQ(seen.size(), 200u);
+}
+
+// Issue 11: the X.509 credential has no token; the certificate is the DTLS handshake's.
+TEST(Credentials, X509CredentialRoundTripsWithoutAToken) {
+  const auto dir = temp_dir();
+  std::string err;
+  ASSERT_TRUE(save(dir, {"X509_CERTIFICATE", "", "pump-7"}, &err)) << err;
+  auto c = load(dir, &err);
+  ASSERT_TRUE(c) << err;
+  EXPECT_TRUE(c->x509());
+  EXPECT_EQ(c->path_token(), "");
+  EXPECT_EQ(c->device_name, "pump-7");
+  // A token credential still needs its value.
+  std::ofstream(dir / kCredentialsFile, std::ios::trunc)
+      << R"({"credentialsType":"ACCESS_TOKEN","credentialsValue":""})";
+  EXPECT_FALSE(load(dir, &err));
+  fs::remove_all(dir);
+}
+
+TEST(Credentials, PendingX509RecordNeedsNoToken) {
+  const auto dir = temp_dir();
+  std::string err;
+  PendingProvision p;
+  p.device_name = "pump-7";
+  p.x509 = true;
+  p.attempts = 2;
+  ASSERT_TRUE(save_pending(dir, p, &err)) << err;
+  auto back = load_pending(dir, &err);
+  ASSERT_TRUE(back) << err;
+  EXPECT_TRUE(back->x509);
+  EXPECT_EQ(back->token, "");
+  EXPECT_EQ(back->attempts, 2u);
+  fs::remove_all(dir);
+}
+
+TEST(Credentials, OnePathBuilderForTokenAndX509) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(api_path("TOK", "telemetry"), (V{"api", "v1", "TOK", "telemetry"}));
+  EXPECT_EQ(api_path("TOK", "rpc", "7"), (V{"api", "v1", "TOK", "rpc", "7"}));
+  // docs/thingsboard-coap.md §0: 3 segments = feature without token; 4 with a numeric last one =
+  // the X.509 RPC reply.
+  EXPECT_EQ(api_path("", "telemetry"), (V{"api", "v1", "telemetry"}));
+  EXPECT_EQ(api_path("", "attributes"), (V{"api", "v1", "attributes"}));
+  EXPECT_EQ(api_path("", "rpc", "7"), (V{"api", "v1", "rpc", "7"}));
 }

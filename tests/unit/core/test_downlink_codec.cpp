@@ -185,4 +185,24 @@ downlink: {reregister_interval: 1m}
   }
 }
 
+// An RPC method's command is read by the same reader as an exec source's (config::program_argv):
+// the same messages, at the element's own position.
+TEST(DownlinkConfig, RpcCommandIsReadLikeAnExecSourcesCommand) {
+  const auto rpc = config::load_string("server: {host: h}\nrpc:\n  m:\n    command: [\"\", [x]]\n",
+                                       "t.yaml", sources::source_types());
+  const auto exec = config::load_string(
+      "server: {host: h}\nsources:\n  - {name: s, type: exec, command: [\"\", [x]]}\n", "t.yaml",
+      sources::source_types());
+  ASSERT_EQ(rpc.diagnostics.size(), 2u);
+  ASSERT_EQ(exec.diagnostics.size(), 2u);
+  EXPECT_EQ(rpc.diagnostics[0].to_string(),
+            "t.yaml:4:15: rpc.m.command[0]: the program must not be empty");
+  EXPECT_EQ(rpc.diagnostics[1].to_string(),
+            "t.yaml:4:19: rpc.m.command[1]: expected a string, not a list");
+  for (std::size_t i = 0; i < 2; ++i) {
+    const std::string r = rpc.diagnostics[i].message, e = exec.diagnostics[i].message;
+    EXPECT_EQ(r.substr(r.find(": ")), e.substr(e.find(": "))) << i;
+  }
+}
+
 }  // namespace

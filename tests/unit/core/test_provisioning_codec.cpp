@@ -8,7 +8,7 @@
 using namespace tb::provisioning;
 
 TEST(ProvisioningCodec, RequestCarriesKeySecretNameAndOurToken) {
-  const auto j = nlohmann::json::parse(encode_request({"K", "S", "pump-7", "tok"}));
+  const auto j = nlohmann::json::parse(encode_request({"K", "S", "pump-7", "tok", ""}));
   EXPECT_EQ(j["provisionDeviceKey"], "K");
   EXPECT_EQ(j["provisionDeviceSecret"], "S");
   EXPECT_EQ(j["deviceName"], "pump-7");
@@ -19,7 +19,7 @@ TEST(ProvisioningCodec, RequestCarriesKeySecretNameAndOurToken) {
 // Issue 8 #6: a device name that is not UTF-8 made dump() throw type_error.316 (a restart loop).
 TEST(ProvisioningCodec, RequestWithANonUtf8NameNeverThrows) {
   std::string body;
-  ASSERT_NO_THROW(body = encode_request({"K", "S", "pump-\xE9", "tok"}));
+  ASSERT_NO_THROW(body = encode_request({"K", "S", "pump-\xE9", "tok", ""}));
   const auto j = nlohmann::json::parse(body);
   EXPECT_EQ(j["deviceName"], "pump-\xEF\xBF\xBD");
 }
@@ -46,9 +46,27 @@ TEST(ProvisioningCodec, EmptyBadRequestAndServerErrors) {
   EXPECT_EQ(decode_answer(500, "").verdict, Verdict::Retryable);
   EXPECT_EQ(decode_answer(404, "").verdict, Verdict::Unexpected);
   EXPECT_EQ(decode_answer(201, "garbage").verdict, Verdict::Unexpected);
-  // SUCCESS for another credentials type is no use to a CoAP token agent.
-  EXPECT_EQ(decode_answer(201, R"({"credentialsType":"X509_CERTIFICATE","credentialsValue":"pem",)"
+  // SUCCESS for a credentials type CoAP cannot use (the provisioner refuses X509_CERTIFICATE
+  // when it proposed a token).
+  EXPECT_EQ(decode_answer(201, R"({"credentialsType":"MQTT_BASIC","credentialsValue":"pem",)"
                                R"("status":"SUCCESS"})")
                 .verdict,
             Verdict::Unexpected);
+}
+
+// Issue 11: X509_CERTIFICATE carries the PEM in `hash` (§4.1) and no token.
+TEST(ProvisioningCodec, X509RequestCarriesThePemInHash) {
+  const std::string pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+  const auto j = nlohmann::json::parse(encode_request({"K", "S", "pump-7", "", pem}));
+  EXPECT_EQ(j["credentialsType"], "X509_CERTIFICATE");
+  EXPECT_EQ(j["hash"], pem);
+  EXPECT_FALSE(j.contains("token"));
+}
+
+TEST(ProvisioningCodec, X509SuccessIsAccepted) {
+  auto a = decode_answer(
+      201,
+      R"({"credentialsValue":"-----BEGIN CERTIFICATE-----","credentialsType":"X509_CERTIFICATE","status":"SUCCESS"})");
+  EXPECT_EQ(a.verdict, Verdict::Success);
+  EXPECT_EQ(a.credentials_type, "X509_CERTIFICATE");
 }
