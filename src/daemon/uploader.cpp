@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "credentials/credentials.hpp"
 #include "util/units.hpp"
 
 namespace tb::daemon {
@@ -23,6 +24,10 @@ constexpr Millis kSlowExchange = std::chrono::seconds(2);
 
 // docs/thingsboard-coap.md §1: a payload over 1024 bytes goes with Block1.
 constexpr std::size_t kOneDatagramPayload = 1024;
+
+// Delivered batches acked together at most (one SQLite transaction). The window bounds how many
+// answers one wake-up brings; this bounds the rest (answers arriving as fast as they are taken).
+constexpr std::size_t kMaxCoalescedAcks = 64;
 
 }  // namespace
 
@@ -48,13 +53,38 @@ Uploader::Uploader(sd_event* loop, telemetry::Queue& queue, config::DeliveryConf
       send_timer_(
           loop, [this] { send_next(); }, Millis(1), CLOCK_MONOTONIC) {
   threshold_ = delivery_.max_in_flight;
+  // Idle priority: runs once no other source is pending, i.e. after every answer this wake-up
+  // brought has been dispatched. Without it acks are simply not coalesced (flushed at once).
+  if (sd_event_add_defer(loop, &ack_source_, &Uploader::on_ack_flush, this) >= 0) {
+    sd_event_source_set_priority(ack_source_, SD_EVENT_PRIORITY_IDLE);
+    sd_event_source_set_enabled(ack_source_, SD_EVENT_OFF);
+  } else {
+    ack_source_ = nullptr;
+  }
 }
 
-Uploader::~Uploader() { pause(); }
+Uploader::~Uploader() {
+  // Delivered batches still go out of the queue; the owner may be half torn down: no callbacks.
+  flush_acks(/*notify=*/false);
+  pause();
+  sd_event_source_disable_unref(ack_source_);
+}
+
+int Uploader::on_ack_flush(sd_event_source*, void* userdata) noexcept {
+  try {
+    static_cast<Uploader*>(userdata)->flush_acks();
+  } catch (const std::exception& e) {
+    spdlog::error("delivery: acking delivered readings failed: {}", e.what());
+  } catch (...) {
+    spdlog::error("delivery: acking delivered readings failed");
+  }
+  return 0;
+}
 
 void Uploader::start(coap::Client* client, std::string token) {
   client_ = client;
   token_ = std::move(token);
+  auth_retried_ = false;
   backoff_.reset();
   window_ = 1;
   threshold_ = delivery_.max_in_flight;
@@ -75,6 +105,7 @@ void Uploader::flush_now() {
 }
 
 void Uploader::pause() {
+  flush_acks();  // those were delivered: a new client or server changes nothing about them
   send_timer_.disarm();
   ++generation_;
   auto flights = std::move(in_flight_);
@@ -186,6 +217,7 @@ bool Uploader::send_one() {
   for (const auto p : f.points) ++busy_points_[p];
   f.probe = single_record_mode_;
   f.epoch = congestion_epoch_;
+  f.auth_epoch = auth_epoch_;
   f.batch = std::move(batch);
   alone_in_flight_ = f.alone;
   // A generation number tells a late callback of a paused request from the current one.
@@ -195,7 +227,7 @@ bool Uploader::send_one() {
   auto& entry = in_flight_.emplace(key, std::move(f)).first->second;
   // request() never calls back from inside it, so the entry is complete before any outcome.
   entry.request =
-      entry.lane->request(coap::Method::Post, {"api", "v1", token_, "telemetry"},
+      entry.lane->request(coap::Method::Post, credentials::api_path(token_, "telemetry"),
                           std::move(payload), [this, generation, key](const coap::Outcome& o) {
                             if (generation == generation_) on_outcome(key, o);
                           });
@@ -286,10 +318,35 @@ void Uploader::on_outcome(std::uint64_t key, const coap::Outcome& outcome) {
   }
   queue_.release(f.batch);
   if (outcome.answered() && outcome.response->code == 401) {
+    const bool x509 = token_.empty();
+    if (x509 && f.auth_epoch != auth_epoch_ && state_ != DeliveryState::Unauthorized) {
+      // Sent before the sessions were renewed: the retry below settles it.
+      if (!send_timer_.armed()) send_timer_.arm_in(Millis(0));
+      return;
+    }
+    if (x509 && !auth_retried_) {
+      // ThingsBoard binds the X.509 identity to the handshake, under (client address,
+      // certificate) (docs/thingsboard-coap.md §6.2): a new address (NAT rebinding) or an
+      // evicted cache entry answers 4.01 until a new full handshake. So: one fresh handshake on
+      // every session, one retry; a second 4.01 is final.
+      spdlog::warn(
+          "server answered 4.01 to our X.509 certificate: retrying once on a fresh DTLS "
+          "handshake");
+      auth_retried_ = true;
+      ++auth_epoch_;
+      congestion(congestion_epoch_, true);
+      client_->renew_session();
+      for (auto& lane : extra_lanes_) lane->renew_session();
+      if (!send_timer_.armed()) send_timer_.arm_in(Millis(0));
+      return;
+    }
     if (state_ == DeliveryState::Unauthorized) return;  // said already
     const std::string msg =
-        "server rejected the access token (4.01): sending stopped, readings are kept; fix the "
-        "device's credentials, then reload or call Flush()";
+        x509 ? "server rejected the device's X.509 certificate (4.01, also after a fresh DTLS "
+               "handshake): sending stopped, readings are kept; register the certificate of "
+               "server.dtls.cert_file in ThingsBoard, then reload or call Flush()"
+             : "server rejected the access token (4.01): sending stopped, readings are kept; fix "
+               "the device's credentials, then reload or call Flush()";
     spdlog::error("{}", msg);
     congestion(congestion_epoch_, true);
     set_state(DeliveryState::Unauthorized, msg, delivery_.backoff_max);
@@ -312,36 +369,17 @@ void Uploader::fail(std::uint64_t epoch, bool to_one, const std::string& why) {
 }
 
 void Uploader::on_delivered(InFlight f, const coap::Outcome& outcome) {
-  std::string err;
-  if (!queue_.ack(f.batch, &err)) {
-    // A local fault (the state disk is full, read-only, ...): the server has the batch but the
-    // queue still holds it. Sending on at once would resend it in a storm; counting it would
-    // count it again when it is resent. So: keep it queued, count nothing, back off like any
-    // failure and resend later (at-least-once: same ts, ThingsBoard overwrites the point).
-    queue_.release(f.batch);
-    if (!ack_failing_)
-      spdlog::error(
-          "delivered {} reading(s), but cannot remove them from the queue ({}); they stay "
-          "queued and will be sent again with the same timestamps once the queue can be "
-          "written; delivery pauses until then",
-          f.batch.readings, err);
-    ack_failing_ = true;
-    if (congestion(f.epoch, true) || !send_timer_.armed()) {
-      const Millis delay = backoff_.next();
-      set_state(DeliveryState::Retrying, "cannot remove delivered readings from the queue: " + err,
-                delay,
-                /*log=*/false);
-      send_timer_.arm_in(delay);
-    }
-    return;
+  const std::uint64_t readings = f.batch.readings;
+  unacked_.push_back({std::move(f.batch), f.epoch});
+  // Ack now rather than later: while acks fail (delivery pauses anyway), when a probe must settle
+  // before the next batch is chosen, when many are waiting, or if the defer source is missing.
+  if (ack_failing_ || f.probe || unacked_.size() >= kMaxCoalescedAcks || !ack_source_) {
+    if (!flush_acks()) return;
+  } else {
+    sd_event_source_set_enabled(ack_source_, SD_EVENT_ONESHOT);
   }
-  if (ack_failing_) {
-    spdlog::info("removing delivered readings from the queue works again");
-    ack_failing_ = false;
-  }
-  consecutive_drops_ = 0;
+  auth_retried_ = false;  // a 2.01: the credentials work
   if (f.probe) settle_suspect();
-  if (callbacks_.delivered) callbacks_.delivered(f.batch.readings);
   if (outcome.elapsed >= kSlowExchange) {
     congestion(f.epoch, false);
   } else if (f.epoch == congestion_epoch_ && in_flight_.size() + 1 >= window_limit()) {
@@ -357,11 +395,60 @@ void Uploader::on_delivered(InFlight f, const coap::Outcome& outcome) {
   backoff_.reset();
   set_state(DeliveryState::Idle, "");
   // Draining a backlog: go on at once (we run from the client's dispatcher, not inside libcoap,
-  // so a new request is fine here); a timer only when drain_rate asks for a pause.
-  if (const Millis pause = rate_delay(f.batch.readings); pause.count() > 0)
+  // so a new request is fine here); a timer only when drain_rate asks for a pause. The records
+  // of unacked batches are still in flight for the queue: next_batch does not hand them out.
+  if (const Millis pause = rate_delay(readings); pause.count() > 0)
     send_timer_.arm_in(pause);
   else if (!send_timer_.armed())
     send_next();
+}
+
+bool Uploader::flush_acks(bool notify) {
+  if (ack_source_) sd_event_source_set_enabled(ack_source_, SD_EVENT_OFF);
+  if (unacked_.empty()) return true;
+  std::vector<Delivered> done;
+  done.swap(unacked_);
+  std::vector<const telemetry::Batch*> batches;
+  batches.reserve(done.size());
+  std::uint64_t readings = 0;
+  for (const auto& d : done) {
+    batches.push_back(&d.batch);
+    readings += d.batch.readings;
+  }
+  std::string err;
+  if (!queue_.ack_all(batches, &err)) {
+    if (!notify) return false;  // tearing down: released, nothing to tell anyone
+    // A local fault (the state disk is full, read-only, ...): the server has the batches but the
+    // queue still holds them (ack_all released them). Sending on at once would resend them in a
+    // storm; counting them would count them again when they are resent. So: keep them queued,
+    // count nothing, back off like any failure and resend later (at-least-once: same ts,
+    // ThingsBoard overwrites the point).
+    if (!ack_failing_)
+      spdlog::error(
+          "delivered {} reading(s), but cannot remove them from the queue ({}); they stay "
+          "queued and will be sent again with the same timestamps once the queue can be "
+          "written; delivery pauses until then",
+          readings, err);
+    ack_failing_ = true;
+    bool reduced = false;
+    for (const auto& d : done) reduced = congestion(d.epoch, true) || reduced;
+    if (reduced || !send_timer_.armed()) {
+      const Millis delay = backoff_.next();
+      set_state(DeliveryState::Retrying, "cannot remove delivered readings from the queue: " + err,
+                delay,
+                /*log=*/false);
+      send_timer_.arm_in(delay);
+    }
+    return false;
+  }
+  if (ack_failing_) {
+    spdlog::info("removing delivered readings from the queue works again");
+    ack_failing_ = false;
+  }
+  consecutive_drops_ = 0;
+  if (notify && callbacks_.delivered)
+    for (const auto& d : done) callbacks_.delivered(d.batch.readings);
+  return true;
 }
 
 void Uploader::settle_suspect() {

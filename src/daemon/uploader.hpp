@@ -9,7 +9,9 @@
 //                                  a multi-record batch is split first, so only the record the
 //                                  server refuses is dropped; if single records keep being refused
 //                                  the server rejects everything and we keep the data and retry
-//   unauthorized 4.01              stop sending, keep every reading, say so; probe again rarely
+//   unauthorized 4.01              stop sending, keep every reading, say so; probe again rarely.
+//                                  With X.509 (no token) first one fresh full DTLS handshake
+//                                  and one retry (docs/thingsboard-coap.md, recommendations)
 //
 // The window (RFC 7252 §4.7 NSTART, RFC 8085 §3.1): it starts at 1, grows by one per success up
 // to the halved value of the last reduction (slow start), then by one per window of successes,
@@ -64,8 +66,9 @@ class Uploader {
            double drain_rate, Callbacks callbacks);
   ~Uploader();
 
-  // Starts delivering with this client and token. The client must outlive the uploader or be
-  // replaced with set_client() first.
+  // Starts delivering with this client and token (empty: the X.509 identity of the DTLS
+  // handshake, token-less paths). The client must outlive the uploader or be replaced with
+  // set_client() first.
   void start(coap::Client* client, std::string token);
   // New readings were queued: deliver within flush_interval.
   void kick();
@@ -82,6 +85,8 @@ class Uploader {
   // Requests in flight now, and the window they may fill (for tests and the bench).
   std::size_t in_flight() const { return in_flight_.size(); }
   double window() const { return window_; }
+  // Batches the server took whose ack waits for the end of this loop wake-up (coalesced acks).
+  std::size_t unacked() const { return unacked_.size(); }
 
  private:
   struct InFlight {
@@ -92,6 +97,7 @@ class Uploader {
     bool alone = false;                 // Block1: nothing else in flight meanwhile
     coap::Client* lane = nullptr;
     coap::RequestId request = 0;
+    std::uint64_t auth_epoch = 0;  // auth_epoch_ when it was sent
   };
 
   void send_next();
@@ -99,6 +105,11 @@ class Uploader {
   bool send_one();
   void on_outcome(std::uint64_t key, const coap::Outcome& outcome);
   void on_delivered(InFlight f, const coap::Outcome& outcome);
+  // Acks every delivered batch not yet removed from the queue in one transaction; false (and
+  // backing off) if the queue cannot be written. `notify` false (the destructor): no callbacks,
+  // no state change.
+  bool flush_acks(bool notify = true);
+  static int on_ack_flush(sd_event_source* s, void* userdata) noexcept;
   void retry(const std::string& why);
   // A retryable failure of a request sent in `epoch`: shrink the window and back off, once.
   void fail(std::uint64_t epoch, bool to_one, const std::string& why);
@@ -144,6 +155,20 @@ class Uploader {
   // logged once, retried with backoff, ended by the next successful ack.
   bool ack_failing_ = false;
   std::uint64_t generation_ = 0;
+  // X.509: a 4.01 renewed every session (a fresh handshake) and its batch is being retried; a
+  // second 4.01 means the certificate is not registered. Requests sent before the renewal
+  // (an older auth_epoch_) do not count.
+  bool auth_retried_ = false;
+  std::uint64_t auth_epoch_ = 0;
+  // Coalesced acks (docs/performance.md): batches the server took (2.01) and the queue has not
+  // removed yet. An idle-priority defer source acks them all in one transaction once the loop
+  // has dispatched every answer of this wake-up. Lost on kill -9 = sent again (at-least-once).
+  struct Delivered {
+    telemetry::Batch batch;
+    std::uint64_t epoch = 0;
+  };
+  std::vector<Delivered> unacked_;
+  sd_event_source* ack_source_ = nullptr;
 };
 
 const char* delivery_state_name(DeliveryState s);

@@ -82,27 +82,60 @@ class SqliteQueue final : public Queue {
   }
 
   bool push(const Record& record, std::string* error) override {
-    std::size_t n = 0;
-    const std::string values = encode_values(record.readings, &n);
-    // Nothing ThingsBoard could store (no readings, or only NaN/Inf): nothing to keep.
-    if (n == 0) return true;
+    return push_all(std::span<const Record>(&record, 1), error);
+  }
+
+  bool push_all(std::span<const Record> records, std::string* error) override {
+    struct Row {
+      std::int64_t ts_ms;
+      std::string values;
+      std::size_t readings;
+    };
+    std::vector<Row> rows;
+    rows.reserve(records.size());
+    for (const auto& record : records) {
+      std::size_t n = 0;
+      std::string values = encode_values(record.readings, &n);
+      // Nothing ThingsBoard could store (no readings, or only NaN/Inf): nothing to keep.
+      if (n > 0) rows.push_back({record.ts_ms, std::move(values), n});
+    }
+    if (rows.empty()) return true;
     if (!ready(error)) return false;
     if (!set_sync(options_.sync == Sync::Full, error)) return false;
-    const auto bytes = static_cast<std::int64_t>(record_size(record.ts_ms, values.size()));
-    sqlite3_stmt* s = insert_;
-    sqlite3_bind_int64(s, 1, record.ts_ms);
-    sqlite3_bind_text(s, 2, values.data(), static_cast<int>(values.size()), SQLITE_STATIC);
-    sqlite3_bind_int64(s, 3, static_cast<std::int64_t>(n));
-    sqlite3_bind_int64(s, 4, bytes);
-    const int rc = sqlite3_step(s);
-    sqlite3_reset(s);
-    sqlite3_clear_bindings(s);
-    if (rc != SQLITE_DONE) return fail(rc, "cannot store readings in", error);
+    // One record is one statement (its own implicit transaction); several share one commit.
+    const bool transaction = rows.size() > 1;
+    int rc = SQLITE_DONE;
+    if (transaction && (rc = step_simple(begin_)) != SQLITE_DONE)
+      return fail(rc, "cannot store readings in", error);
+    std::int64_t first_id = std::numeric_limits<std::int64_t>::max();
+    std::uint64_t readings = 0, bytes = 0;
+    for (const auto& row : rows) {
+      const auto size = static_cast<std::int64_t>(record_size(row.ts_ms, row.values.size()));
+      sqlite3_stmt* s = insert_;
+      sqlite3_bind_int64(s, 1, row.ts_ms);
+      sqlite3_bind_text(s, 2, row.values.data(), static_cast<int>(row.values.size()),
+                        SQLITE_STATIC);
+      sqlite3_bind_int64(s, 3, static_cast<std::int64_t>(row.readings));
+      sqlite3_bind_int64(s, 4, size);
+      rc = sqlite3_step(s);
+      sqlite3_reset(s);
+      sqlite3_clear_bindings(s);
+      if (rc != SQLITE_DONE) break;
+      first_id = std::min<std::int64_t>(first_id, sqlite3_last_insert_rowid(db_));
+      readings += row.readings;
+      bytes += static_cast<std::uint64_t>(size);
+    }
+    if (transaction && rc == SQLITE_DONE) rc = step_simple(commit_);
+    if (rc != SQLITE_DONE) {
+      fail(rc, "cannot store readings in", error);  // before the rollback replaces the message
+      if (transaction) step_simple(rollback_);
+      return false;
+    }
     // SQLite may reuse the id of a deleted last row: the scan must see it.
-    scan_from_ = std::min<std::int64_t>(scan_from_, sqlite3_last_insert_rowid(db_));
-    queued_records_ += 1;
-    queued_readings_ += n;
-    stored_bytes_ += static_cast<std::uint64_t>(bytes);
+    scan_from_ = std::min(scan_from_, first_id);
+    queued_records_ += rows.size();
+    queued_readings_ += readings;
+    stored_bytes_ += bytes;
     // Never grow past queue.max_size between two enforce_limits() calls of the daemon.
     if (page_bytes() > db_budget()) dropped_ += enforce_size();
     return true;
@@ -156,7 +189,12 @@ class SqliteQueue final : public Queue {
     return b;
   }
 
-  bool ack(const Batch& batch, std::string* error) override { return remove(batch, false, error); }
+  bool ack(const Batch& batch, std::string* error) override {
+    return remove({&batch}, false, error);
+  }
+  bool ack_all(const std::vector<const Batch*>& batches, std::string* error) override {
+    return remove(batches, false, error);
+  }
 
   void release(const Batch& batch) override {
     for (const auto id : batch.ids) {
@@ -165,7 +203,9 @@ class SqliteQueue final : public Queue {
     }
   }
 
-  bool drop(const Batch& batch, std::string* error) override { return remove(batch, true, error); }
+  bool drop(const Batch& batch, std::string* error) override {
+    return remove({&batch}, true, error);
+  }
 
   std::uint64_t enforce_limits(std::int64_t now_ms) override {
     if (!ready(nullptr)) return 0;
@@ -262,6 +302,12 @@ COMMIT;
   // --- connection -------------------------------------------------------------------------
 
   Connect try_connect(bool check, std::string* reason, std::string* error) {
+    // No page-cache bulk: SQLite otherwise allocates 20 pages (~87 KiB) at the first read, before
+    // the cache_size below applies (loading the schema comes first), and keeps them. Process-wide,
+    // effective only before SQLite's initialisation (the first open); later calls are refused
+    // (SQLITE_MISUSE) and change nothing.
+    static const bool no_bulk [[maybe_unused]] =
+        sqlite3_config(SQLITE_CONFIG_PAGECACHE, nullptr, 0, 0) == SQLITE_OK;
     int rc =
         sqlite3_open_v2(path_.c_str(), &db_,
                         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
@@ -276,7 +322,7 @@ COMMIT;
     // Set before the first read: the start-up quick_check reads every page of a backlog through
     // this cache, and the heap it grows stays grown. Batches are read sequentially, so a small
     // cache costs the drain nothing measurable (bench/drain_bench.cpp) and keeps RSS low.
-    exec("PRAGMA cache_size = -256");
+    exec("PRAGMA cache_size = -64");
 
     // The first read of the file: "file is not a database" shows up here.
     std::int64_t version = 0;
@@ -633,46 +679,55 @@ COMMIT;
     sqlite3_reset(vacuum_);
   }
 
-  bool remove(const Batch& batch, bool count_as_dropped, std::string* error) {
-    if (batch.ids.empty()) return true;
+  // Removes the records of every batch in one transaction: all or nothing.
+  bool remove(const std::vector<const Batch*>& batches, bool count_as_dropped, std::string* error) {
+    const auto release_all = [&] {
+      for (const Batch* b : batches) release(*b);
+    };
+    if (std::all_of(batches.begin(), batches.end(), [](const Batch* b) { return b->empty(); }))
+      return true;
     if (!ready(error)) {
-      release(batch);
+      release_all();
       return false;
     }
     std::uint64_t readings = 0, records = 0, bytes = 0;
     int rc = SQLITE_DONE;
     if (set_sync(false, error) && (rc = step_simple(begin_)) == SQLITE_DONE) {
-      for (const auto id : batch.ids) {
-        // A record the limits already removed is simply not there: nothing to count.
-        sqlite3_bind_int64(select_one_, 1, id);
-        rc = sqlite3_step(select_one_);
-        const bool present = rc == SQLITE_ROW;
-        if (present) {
-          readings += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 0));
-          bytes += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 1));
-          ++records;
-          rc = SQLITE_DONE;
+      for (const Batch* batch : batches) {
+        for (const auto id : batch->ids) {
+          // A record the limits already removed is simply not there: nothing to count.
+          sqlite3_bind_int64(select_one_, 1, id);
+          rc = sqlite3_step(select_one_);
+          const bool present = rc == SQLITE_ROW;
+          if (present) {
+            readings += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 0));
+            bytes += static_cast<std::uint64_t>(sqlite3_column_int64(select_one_, 1));
+            ++records;
+            rc = SQLITE_DONE;
+          }
+          sqlite3_reset(select_one_);
+          if (rc != SQLITE_DONE) break;
+          if (!present) continue;
+          sqlite3_bind_int64(delete_one_, 1, id);
+          rc = sqlite3_step(delete_one_);
+          sqlite3_reset(delete_one_);
+          if (rc != SQLITE_DONE) break;
         }
-        sqlite3_reset(select_one_);
-        if (rc != SQLITE_DONE) break;
-        if (!present) continue;
-        sqlite3_bind_int64(delete_one_, 1, id);
-        rc = sqlite3_step(delete_one_);
-        sqlite3_reset(delete_one_);
         if (rc != SQLITE_DONE) break;
       }
       if (rc == SQLITE_DONE) rc = step_simple(commit_);
       if (rc != SQLITE_DONE) step_simple(rollback_);
     } else if (rc == SQLITE_DONE) {
-      release(batch);
+      release_all();
       return false;  // set_sync failed and said why
     }
     // Whatever happened, these ids are no longer handed out: on failure they go out again.
     if (rc != SQLITE_DONE) {
-      release(batch);
+      release_all();
       return fail(rc, "cannot remove delivered records from", error);
     }
-    for (const auto id : batch.ids) in_flight_.erase(id);  // gone: the scan need not look back
+    for (const Batch* batch : batches)
+      for (const auto id : batch->ids) in_flight_.erase(id);  // gone: the scan need not look back
     book_removed(records, readings, bytes);
     if (count_as_dropped) dropped_ += readings;
     return true;

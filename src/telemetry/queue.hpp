@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -53,12 +54,32 @@ class Queue {
 
   // Durable when it returns true. On false (disk full, read-only) nothing was stored.
   virtual bool push(const Record& record, std::string* error) = 0;
+  // Several records in one transaction: one commit (one fsync with Sync::Full) for all of them,
+  // which is what makes the readings of sources that woke together cheap. All or nothing: on
+  // false none was stored.
+  virtual bool push_all(std::span<const Record> records, std::string* error) {
+    for (const auto& r : records)
+      if (!push(r, error)) return false;
+    return true;
+  }
   // The next batch whose payload is at most max_bytes (always at least one record if any is
   // queued, even when that one alone is larger), in the configured drain order. Records already
   // handed out in an unacknowledged batch are not handed out again until released.
   virtual Batch next_batch(std::uint64_t max_bytes) = 0;
   // The server acknowledged the batch: remove its records.
   virtual bool ack(const Batch& batch, std::string* error) = 0;
+  // The same for several batches in one transaction (one commit, one set of WAL frames: the
+  // uploader coalesces the answers of one loop wake-up, docs/performance.md "Coalesced acks").
+  // All or nothing: on false every batch is released and none removed.
+  virtual bool ack_all(const std::vector<const Batch*>& batches, std::string* error) {
+    for (std::size_t i = 0; i < batches.size(); ++i) {
+      if (!ack(*batches[i], error)) {
+        for (std::size_t j = i + 1; j < batches.size(); ++j) release(*batches[j]);
+        return false;
+      }
+    }
+    return true;
+  }
   // The batch could not be delivered now: make its records available again.
   virtual void release(const Batch& batch) = 0;
   // The server rejected the payload for good (4.00): remove and count as dropped.

@@ -220,7 +220,7 @@ def test_clock_steps_of_hours_keep_timestamps_sane_and_max_age_keeps_good_data(
         wait_until(lambda: len(queued_ts(agent)) >= n + 15, timeout=15,
                    what=f"readings after the step to {step}")
         time.sleep(3.5)  # a limits check (every 3 s) after the step
-    assert "the system clock was stepped by +3h" in agent.log(), agent.log()[-2000:]
+    assert "the system clock was stepped by +3h;" in agent.log(), agent.log()[-2000:]
     server.check("drop-all off")
     n = all_arrive(server, agent)
     real_end = int(time.time() * 1000)

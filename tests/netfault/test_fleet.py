@@ -20,7 +20,9 @@ traffic itself comes in bursts (every agent in one second out of each interval) 
 measures those bursts, not the retry wave (docs/testing.md, "Fleet").
 
 TB_FLEET_AGENTS (default 200) and TB_FLEET_OUTAGE_S (default 60) size the run: the issue's full
-size, about 4 minutes on two cores. Root not needed.
+size, about 4 minutes on two cores. TB_FLEET_BASELINE_S (default 30) and TB_FLEET_WINDOW_S
+(default 60) are the windows the figure is taken over before the outage and after the return.
+Root not needed.
 """
 import json
 import os
@@ -37,9 +39,9 @@ AGENTS = int(os.environ.get("TB_FLEET_AGENTS", "200"))
 OUTAGE_S = float(os.environ.get("TB_FLEET_OUTAGE_S", "60"))
 MAX_RATIO = float(os.environ["TB_FLEET_MAX_RATIO"]) if os.environ.get("TB_FLEET_MAX_RATIO") else None
 INTERVAL = os.environ.get("TB_FLEET_INTERVAL", "1s")
-BASELINE_S = 30
+BASELINE_S = int(os.environ.get("TB_FLEET_BASELINE_S", "30"))
 KEY, SECRET = "fleet-key", "fleet-secret"
-WINDOW_S = 60
+WINDOW_S = int(os.environ.get("TB_FLEET_WINDOW_S", "60"))
 
 
 def device(i):

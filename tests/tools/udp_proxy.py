@@ -23,6 +23,9 @@ Run-time control, without restarting (the proxy keeps its sockets and clients):
     up                  the link up again (both directions)
     set DIR KEY VALUE   DIR up|down|both, KEY loss|delay|jitter|reorder|reorder-gap|duplicate
     upstream HOST:PORT  new clients (and existing ones, re-connected) go there
+    rebind              every client's upstream socket is replaced by a new one (a new source
+                        port), as when a NAT rebinds; answers still on their way to the old one
+                        are lost
     stats               the counters as one JSON line
   A path is used (not an abstract name) so a test in another network namespace can reach it.
 
@@ -114,6 +117,7 @@ class Proxy:
         self.listen_transport = None
         self.clients_total = 0
         self.clients_refused = 0
+        self.rebinds = 0
         self.started = time.monotonic()
 
     @staticmethod
@@ -172,7 +176,7 @@ class Proxy:
         return {"up": self.dirs["up"].counters, "down": self.dirs["down"].counters,
                 "link_down": {n: d.down for n, d in self.dirs.items()},
                 "clients": len(self.clients), "clients_total": self.clients_total,
-                "clients_refused": self.clients_refused,
+                "clients_refused": self.clients_refused, "rebinds": self.rebinds,
                 "seconds": round(time.monotonic() - self.started, 3)}
 
     def command(self, line):
@@ -211,6 +215,11 @@ class Proxy:
             for client in self.clients.values():
                 client.close()
             self.clients.clear()  # re-created, towards the new upstream, on their next datagram
+            return "ok"
+        if verb == "rebind" and len(words) == 1:
+            for client in self.clients.values():
+                client.rebind()
+            self.rebinds += 1
             return "ok"
         if verb == "stats" and len(words) == 1:
             return json.dumps(self.stats())
@@ -284,6 +293,14 @@ class Client:
             return False
         self.transport.sendto(data)
         return True
+
+    def rebind(self):
+        """A new upstream socket, so a new source port: the server sees another peer (a NAT
+        rebinding). Datagrams sent up meanwhile wait in the backlog."""
+        old, self.transport = self.transport, None
+        if old is not None:
+            old.close()
+        self.connect()
 
     def send_down(self, data):
         t = self.proxy.listen_transport

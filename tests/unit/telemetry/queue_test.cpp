@@ -125,6 +125,55 @@ TEST(Queue, RecordsWithoutEncodableReadingsAreNotStored) {
   EXPECT_EQ(q->queued_readings(), 1u);
 }
 
+// The readings of sources that woke together go in with one commit (Manager::store_pending):
+// with Sync::Full that is one fsync instead of one per record. One commit appends each page it
+// changed to the WAL once; a commit per record would append them once per record.
+TEST(Queue, PushAllStoresTheRecordsWithOneCommit) {
+  TempDir d;
+  auto q = open_queue(d.path, {}, nullptr, QueueOptions{Sync::Full});
+  std::string err;
+  ASSERT_TRUE(q->push(rec(1), &err)) << err;
+  const auto wal = d.path / "queue.db-wal";
+  const auto before = fs::file_size(wal);
+  std::vector<Record> records;
+  for (int i = 2; i <= 11; ++i) records.push_back(rec(i));
+  records.push_back(Record{12, "test", {{"nan", std::nan("")}}});  // nothing to store: skipped
+  ASSERT_TRUE(q->push_all(records, &err)) << err;
+  EXPECT_EQ(q->queued_records(), 11u);
+  EXPECT_EQ(q->queued_readings(), 22u);
+  const auto frames = (fs::file_size(wal) - before) / (4096 + 24);
+  EXPECT_LE(frames, 3u) << "one commit writes the table's and the index's leaf once each";
+  q.reset();
+  q = open_queue(d.path);
+  EXPECT_EQ(all_ts(*q), (std::vector<std::int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}));
+}
+
+// All or nothing: a commit that does not fit leaves the queue as it was, and it works again
+// once there is room.
+TEST(Queue, PushAllThatDoesNotFitStoresNothing) {
+  TempDir d;
+  if (!mount_tmpfs(d.path, "256k"))
+    GTEST_SKIP() << "cannot mount a tmpfs: " << std::strerror(errno);
+  auto q = open_queue(d.path, {}, nullptr, QueueOptions{Sync::Full});
+  std::string err;
+  ASSERT_TRUE(q->push(rec(1), &err)) << err;
+  ASSERT_TRUE(q->push(rec(2), &err)) << err;
+  std::vector<Record> records;
+  for (int i = 3; i < 300; ++i) records.push_back(rec(i, 2, 1000));  // ~300 KB: cannot fit
+  EXPECT_FALSE(q->push_all(records, &err));
+  EXPECT_NE(err.find("full"), std::string::npos) << err;
+  EXPECT_EQ(q->queued_records(), 2u);
+  EXPECT_EQ(all_ts(*q), (std::vector<std::int64_t>{1, 2}));
+  records.resize(5);
+  ASSERT_TRUE(q->push_all(records, &err)) << err;
+  EXPECT_EQ(all_ts(*q), (std::vector<std::int64_t>{1, 2, 3, 4, 5, 6, 7}));
+  q.reset();
+  q = open_queue(d.path);
+  EXPECT_EQ(q->queued_records(), 7u);
+  q.reset();
+  umount2(d.path.c_str(), MNT_DETACH);
+}
+
 TEST(Queue, InFlightRecordsAreSkippedUntilReleased) {
   TempDir d;
   auto q = open_queue(d.path);
@@ -613,4 +662,46 @@ TEST(Queue, RecordsAvailableBehindTheInFlightHeadAreNotSkipped) {
   q->release(b2);
   q->release(fresh);
   EXPECT_EQ(q->next_batch(1 << 20).ids.size(), 11u);
+}
+
+// The uploader acks the answers of one loop wake-up together (docs/performance.md, "Coalesced
+// acks"): ack_all removes exactly those batches in one transaction, so the WAL takes one set of
+// frames for them, not one per batch — what made acks most of the drain's writes.
+TEST(Queue, AckAllRemovesExactlyItsBatchesInOneTransaction) {
+  const auto fill_and_take = [](Queue& q, std::vector<Batch>* out) {
+    std::string err;
+    for (int i = 0; i < 50; ++i) ASSERT_TRUE(q.push(rec(5100 + i), &err)) << err;
+    const std::size_t ten = encode_records({rec(5100), rec(5101), rec(5102), rec(5103), rec(5104),
+                                            rec(5105), rec(5106), rec(5107), rec(5108), rec(5109)})
+                                .size();
+    for (int i = 0; i < 5; ++i) out->push_back(q.next_batch(ten));
+    for (const auto& b : *out) ASSERT_EQ(b.ids.size(), 10u);
+  };
+  const auto wal_size = [](const fs::path& dir) { return fs::file_size(dir / "queue.db-wal"); };
+  std::string err;
+
+  TempDir one_by_one;
+  std::uintmax_t separate = 0;
+  {
+    auto q = open_queue(one_by_one.path);
+    std::vector<Batch> b;
+    fill_and_take(*q, &b);
+    const auto before = wal_size(one_by_one.path);
+    for (const int i : {0, 1, 3, 4}) ASSERT_TRUE(q->ack(b[i], &err)) << err;
+    separate = wal_size(one_by_one.path) - before;
+  }
+
+  TempDir together;
+  auto q = open_queue(together.path);
+  std::vector<Batch> b;
+  fill_and_take(*q, &b);
+  const auto before = wal_size(together.path);
+  ASSERT_TRUE(q->ack_all({&b[0], &b[1], &b[3], &b[4]}, &err)) << err;
+  const auto coalesced = wal_size(together.path) - before;
+  EXPECT_LT(coalesced * 2, separate)
+      << "one transaction: " << coalesced << " WAL bytes, four: " << separate;
+  EXPECT_EQ(q->queued_records(), 10u);
+  EXPECT_EQ(q->queued_readings(), 20u);
+  q->release(b[2]);
+  EXPECT_EQ(q->next_batch(1 << 20).ids, b[2].ids);
 }
