@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <unordered_map>
 #include <utility>
 #include <variant>
@@ -111,6 +112,9 @@ struct Observer::Impl {
   std::deque<ObservationId> awaiting_address;
   std::deque<Ready> ready;
   ObservationId next_id = 1;
+  std::map<ListenerId, std::function<void()>> answer_listeners;
+  ListenerId next_listener = 1;
+  bool answered = false;  // a registration was answered with success: listeners are due
   bool destroying = false;
   std::vector<std::string> secrets_used;
   std::shared_ptr<bool> alive = std::make_shared<bool>(true);
@@ -199,6 +203,11 @@ struct Observer::Impl {
         invoke(r);
         if (!*alive) return 0;
       }
+      if (self->answered) {
+        self->answered = false;
+        self->tell_answer_listeners();
+        if (!*alive) return 0;
+      }
       if (!self->ready.empty()) sd_event_source_set_enabled(self->dispatcher, SD_EVENT_ONESHOT);
     } catch (...) {
       spdlog::error("coap observe: dispatcher failed");
@@ -218,6 +227,26 @@ struct Observer::Impl {
       spdlog::error("coap observe: callback threw: {}", e.what());
     } catch (...) {
       spdlog::error("coap observe: callback threw");
+    }
+  }
+
+  // A listener may add or remove listeners, or destroy the Observer: ids are taken first.
+  void tell_answer_listeners() {
+    const std::shared_ptr<bool> still = alive;
+    std::vector<ListenerId> ids;
+    for (const auto& [id, fn] : answer_listeners) ids.push_back(id);
+    for (ListenerId id : ids) {
+      auto it = answer_listeners.find(id);
+      if (it == answer_listeners.end()) continue;
+      std::function<void()> fn = it->second;
+      try {
+        fn();
+      } catch (const std::exception& e) {
+        spdlog::error("coap observe: answer listener threw: {}", e.what());
+      } catch (...) {
+        spdlog::error("coap observe: answer listener threw");
+      }
+      if (!*still) return;
     }
   }
 
@@ -293,6 +322,9 @@ struct Observer::Impl {
       return COAP_RESPONSE_OK;
     }
     if (code / 100 != 2) {
+      // A 4.01 over DTLS may be a stale X.509 identity, which ThingsBoard binds to the handshake
+      // (docs/thingsboard-coap.md §6.2): the next registration gets a fresh full handshake.
+      if (code == 401 && options.dtls) session_broken = true;
       end(id, {EndReason::Rejected, code, "server answered " + code_string(code)});
       return COAP_RESPONSE_OK;
     }
@@ -334,6 +366,7 @@ struct Observer::Impl {
     }
     spdlog::debug("coap observe: {} -> {}{} ({} bytes)", o.log_path, code_string(code),
                   first ? " (registered)" : "", len);
+    if (first) answered = true;  // told after this notification, by the same dispatch
     queue(o.callbacks, std::move(n));
     if (!obs) {
       end(id, {EndReason::NotObserved, code,
@@ -591,5 +624,13 @@ void Observer::cancel(ObservationId id) {
 void Observer::reset_network() { impl_->end_all(EndReason::Network, "network reset"); }
 
 std::size_t Observer::active() const { return impl_->observations.size(); }
+
+Observer::ListenerId Observer::add_answer_listener(std::function<void()> listener) {
+  const ListenerId id = impl_->next_listener++;
+  impl_->answer_listeners.emplace(id, std::move(listener));
+  return id;
+}
+
+void Observer::remove_answer_listener(ListenerId id) { impl_->answer_listeners.erase(id); }
 
 }  // namespace tb::coap

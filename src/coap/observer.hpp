@@ -99,6 +99,14 @@ class Observer {
   // Observations registered or live (not ended, not canceled).
   std::size_t active() const;
 
+  // `listener` runs (from the loop, after that answer's callbacks) each time the server answers a
+  // registration with success: proof that it is reachable again, so owners waiting out a backoff
+  // after an outage register at once instead of up to a backoff later. Only a success counts, so
+  // two owners whose registrations are refused cannot wake each other in a loop.
+  using ListenerId = std::uint64_t;
+  ListenerId add_answer_listener(std::function<void()> listener);
+  void remove_answer_listener(ListenerId id);  // unknown ids are ignored
+
  private:
   struct Impl;
   explicit Observer(std::unique_ptr<Impl> impl);

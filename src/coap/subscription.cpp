@@ -23,9 +23,14 @@ Subscription::Subscription(sd_event* loop, Observer& observer, std::vector<std::
       refresh_timer_(
           loop, [this] { register_now(); }, Millis(1000)),
       retry_timer_(
-          loop, [this] { register_now(); }, Millis(100)) {}
+          loop, [this] { register_now(); }, Millis(100)) {
+  answer_listener_ = observer_.add_answer_listener([this] { on_server_answered(); });
+}
 
-Subscription::~Subscription() { stop(); }
+Subscription::~Subscription() {
+  stop();
+  observer_.remove_answer_listener(answer_listener_);
+}
 
 void Subscription::start() {
   if (running_) return;
@@ -68,6 +73,17 @@ void Subscription::register_now() {
       [this, id](const ObservationEnd& e) { on_end(*id, e); });
   pending_ = *id;
   if (!live_) set_state("registering");
+}
+
+// Another registration on the same Observer was just answered: the server is reachable again.
+// After an outage every subscription waits out its own jittered backoff (up to retry_max), so
+// without this the RPC observation could come back a minute after the attributes one, and RPCs
+// sent meanwhile would go to the registration lost in the outage.
+void Subscription::on_server_answered() {
+  if (!running_ || !retry_timer_.armed()) return;
+  retry_timer_.disarm();
+  spdlog::info("{}: the server answers again; registering now", what_);
+  register_now();
 }
 
 void Subscription::on_note(ObservationId id, const Notification& n) {

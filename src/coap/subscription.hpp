@@ -48,6 +48,7 @@ class Subscription {
 
  private:
   void register_now();
+  void on_server_answered();
   void on_note(ObservationId id, const Notification& n);
   void on_end(ObservationId id, const ObservationEnd& e);
   void set_state(std::string s);
@@ -61,6 +62,7 @@ class Subscription {
   Backoff backoff_;
   Timer refresh_timer_;
   Timer retry_timer_;
+  Observer::ListenerId answer_listener_ = 0;
   ObservationId live_ = 0;     // the registration notifications come from
   ObservationId pending_ = 0;  // a newer one waiting for its first answer
   bool running_ = false;

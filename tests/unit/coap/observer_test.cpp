@@ -3,6 +3,7 @@
 // acknowledged at once, a newer registration ending the older, cancellation answered with RST,
 // the end on 2.02 / an error / no answer, the payload bound, and a network reset.
 #include "coap/observer.hpp"
+#include "coap/subscription.hpp"
 
 #include <gtest/gtest.h>
 #include <systemd/sd-event.h>
@@ -231,6 +232,57 @@ TEST_F(ObserverTest, ResetNetworkEndsEveryObservationAndANewOneWorks) {
   // A different socket: the server sees a new peer.
   ASSERT_EQ(server_->command(R"(set-shared pump-7 {"y":2})"), "ok");
   ASSERT_TRUE(run_until([&] { return again.notifications.size() == 2; }));
+}
+
+// After an outage each Subscription waits out its own backoff; the first registration answered
+// proves the server reachable, and the other registers at once instead of up to an hour later.
+TEST_F(ObserverTest, AnAnsweredRegistrationEndsTheOtherSubscriptionsBackoff) {
+  ObserverOptions o;
+  o.register_timeout = 1500ms;
+  o.ack_timeout = 1s;
+  make_observer(o);
+  ASSERT_EQ(server_->command("drop-all on"), "ok");
+  std::string attributes_state, rpc_state;
+  Subscription attributes(
+      loop_, *observer_, kAttributes, "attributes", SubscriptionOptions{2min, 1s, 1s},
+      [](const Notification&) {}, [&](const std::string& s) { attributes_state = s; });
+  // Backoff draws uniform(0, 1 h): this one would wait minutes on its own.
+  Subscription rpc(
+      loop_, *observer_, kRpc, "RPC", SubscriptionOptions{2min, 1h, 1h}, [](const Notification&) {},
+      [&](const std::string& s) { rpc_state = s; });
+  attributes.start();
+  rpc.start();
+  ASSERT_TRUE(run_until([&] {
+    return attributes_state.rfind("retrying", 0) == 0 && rpc_state.rfind("retrying", 0) == 0;
+  })) << attributes_state
+      << " / " << rpc_state;
+  const unsigned rpc_registrations = rpc.registrations();
+  ASSERT_EQ(server_->command("drop-all off"), "ok");
+  ASSERT_TRUE(
+      run_until([&] { return attributes_state == "observing" && rpc_state == "observing"; }, 15s))
+      << attributes_state << " / " << rpc_state;
+  EXPECT_EQ(rpc.registrations(), rpc_registrations + 1);
+  EXPECT_FALSE(observers()["rpc"].is_null());
+}
+
+// A registration refused (here 4.01 for an unknown token) is no proof of anything: the other
+// subscription keeps its backoff, and two refused ones do not wake each other in a loop.
+TEST_F(ObserverTest, ARefusedRegistrationDoesNotEndAnotherSubscriptionsBackoff) {
+  make_observer();
+  std::string refused_state, waiting_state;
+  Subscription refused(
+      loop_, *observer_, {"api", "v1", "unknown-token", "attributes"}, "attributes",
+      SubscriptionOptions{2min, 1s, 1s}, [](const Notification&) {},
+      [&](const std::string& s) { refused_state = s; });
+  Subscription waiting(
+      loop_, *observer_, {"api", "v1", "other-unknown", "rpc"}, "RPC",
+      SubscriptionOptions{2min, 1h, 1h}, [](const Notification&) {},
+      [&](const std::string& s) { waiting_state = s; });
+  refused.start();
+  waiting.start();
+  ASSERT_TRUE(run_until([&] { return refused.registrations() >= 3; }));
+  EXPECT_EQ(waiting.registrations(), 1u);
+  EXPECT_EQ(waiting_state.rfind("retrying", 0), 0u) << waiting_state;
 }
 
 TEST_F(ObserverTest, CallbacksMayDestroyTheObserver) {
