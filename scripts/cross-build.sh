@@ -161,6 +161,14 @@ if [[ ${TB_CROSS_INSIDE:-0} == 1 ]]; then
   exit
 fi
 
+# --prepare-root ARCH...: only make the cached build roots (CI does it in the background while
+# the native build runs: debootstrap is mostly download and unpacking).
+if [[ ${1:-} == --prepare-root ]]; then
+  shift
+  for arch in "$@"; do prepare_root "$arch" >/dev/null; done
+  exit
+fi
+
 arches=("$@")
 ((${#arches[@]})) || arches=(arm64 armhf)
 for arch in "${arches[@]}"; do
