@@ -207,6 +207,12 @@ def throughput(build, args, work, results):
     res["a"] = [drain(build, args, ["--readings", str(n_drain)]) for _ in range(runs)]
     res["a1"] = [drain(build, args, ["--readings", str(n_drain), "--max-in-flight", "1"])
                  for _ in range(runs)]
+    # Node's `coap` package (npm) would be another (b); the bench installs nothing from npm, so it
+    # is only noted whether it is there.
+    node = shutil.which("node")
+    if not node or subprocess.run([node, "-e", "require('coap')"], capture_output=True).returncode:
+        print("  node's coap package is not installed: (b) is the Python stdlib client only",
+              file=sys.stderr)
     sink = Sink(build, work)
     try:
         res["b"] = [client_run([sys.executable, str(SRC / "bench/script_client.py"),
@@ -225,8 +231,10 @@ def distance(build, args, work, results):
         print("  no tests/tools/udp_proxy.py: distance skipped", file=sys.stderr)
         return
     res = {}
-    for name, rtt, loss in (("proxy alone, no delay", 0, 0), ("20ms", 10, 0), ("100ms", 50, 0), ("20ms+1%", 10, 1),
-                            ("100ms+1%", 50, 1)):
+    # One loop over every variant, with and without loss (delay each way = half the round trip).
+    variants = (("proxy alone, no delay", 0, 0), ("20ms", 10, 0), ("100ms", 50, 0),
+                ("20ms+1%", 10, 1), ("100ms+1%", 50, 1))
+    for name, rtt, loss in variants:
         pargs = f"--delay {rtt} --loss {loss} --seed 1"
         n = args.distance_readings
         res[name] = [drain(build, args, ["--readings", str(n), "--proxy", pargs])
@@ -266,7 +274,7 @@ def footprint(build, args, work, results):
         res["tb-agent"] = []
         for _ in range(args.runs):
             p = start_agent(build, d)
-            time.sleep(3)
+            time.sleep(args.settle)
             res["tb-agent"].append(watch(p.pid, args.window))
             stop(p)
         collectd = shutil.which("collectd") or "/usr/sbin/collectd"
@@ -276,7 +284,7 @@ def footprint(build, args, work, results):
             for _ in range(args.runs):
                 p = subprocess.Popen([collectd, "-f", "-C", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(3)
+                time.sleep(args.settle)
                 res["collectd"].append(watch(p.pid, args.window))
                 stop(p)
     finally:
@@ -354,9 +362,16 @@ def size(build, args, work, results):
         subprocess.run(["strip", "-o", str(stripped), str(agent)], check=False)
         if stripped.exists():
             res["tb-agent binary, stripped"] = stripped.stat().st_size
-    debs = sorted((SRC / "build-pkg").glob("tb-agent_*.deb")) if (SRC / "build-pkg").exists() else []
+    # scripts/build-packages.sh's package, else one CPack made in the bench's build directory
+    # (cd build-bench && cpack -G DEB --config CPackConfig.cmake).
+    debs = [d for where in (SRC / "build-pkg", build) if where.exists()
+            for d in sorted(where.glob("tb-agent_*.deb"))]
     if debs:
-        res["tb-agent .deb"] = debs[-1].stat().st_size
+        res["tb-agent .deb"] = debs[0].stat().st_size
+        r = subprocess.run(["dpkg-deb", "-f", str(debs[0]), "Installed-Size"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip():
+            res["tb-agent installed"] = int(r.stdout.strip()) * 1024
     for pkg in ("collectd-core",):
         r = subprocess.run(["dpkg-query", "-W", "-f=${Installed-Size}", pkg],
                            capture_output=True, text=True)
@@ -579,6 +594,10 @@ def main():
     args.distance_readings = 50000
     args.script_n, args.loop_n, args.ceiling_n = 2000, 200, 20000
     args.window, args.idle_window = 30, 120
+    # Footprint windows start past tb-agent's start-up (it gives start-up's memory back after
+    # 10 s, util/memory.hpp) and end past its once-a-minute work, so the memory read at the end
+    # is that of the running agent; collectd gets the same.
+    args.settle = 35
     if args.quick:
         args.distance_readings, args.script_n, args.loop_n, args.ceiling_n = 20000, 500, 50, 5000
         args.window, args.idle_window = 10, 30

@@ -5,7 +5,8 @@ The figures themselves are measured by bench/drain_bench.cpp, not here. These te
 choices that make them: tb-agent links no libcoap (src/coap/libcoap.hpp loads the plain build
 for coap and the OpenSSL build only for coaps), so a running agent that delivers telemetry over
 plain coap has no OpenSSL mapped; and no C++ shared library (libstdc++, yaml-cpp, spdlog, fmt)
-unless it was built without TB_STATIC_CXX or with the sanitizers.
+unless it was built without TB_STATIC_CXX or with the sanitizers; and no libsqlite3 when SQLite is
+linked from its archive (TB_SQLITE_IS_STATIC).
 """
 import re
 import subprocess
@@ -41,6 +42,8 @@ def forbidden():
     names += ["libssl", "libcrypto", "libcoap-3-openssl"]  # plain coap: no TLS library at all
     if on("TB_STATIC_CXX") and not on("TB_SANITIZE"):
         names += ["libstdc++", "libgcc_s", "libyaml-cpp"]
+    if on("TB_SQLITE_IS_STATIC"):
+        names += ["libsqlite3"]
     return names
 
 

@@ -20,6 +20,8 @@ import pytest
 BUILD = Path(os.environ["TB_BUILD_DIR"])
 SRC = Path(os.environ["TB_SOURCE_DIR"])
 STATIC_CXX = os.environ.get("TB_STATIC_CXX", "ON").upper() in ("ON", "1", "TRUE", "YES")
+# SQLite from its archive (cmake/Footprint.cmake): no libsqlite3-0 / libsqlite3.so.0 dependency.
+STATIC_SQLITE = os.environ.get("TB_SQLITE_IS_STATIC", "OFF").upper() in ("ON", "1", "TRUE", "YES")
 
 # path -> mode, in both packages (the config's group is checked per format).
 FILES = {
@@ -150,7 +152,8 @@ def test_deb_depends_are_computed_from_the_binary(packages):
     names = {d.strip().split()[0] for d in depends.split(",")}
     # dpkg-shlibdeps' names for the shared libraries tb-agent links (libcoap3 on Debian 12).
     assert any(n.startswith("libcoap") for n in names), depends
-    assert {"libc6", "libsystemd0", "libsqlite3-0"} <= names, depends
+    assert {"libc6", "libsystemd0"} <= names, depends
+    assert ("libsqlite3-0" in names) != STATIC_SQLITE, depends
     if STATIC_CXX:
         # Linked in (cmake/Footprint.cmake): no libstdc++6, libgcc-s1 or libyaml-cpp.
         assert not {n for n in names if re.match(r"libstdc\+\+|libgcc|libyaml-cpp", n)}, depends
@@ -234,9 +237,9 @@ def test_rpm_files_modes_and_config(packages):
 
 def test_rpm_requires_are_computed_from_the_binary(packages):
     requires = run("rpm", "-qpR", packages["rpm"]).stdout
-    for soname in (r"libcoap-3-\w+\.so\.3", r"libsystemd\.so\.0", r"libsqlite3\.so\.0",
-                   r"libc\.so\.6"):
+    for soname in (r"libcoap-3-\w+\.so\.3", r"libsystemd\.so\.0", r"libc\.so\.6"):
         assert re.search(rf"^{soname}\(", requires, re.M), soname
+    assert bool(re.search(r"^libsqlite3\.so\.0\(", requires, re.M)) != STATIC_SQLITE, requires
     if STATIC_CXX:
         assert not re.search(r"libstdc\+\+|libyaml-cpp", requires), requires
 
