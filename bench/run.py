@@ -8,7 +8,8 @@ markdown table, writes bench-results/results.{markdown,json} and PNG plots (with
     bench/run.py --build build-bench [--runs 3] [--quick] [--only throughput,distance,...]
 
 Sections: throughput (loopback), distance (through tests/tools/udp_proxy.py), footprint (beside
-collectd when it is installed), idle (wake-ups), ready (start to READY=1), size, scaling.
+collectd when it is installed), booted (the footprint again as services on a booted systemd
+container, needs root and systemd-nspawn), idle (wake-ups), ready (start to READY=1), size, scaling.
 Standard library only, apart from the optional plots.
 """
 
@@ -248,7 +249,10 @@ def distance(build, args, work, results):
 
 def collectd_conf(d):
     conf = d / "collectd.conf"
+    # A fixed host name: no DNS lookup at start (the booted container has no resolvable FQDN).
     conf.write_text(f"""Interval 1
+Hostname "bench"
+FQDNLookup false
 BaseDir "{d}"
 PIDFile "{d}/collectd.pid"
 LoadPlugin cpu
@@ -290,6 +294,90 @@ def footprint(build, args, work, results):
     finally:
         sink.close()
     results["footprint"] = res
+
+
+def booted(build, args, work, results):
+    """The footprint section again, inside a booted Debian 12 container (tests/system/container.py)
+    with systemd as PID 1 and the system bus: the host tb-agent is made for. There, libsystemd and
+    the compression and crypto libraries it pulls in are also mapped by systemd and dbus-daemon,
+    so their clean pages are shared, as on a device; on a machine without systemd they are the
+    agent's alone. Both run as transient services (systemd-run), log to the journal, and are read
+    through /proc inside; same sources, plugins and windows as `footprint`."""
+    sys.path.insert(0, str(SRC / "tests/system"))
+    import container  # noqa: E402 (standard library only; made for the system test)
+
+    root = container.ensure_root(Path(os.environ.get("TB_BENCH_ROOT_CACHE",
+                                                     "/var/cache/tb-agent-bench")),
+                                 log=Path(work) / "debootstrap.log",
+                                 extra_packages=["collectd-core"])
+    build = build.resolve()
+    res = {}
+    with container.Container(root, Path(work) / "booted", f"tbbench-{os.getpid()}",
+                             binds_ro=[str(build)]) as c:
+        # collectd-core's own service has no configuration (that is in package collectd): keep
+        # it out of the way so only the measured instance runs.
+        c.run(["systemctl", "disable", "--now", "collectd.service"], check=False)
+        d = c.path("/bench")
+        d.mkdir()
+        (d / "agent.yaml").write_text(
+            "server:\n  host: 127.0.0.1\n  port: 5683\ndevice:\n  name: bench\n"
+            "state_dir: /bench\nsources:\n" +
+            file_sources(d, 10, "1s").replace(str(d), "/bench") +
+            "dbus:\n  bus: none\nlogging:\n  level: warning\n")
+        (d / "credentials.json").write_text(json.dumps(
+            {"credentialsType": "ACCESS_TOKEN", "credentialsValue": TOKEN, "deviceName": "bench"}))
+        collectd_conf(d)
+        (d / "collectd.conf").write_text((d / "collectd.conf").read_text().replace(str(d), "/bench"))
+        c.run(["systemd-run", "--unit=bench-sink", str(build / "tests/server/tb-test-server"),
+               "--port", "5683", "--quiet", "--state", "/bench/state.json", "--record",
+               "/dev/null", "--device", f"bench={TOKEN}"])
+
+        def inner_watch(unit):
+            pid = c.unit_property(unit, "MainPID")
+
+            def cpu_switches():
+                stat = c.run(["cat", f"/proc/{pid}/stat"]).stdout.rsplit(")", 1)[1].split()
+                status = c.run(["cat", f"/proc/{pid}/status"]).stdout
+                sw = sum(int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+                return (int(stat[11]) + int(stat[12])) / CLK_TCK, sw
+
+            cpu0, sw0 = cpu_switches()
+            t0 = time.monotonic()
+            time.sleep(args.window)
+            cpu1, sw1 = cpu_switches()
+            t1 = time.monotonic()
+            roll = {}
+            for line in c.run(["cat", f"/proc/{pid}/smaps_rollup"]).stdout.splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":"):
+                    roll[parts[0][:-1]] = int(parts[1])
+            return {"cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+                    "wakeups_per_min": 60 * (sw1 - sw0) / (t1 - t0), "rss": roll.get("Rss", 0),
+                    "pss": roll.get("Pss", 0),
+                    "private": roll.get("Private_Clean", 0) + roll.get("Private_Dirty", 0)}
+
+        services = {
+            "tb-agent": ["-p", "Type=notify", str(build / "src/tb-agent"), "--config",
+                         "/bench/agent.yaml"],
+            "collectd": ["/usr/sbin/collectd", "-f", "-C", "/bench/collectd.conf"],
+        }
+        for name, argv in services.items():
+            res[name] = []
+            for i in range(args.runs):
+                unit = f"bench-{name}-{i}"
+                c.run(["systemd-run", f"--unit={unit}"] + argv, timeout=60)
+                time.sleep(args.settle)
+                if c.unit_property(unit, "ActiveState") != "active":
+                    raise RuntimeError(f"{unit} is not running: " + c.run(
+                        ["journalctl", "-u", unit, "--no-pager"], check=False).stdout[-2000:])
+                res[name].append(inner_watch(unit))
+                c.run(["systemctl", "stop", unit], check=False, timeout=60)
+        # Who else maps the libraries the agent's private memory was spent on elsewhere.
+        res["sharers"] = {lib: int(c.run(["sh", "-c", f"grep -l {lib} /proc/[0-9]*/maps | wc -l"],
+                                         check=False).stdout.strip() or 0)
+                          for lib in ("libsystemd.so.0", "liblzma", "libzstd", "libgcrypt")}
+    results["booted"] = res
 
 
 def idle(build, args, work, results):
@@ -476,6 +564,18 @@ def report(results, machine):
             out.append(f"| {k} | {cell(col(runs, 'rss'))} | {cell(col(runs, 'pss'))} | "
                        f"{cell(col(runs, 'private'))} | {cell(col(runs, 'cpu_pct'), '', 2)} |")
         out.append("")
+    bt = results.get("booted")
+    if bt:
+        out += ["## The same, on a booted systemd host (a Debian 12 container, both as services)",
+                "", "| | RSS KiB | PSS KiB | private KiB | CPU % of a core |",
+                "| --- | --- | --- | --- | --- |"]
+        for k, runs in bt.items():
+            if k == "sharers":
+                continue
+            out.append(f"| {k} | {cell(col(runs, 'rss'))} | {cell(col(runs, 'pss'))} | "
+                       f"{cell(col(runs, 'private'))} | {cell(col(runs, 'cpu_pct'), '', 2)} |")
+        out += ["", "Processes mapping each library there (with the agent stopped): " + ", ".join(
+            f"{k} {v}" for k, v in bt.get("sharers", {}).items()) + ".", ""]
     i = results.get("idle")
     if i:
         out += [f"Idle, one source at 60 s: {cell(col(i, 'wakeups_per_min'), '', 1)} wake-ups "
@@ -588,7 +688,8 @@ def main():
     ap.add_argument("--out", default=str(SRC / "bench-results"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="short windows, smaller counts")
-    ap.add_argument("--only", default="throughput,distance,footprint,idle,ready,size,scaling")
+    ap.add_argument("--only",
+                    default="throughput,distance,footprint,booted,idle,ready,size,scaling")
     args = ap.parse_args()
     args.readings = 100000
     args.distance_readings = 50000
@@ -606,7 +707,7 @@ def main():
     machine = machine_note()
     results = {"machine": machine}
     sections = {"throughput": throughput, "distance": distance, "footprint": footprint,
-                "idle": idle, "ready": ready, "size": size, "scaling": scaling}
+                "booted": booted, "idle": idle, "ready": ready, "size": size, "scaling": scaling}
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as work:
         for name in args.only.split(","):
             print(f"== {name}", file=sys.stderr)

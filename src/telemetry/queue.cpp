@@ -101,7 +101,6 @@ class SqliteQueue final : public Queue {
     }
     if (rows.empty()) return true;
     if (!ready(error)) return false;
-    if (!set_sync(options_.sync == Sync::Full, error)) return false;
     // One record is one statement (its own implicit transaction); several share one commit.
     const bool transaction = rows.size() > 1;
     int rc = SQLITE_DONE;
@@ -138,7 +137,9 @@ class SqliteQueue final : public Queue {
     stored_bytes_ += bytes;
     // Never grow past queue.max_size between two enforce_limits() calls of the daemon.
     if (page_bytes() > db_budget()) dropped_ += enforce_size();
-    return true;
+    // Durable before it returns (Sync::Full): the committed frames reach the disk now. The
+    // records are queued either way; a failed sync is still reported, as the disk's failure.
+    return options_.sync != Sync::Full || sync_wal(error);
   }
 
   Batch next_batch(std::uint64_t max_bytes) override {
@@ -364,8 +365,9 @@ COMMIT;
     }
 
     exec("PRAGMA temp_store = MEMORY");
+    // Commits do not wait for the disk; push_all() syncs the WAL itself (sync_wal says why).
+    exec("PRAGMA synchronous = NORMAL");
     apply_wal_limit();
-    sync_full_ = -1;
 
     struct {
       sqlite3_stmt** stmt;
@@ -385,8 +387,6 @@ COMMIT;
         {&begin_, "BEGIN"},
         {&commit_, "COMMIT"},
         {&rollback_, "ROLLBACK"},
-        {&sync_full_stmt_, "PRAGMA synchronous = FULL"},
-        {&sync_normal_stmt_, "PRAGMA synchronous = NORMAL"},
         {&page_count_, "PRAGMA page_count"},
         {&vacuum_, "PRAGMA incremental_vacuum"},
     };
@@ -417,9 +417,9 @@ COMMIT;
   }
 
   void disconnect() {
-    for (sqlite3_stmt** s : {&insert_, &oldest_, &newest_, &select_one_, &delete_one_,
-                             &delete_older_, &delete_upto_, &prefix_, &begin_, &commit_, &rollback_,
-                             &sync_full_stmt_, &sync_normal_stmt_, &page_count_, &vacuum_}) {
+    for (sqlite3_stmt** s :
+         {&insert_, &oldest_, &newest_, &select_one_, &delete_one_, &delete_older_, &delete_upto_,
+          &prefix_, &begin_, &commit_, &rollback_, &page_count_, &vacuum_}) {
       sqlite3_finalize(*s);
       *s = nullptr;
     }
@@ -585,17 +585,31 @@ COMMIT;
     return static_cast<std::uint64_t>(pages) * page_size_;
   }
 
-  // A push must reach the disk (FULL) before it returns; an ack or a limits delete need not: if
-  // one is lost to a power cut the records are sent again with the same ts, which ThingsBoard
-  // overwrites. Skipping that fsync is what makes draining fast.
-  bool set_sync(bool full, std::string* error) {
-    if (sync_full_ == static_cast<int>(full)) return true;
-    sqlite3_stmt* s = full ? sync_full_stmt_ : sync_normal_stmt_;
-    const int rc = sqlite3_step(s);
-    sqlite3_reset(s);
-    if (rc != SQLITE_DONE && rc != SQLITE_ROW) return fail(rc, "cannot configure", error);
-    sync_full_ = full;
-    return true;
+  // A push must reach the disk before it returns; an ack or a limits delete need not: if one is
+  // lost to a power cut the records are sent again with the same ts, which ThingsBoard
+  // overwrites. Skipping that fsync is what makes draining fast. The connection stays at
+  // synchronous = NORMAL (in WAL mode: no sync at commit) and a push syncs the WAL file after its
+  // commit, which is what FULL would do inside it. Not by switching the PRAGMA per transaction:
+  // SQLite applies PRAGMA synchronous when the statement is compiled, so a prepared one is
+  // compiled again on every step, twice a second with a few sources (the SQL parser then stays
+  // hot in CPU and memory, docs/performance.md).
+  bool sync_wal(std::string* error) {
+    sqlite3_file* wal = nullptr;
+    if (sqlite3_file_control(db_, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal) != SQLITE_OK ||
+        !wal || !wal->pMethods) {
+      if (error)
+        *error = "cannot flush the queued readings to disk in " + path_.string() +
+                 ": its write-ahead log is not open";
+      return false;
+    }
+    errno = 0;
+    if (wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL) == SQLITE_OK) return true;
+    const int e = errno;
+    if (error)
+      *error = "cannot flush the queued readings to disk in " + path_.string() +
+               (e ? std::string(": ") + std::strerror(e) : std::string()) +
+               " (they are queued, but a power cut may lose them)";
+    return false;
   }
 
   int step_simple(sqlite3_stmt* s) {
@@ -606,7 +620,6 @@ COMMIT;
 
   // Runs a DELETE … RETURNING id, readings, bytes and books what it removed. Returns readings.
   std::uint64_t delete_returning(sqlite3_stmt* s) {
-    set_sync(false, nullptr);
     std::uint64_t readings = 0, records = 0, bytes = 0;
     std::vector<std::int64_t> ids;
     int rc;
@@ -641,7 +654,6 @@ COMMIT;
     const std::uint64_t budget = db_budget();
     std::uint64_t size = page_bytes();
     if (size <= budget) return 0;
-    set_sync(false, nullptr);
     vacuum();  // pages freed by acks count as used until given back
     std::uint64_t dropped = 0;
     // Once over, go 1/16 below the limit: a queue that stays full through a long outage would
@@ -692,7 +704,7 @@ COMMIT;
     }
     std::uint64_t readings = 0, records = 0, bytes = 0;
     int rc = SQLITE_DONE;
-    if (set_sync(false, error) && (rc = step_simple(begin_)) == SQLITE_DONE) {
+    if ((rc = step_simple(begin_)) == SQLITE_DONE) {
       for (const Batch* batch : batches) {
         for (const auto id : batch->ids) {
           // A record the limits already removed is simply not there: nothing to count.
@@ -717,9 +729,6 @@ COMMIT;
       }
       if (rc == SQLITE_DONE) rc = step_simple(commit_);
       if (rc != SQLITE_DONE) step_simple(rollback_);
-    } else if (rc == SQLITE_DONE) {
-      release_all();
-      return false;  // set_sync failed and said why
     }
     // Whatever happened, these ids are no longer handed out: on failure they go out again.
     if (rc != SQLITE_DONE) {
@@ -741,7 +750,6 @@ COMMIT;
   sqlite3* db_ = nullptr;
   bool broken_ = false;   // reopen before the next operation
   bool recheck_ = false;  // ...and run quick_check then (a runtime error said "corrupt")
-  int sync_full_ = -1;    // -1: unknown, 0: NORMAL, 1: FULL
   std::uint64_t page_size_ = 4096;
 
   std::int64_t hold_before_ = 0;
@@ -756,8 +764,6 @@ COMMIT;
   sqlite3_stmt* begin_ = nullptr;
   sqlite3_stmt* commit_ = nullptr;
   sqlite3_stmt* rollback_ = nullptr;
-  sqlite3_stmt* sync_full_stmt_ = nullptr;
-  sqlite3_stmt* sync_normal_stmt_ = nullptr;
   sqlite3_stmt* page_count_ = nullptr;
   sqlite3_stmt* vacuum_ = nullptr;
 

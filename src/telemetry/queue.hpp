@@ -52,7 +52,9 @@ class Queue {
                                      const config::QueueConfig& limits, const QueueOptions& options,
                                      std::string* warning, std::string* error);
 
-  // Durable when it returns true. On false (disk full, read-only) nothing was stored.
+  // Durable when it returns true (with Sync::Full). On false (disk full, read-only) nothing was
+  // stored, except when the disk failed to confirm the write (fsync): the records are queued
+  // then, and false reports the failure.
   virtual bool push(const Record& record, std::string* error) = 0;
   // Several records in one transaction: one commit (one fsync with Sync::Full) for all of them,
   // which is what makes the readings of sources that woke together cheap. All or nothing: on

@@ -66,23 +66,27 @@ def debian_mirror():
     return "http://deb.debian.org/debian"
 
 
-def ensure_root(cache_dir=DEFAULT_CACHE, log=None):
+def ensure_root(cache_dir=DEFAULT_CACHE, log=None, extra_packages=()):
     """Return the pristine root, debootstrapping it first when missing or of another format.
 
     The pristine root is never booted; each test boots a copy. Made in a temporary directory and
-    renamed, so an interrupted run leaves no half-made root behind."""
+    renamed, so an interrupted run leaves no half-made root behind. extra_packages are installed
+    besides ROOT_PACKAGES (the footprint bench adds collectd-core); they are part of the format,
+    so give such a root its own cache_dir."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Two test runs at once (two build directories) must not debootstrap over each other.
     with open(cache_dir / f"{SUITE}-root.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure_root_locked(cache_dir, log)
+        return _ensure_root_locked(cache_dir, log, list(extra_packages))
 
 
-def _ensure_root_locked(cache_dir, log):
+def _ensure_root_locked(cache_dir, log, extra_packages):
     root = cache_dir / f"{SUITE}-root"
     stamp = cache_dir / f"{SUITE}-root.format"
-    if root.is_dir() and stamp.exists() and stamp.read_text().strip() == ROOT_FORMAT:
+    packages = ROOT_PACKAGES + extra_packages
+    root_format = ROOT_FORMAT + "".join("," + p for p in extra_packages)
+    if root.is_dir() and stamp.exists() and stamp.read_text().strip() == root_format:
         return root
     tmp = cache_dir / f"{SUITE}-root.tmp"
     for d in (tmp, root):
@@ -93,7 +97,7 @@ def _ensure_root_locked(cache_dir, log):
     out = open(log, "ab") if log else subprocess.DEVNULL
     try:
         r = subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=" + ",".join(ROOT_PACKAGES),
+            ["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
              SUITE, str(tmp), debian_mirror()],
             stdout=out, stderr=subprocess.STDOUT, timeout=1200)
     finally:
@@ -108,7 +112,7 @@ def _ensure_root_locked(cache_dir, log):
     # No console login prompt on the nspawn console, and a fixed host name.
     (tmp / "etc/hostname").write_text("tbsys\n")
     tmp.rename(root)
-    stamp.write_text(ROOT_FORMAT + "\n")
+    stamp.write_text(root_format + "\n")
     (cache_dir / f"{SUITE}-root.seconds").write_text(f"{time.monotonic() - started:.0f}\n")
     return root
 

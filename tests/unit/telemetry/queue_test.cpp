@@ -148,6 +148,130 @@ TEST(Queue, PushAllStoresTheRecordsWithOneCommit) {
   EXPECT_EQ(all_ts(*q), (std::vector<std::int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}));
 }
 
+// A VFS in front of the default one that counts xSync calls on write-ahead logs: what reaches
+// the disk, seen from SQLite's side.
+namespace wal_sync_count {
+int syncs = 0;
+sqlite3_vfs* base = nullptr;
+sqlite3_vfs vfs;
+sqlite3_io_methods methods;
+const sqlite3_io_methods* base_methods = nullptr;
+struct File {
+  sqlite3_file self;  // first: SQLite sees a sqlite3_file*
+  sqlite3_file* real;
+};
+sqlite3_file* real(sqlite3_file* f) { return reinterpret_cast<File*>(f)->real; }
+int open(sqlite3_vfs*, sqlite3_filename name, sqlite3_file* opened, int flags, int* out) {
+  auto* file = reinterpret_cast<File*>(opened);
+  file->real = static_cast<sqlite3_file*>(sqlite3_malloc(base->szOsFile));
+  std::memset(file->real, 0, static_cast<std::size_t>(base->szOsFile));
+  const int rc = base->xOpen(base, name, file->real, flags, out);
+  if (rc != SQLITE_OK || !file->real->pMethods) {
+    sqlite3_free(file->real);
+    file->self.pMethods = nullptr;
+    return rc;
+  }
+  base_methods = file->real->pMethods;
+  methods = *base_methods;
+  methods.iVersion = 1;  // no shared-memory or mmap methods to forward beyond these
+  methods.xClose = [](sqlite3_file* f) {
+    const int closed = real(f)->pMethods->xClose(real(f));
+    sqlite3_free(real(f));
+    return closed;
+  };
+  methods.xRead = [](sqlite3_file* f, void* b, int n, sqlite3_int64 o) {
+    return real(f)->pMethods->xRead(real(f), b, n, o);
+  };
+  methods.xWrite = [](sqlite3_file* f, const void* b, int n, sqlite3_int64 o) {
+    return real(f)->pMethods->xWrite(real(f), b, n, o);
+  };
+  methods.xTruncate = [](sqlite3_file* f, sqlite3_int64 n) {
+    return real(f)->pMethods->xTruncate(real(f), n);
+  };
+  methods.xSync = (flags & SQLITE_OPEN_WAL)
+                      ? +[](sqlite3_file* f, int fl) {
+                          ++syncs;
+                          return real(f)->pMethods->xSync(real(f), fl);
+                        }
+                      : +[](sqlite3_file* f, int fl) { return real(f)->pMethods->xSync(real(f), fl); };
+  methods.xFileSize = [](sqlite3_file* f, sqlite3_int64* n) {
+    return real(f)->pMethods->xFileSize(real(f), n);
+  };
+  methods.xLock = [](sqlite3_file* f, int l) { return real(f)->pMethods->xLock(real(f), l); };
+  methods.xUnlock = [](sqlite3_file* f, int l) { return real(f)->pMethods->xUnlock(real(f), l); };
+  methods.xCheckReservedLock = [](sqlite3_file* f, int* r) {
+    return real(f)->pMethods->xCheckReservedLock(real(f), r);
+  };
+  methods.xFileControl = [](sqlite3_file* f, int op, void* a) {
+    return real(f)->pMethods->xFileControl(real(f), op, a);
+  };
+  methods.xSectorSize = [](sqlite3_file* f) { return real(f)->pMethods->xSectorSize(real(f)); };
+  methods.xDeviceCharacteristics = [](sqlite3_file* f) {
+    return real(f)->pMethods->xDeviceCharacteristics(real(f));
+  };
+  // Each file gets its own copy of the table: the xSync above differs by kind of file.
+  auto* own = static_cast<sqlite3_io_methods*>(sqlite3_malloc(sizeof(sqlite3_io_methods)));
+  *own = methods;
+  file->self.pMethods = own;  // leaked per file: a test's handful
+  return rc;
+}
+// The queue runs in locking_mode EXCLUSIVE, so the WAL index lives in heap memory and no
+// shared-memory method is needed (iVersion 1 above).
+struct Installed {
+  Installed() {
+    base = sqlite3_vfs_find(nullptr);
+    vfs = *base;
+    vfs.zName = "tb-test-count-syncs";
+    vfs.szOsFile = sizeof(File);
+    vfs.xOpen = open;
+    sqlite3_vfs_register(&vfs, 1);
+    syncs = 0;
+  }
+  ~Installed() {
+    sqlite3_vfs_unregister(&vfs);
+    sqlite3_vfs_register(base, 1);
+  }
+};
+}  // namespace wal_sync_count
+
+// Sync::Full: every push reaches the disk before it returns, also after acks and limit deletes
+// (which need not, and do not, wait for the disk); the connection itself stays at NORMAL.
+TEST(Queue, EveryPushIsSyncedAndNoAckIs) {
+  TempDir d;
+  wal_sync_count::Installed counting;
+  auto q = open_queue(d.path, {}, nullptr, QueueOptions{Sync::Full});
+  std::string err;
+  for (int round = 1; round <= 3; ++round) {
+    const int before = wal_sync_count::syncs;
+    ASSERT_TRUE(q->push(rec(round), &err)) << err;
+    EXPECT_EQ(wal_sync_count::syncs, before + 1)
+        << "round " << round << ": the push was not synced";
+    const auto batch = q->next_batch(1 << 20);
+    ASSERT_FALSE(batch.empty());
+    const int acked = wal_sync_count::syncs;
+    ASSERT_TRUE(q->ack(batch, &err)) << err;
+    EXPECT_EQ(wal_sync_count::syncs, acked) << "round " << round << ": an ack waited for the disk";
+  }
+  std::vector<Record> records{rec(10), rec(11), rec(12)};
+  const int before = wal_sync_count::syncs;
+  ASSERT_TRUE(q->push_all(records, &err)) << err;
+  EXPECT_EQ(wal_sync_count::syncs, before + 1) << "one commit, one sync";
+  q.reset();
+  EXPECT_EQ(all_ts(*open_queue(d.path)), (std::vector<std::int64_t>{10, 11, 12}));
+}
+
+// Sync::Normal: nothing waits for the disk.
+TEST(Queue, SyncNormalNeverWaitsForTheDisk) {
+  TempDir d;
+  wal_sync_count::Installed counting;
+  auto q = open_queue(d.path, {}, nullptr, QueueOptions{Sync::Normal});
+  std::string err;
+  const int before = wal_sync_count::syncs;
+  for (int i = 1; i <= 3; ++i) ASSERT_TRUE(q->push(rec(i), &err)) << err;
+  ASSERT_TRUE(q->ack(q->next_batch(1 << 20), &err)) << err;
+  EXPECT_EQ(wal_sync_count::syncs, before);
+}
+
 // All or nothing: a commit that does not fit leaves the queue as it was, and it works again
 // once there is room.
 TEST(Queue, PushAllThatDoesNotFitStoresNothing) {
