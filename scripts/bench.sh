@@ -3,7 +3,7 @@
 # the bench alone needs (collectd-core to compare with, python3-matplotlib for the plots; CI
 # installs neither), then runs bench/run.py. Prints a markdown table; writes
 # bench-results/results.markdown, results.json and *.png.
-#   scripts/bench.sh [--quick] [--runs N] [--only throughput,distance,footprint,idle,ready,size,scaling]
+#   scripts/bench.sh [--quick] [--runs N] [--only throughput,distance,footprint,booted,idle,ready,size,scaling]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

@@ -11,6 +11,8 @@ linked from its archive (TB_SQLITE_IS_STATIC).
 import re
 import subprocess
 
+import pytest
+
 from agent import build_dir, server_config, wait_until
 from conftest import PROVISION_KEY, PROVISION_SECRET
 
@@ -54,6 +56,34 @@ def test_linked_libraries_are_the_small_set():
     assert not any(lib.startswith("libcoap") for lib in libs), libs
     bad = [lib for lib in libs if any(lib.startswith(n) for n in forbidden())]
     assert not bad, f"tb-agent links {bad}; see cmake/Footprint.cmake"
+
+
+def sections():
+    """{name: (address, size)} of tb-agent's sections."""
+    out = subprocess.run(["readelf", "-SW", str(build_dir() / "src" / "tb-agent")],
+                         capture_output=True, text=True, check=True).stdout
+    found = {}
+    for m in re.finditer(r"\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out):
+        found[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
+    return found
+
+
+def test_the_loops_read_only_data_fits_two_fault_around_windows():
+    # cmake/hot-rodata.ld (lld builds with the hot order, not under the sanitizers): what the
+    # loop reads comes back in two 64 KiB windows, which holds only while the section starts on
+    # a window and is at most two long. Growing past that costs a window per run, silently;
+    # this says so (docs/performance.md, "On a booted systemd host").
+    if not on("TB_LINKS_WITH_LLD") or on("TB_SANITIZE") or not on("TB_ORDER_HOT_CODE"):
+        pytest.skip("not linked with lld and the hot order")
+    found = sections()
+    assert ".rodata" in found, found  # the parse works
+    assert ".rodata.hot" in found, "cmake/hot-rodata.ld was not applied"
+    at, size = found[".rodata.hot"]
+    assert at % 0x10000 == 0, f".rodata.hot at {at:#x}: not on a 64 KiB boundary"
+    assert 0 < size <= 2 * 0x10000, (
+        f".rodata.hot is {size} bytes: more than two windows; trim bench/hot_functions.py's "
+        "RODATA_ALWAYS or the SQLite objects, and regenerate")
+    assert found[".rodata"][0] > at, ".rodata.hot is not before .rodata"
 
 
 def test_a_delivering_agent_maps_none_of_the_big_libraries(server, agents, tmp_path):
