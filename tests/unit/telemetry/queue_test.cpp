@@ -177,6 +177,8 @@ int open(sqlite3_vfs*, sqlite3_filename name, sqlite3_file* opened, int flags, i
   methods.xClose = [](sqlite3_file* f) {
     const int closed = real(f)->pMethods->xClose(real(f));
     sqlite3_free(real(f));
+    sqlite3_free(const_cast<sqlite3_io_methods*>(f->pMethods));  // this file's own table
+    f->pMethods = nullptr;
     return closed;
   };
   methods.xRead = [](sqlite3_file* f, void* b, int n, sqlite3_int64 o) {
@@ -212,7 +214,7 @@ int open(sqlite3_vfs*, sqlite3_filename name, sqlite3_file* opened, int flags, i
   // Each file gets its own copy of the table: the xSync above differs by kind of file.
   auto* own = static_cast<sqlite3_io_methods*>(sqlite3_malloc(sizeof(sqlite3_io_methods)));
   *own = methods;
-  file->self.pMethods = own;  // leaked per file: a test's handful
+  file->self.pMethods = own;  // freed by its xClose
   return rc;
 }
 // The queue runs in locking_mode EXCLUSIVE, so the WAL index lives in heap memory and no
