@@ -82,34 +82,35 @@ class Sink:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def proc_rollup(pid):
+def read_proc(path):
+    with open(path) as f:
+        return f.read()
+
+
+# Each takes how to read a /proc file: the host's (read_proc), or one inside the booted container.
+def proc_rollup(pid, read=read_proc):
     """RSS, PSS, private (KiB) of a process."""
     out = {}
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":"):
-                    out[parts[0][:-1]] = int(parts[1])
+        text = read(f"/proc/{pid}/smaps_rollup")
     except OSError:
         return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith(":"):
+            out[parts[0][:-1]] = int(parts[1])
     return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
             "private": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
 
 
-def proc_cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+def proc_cpu_s(pid, read=read_proc):
+    fields = read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-def proc_switches(pid):
-    n = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                n += int(line.split()[1])
-    return n
+def proc_switches(pid, read=read_proc):
+    return sum(int(line.split()[1]) for line in read(f"/proc/{pid}/status").splitlines()
+               if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
 
 
 def agent_dir(workdir, port, sources_yaml, extra=""):
@@ -151,12 +152,12 @@ def stop(proc):
             proc.wait()
 
 
-def watch(pid, seconds):
+def watch(pid, seconds, read=read_proc):
     """CPU % of one core, wake-ups (context switches) per minute, memory at the end."""
-    cpu0, sw0, t0 = proc_cpu_s(pid), proc_switches(pid), time.monotonic()
+    cpu0, sw0, t0 = proc_cpu_s(pid, read), proc_switches(pid, read), time.monotonic()
     time.sleep(seconds)
-    cpu1, sw1, t1 = proc_cpu_s(pid), proc_switches(pid), time.monotonic()
-    mem = proc_rollup(pid)
+    cpu1, sw1, t1 = proc_cpu_s(pid, read), proc_switches(pid, read), time.monotonic()
+    mem = proc_rollup(pid, read)
     return {"cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
             "wakeups_per_min": 60 * (sw1 - sw0) / (t1 - t0), **(mem or {})}
 
@@ -335,30 +336,8 @@ def booted(build, args, work, results):
                "--port", "5683", "--quiet", "--state", "/bench/state.json", "--record",
                "/dev/null", "--device", f"bench={TOKEN}"])
 
-        def inner_watch(unit):
-            pid = c.unit_property(unit, "MainPID")
-
-            def cpu_switches():
-                stat = c.run(["cat", f"/proc/{pid}/stat"]).stdout.rsplit(")", 1)[1].split()
-                status = c.run(["cat", f"/proc/{pid}/status"]).stdout
-                sw = sum(int(line.split()[1]) for line in status.splitlines()
-                         if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
-                return (int(stat[11]) + int(stat[12])) / CLK_TCK, sw
-
-            cpu0, sw0 = cpu_switches()
-            t0 = time.monotonic()
-            time.sleep(args.window)
-            cpu1, sw1 = cpu_switches()
-            t1 = time.monotonic()
-            roll = {}
-            for line in c.run(["cat", f"/proc/{pid}/smaps_rollup"]).stdout.splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":"):
-                    roll[parts[0][:-1]] = int(parts[1])
-            return {"cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
-                    "wakeups_per_min": 60 * (sw1 - sw0) / (t1 - t0), "rss": roll.get("Rss", 0),
-                    "pss": roll.get("Pss", 0),
-                    "private": roll.get("Private_Clean", 0) + roll.get("Private_Dirty", 0)}
+        def inner_read(path):
+            return c.run(["cat", path]).stdout
 
         services = {
             "tb-agent": ["-p", "Type=notify", str(build / "src/tb-agent"), "--config",
@@ -374,7 +353,7 @@ def booted(build, args, work, results):
                 if c.unit_property(unit, "ActiveState") != "active":
                     raise RuntimeError(f"{unit} is not running: " + c.run(
                         ["journalctl", "-u", unit, "--no-pager"], check=False).stdout[-2000:])
-                res[name].append(inner_watch(unit))
+                res[name].append(watch(c.unit_property(unit, "MainPID"), args.window, inner_read))
                 c.run(["systemctl", "stop", unit], check=False, timeout=60)
         # Who else maps the libraries the agent's private memory was spent on elsewhere.
         res["sharers"] = {lib: int(c.run(["sh", "-c", f"grep -l {lib} /proc/[0-9]*/maps | wc -l"],
