@@ -248,7 +248,10 @@ bool Uploader::congestion(std::uint64_t epoch, bool to_one) {
   if (epoch != congestion_epoch_) return false;  // sent before the last reduction
   ++congestion_epoch_;
   threshold_ = std::max(1.0, std::floor(window_ / 2));
-  window_ = to_one ? 1.0 : threshold_;
+  last_reduction_ = {window_, to_one ? 1.0 : threshold_, last_reduction_.count + 1};
+  spdlog::debug("delivery: at most {} requests in flight (was {})", last_reduction_.to,
+                std::floor(window_));
+  window_ = last_reduction_.to;
   return true;
 }
 

@@ -85,6 +85,15 @@ class Uploader {
   // Requests in flight now, and the window they may fill (for tests and the bench).
   std::size_t in_flight() const { return in_flight_.size(); }
   double window() const { return window_; }
+  // The last reduction of the window: from what to what, and how many there have been. Successes
+  // are reported once per loop wake-up (acks are coalesced), so a caller cannot know the window
+  // just before a failure any other way.
+  struct Reduction {
+    double from = 0;
+    double to = 0;
+    std::uint64_t count = 0;
+  };
+  const Reduction& last_reduction() const { return last_reduction_; }
   // Batches the server took whose ack waits for the end of this loop wake-up (coalesced acks).
   std::size_t unacked() const { return unacked_.size(); }
 
@@ -144,6 +153,7 @@ class Uploader {
   double window_ = 1;
   double threshold_ = 0;  // slow start below it
   std::uint64_t congestion_epoch_ = 0;
+  Reduction last_reduction_;
   DeliveryState state_ = DeliveryState::Idle;
   std::string last_error_;
   // 4.00 handling: after a multi-record batch is refused we send one record at a time until a

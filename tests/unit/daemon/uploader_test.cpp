@@ -151,12 +151,13 @@ class UploaderTest : public ::testing::Test {
       // after the uploader refilled the window, so in_flight() is what is in flight now.
       max_in_flight_seen_ = std::max(max_in_flight_seen_, uploader_->in_flight());
       max_window_ = std::max(max_window_, uploader_->window());
-      last_window_ = uploader_->window();
+      reductions_at_last_success_ = uploader_->last_reduction().count;
       if (on_delivered_) on_delivered_();
     };
     cb.state_changed = [this](const DeliveryEvent& ev) {
       if (ev.state == DeliveryState::Retrying)
-        failures_.push_back({ev.error, uploader_->window(), last_window_});
+        failures_.push_back({ev.error, uploader_->window(), uploader_->last_reduction(),
+                             reductions_at_last_success_});
     };
     uploader_ = std::make_unique<Uploader>(loop_, *queue_, dc, 0, cb);
   }
@@ -188,12 +189,13 @@ class UploaderTest : public ::testing::Test {
   std::size_t deliveries_ = 0;
   std::size_t max_in_flight_seen_ = 0;
   double max_window_ = 0;
-  double last_window_ = 0;  // when the last success was reported (before it grew the window)
+  std::uint64_t reductions_at_last_success_ = 0;  // when the last success was reported
   std::function<void()> on_delivered_;
   struct Failure {
     std::string error;
-    double window = 0;         // right after the failure
-    double window_before = 0;  // at the success before it (it grew by at most 1 since)
+    double window = 0;  // right after the failure
+    Uploader::Reduction reduction;
+    std::uint64_t reductions_before = 0;  // when the success before it was reported
   };
   std::vector<Failure> failures_;
 };
@@ -262,10 +264,13 @@ TEST_F(UploaderTest, WindowHalvesOn500AndFallsToOneOnTimeout) {
   uploader_->start(client_.get(), "TOKEN");
   ASSERT_TRUE(run_until([&] { return !failures_.empty(); }, 60s)) << "no 5.00 seen";
   EXPECT_NE(failures_[0].error.find("5.00"), std::string::npos) << failures_[0].error;
-  EXPECT_GE(failures_[0].window_before, 8.0);
-  EXPECT_LE(failures_[0].window, std::floor((failures_[0].window_before + 1) / 2))
-      << "before: " << failures_[0].window_before;
-  EXPECT_GE(failures_[0].window, 1.0);
+  const auto& first = failures_[0];
+  EXPECT_GT(first.reduction.count, first.reductions_before) << "the 5.00 left the window as it was";
+  EXPECT_EQ(first.reduction.to, first.window);
+  EXPECT_GE(first.reduction.from, 8.0);
+  EXPECT_LE(first.window, std::floor((first.reduction.from + 1) / 2))
+      << "before: " << first.reduction.from;
+  EXPECT_GE(first.window, 1.0);
 
   // Grow again, then lose everything: timeouts bring the window to one request.
   ASSERT_TRUE(run_until([&] { return uploader_->window() >= 4; }, 60s));
