@@ -78,6 +78,7 @@ class SqliteQueue final : public Queue {
       return false;
     }
     broken_ = false;
+    hold_size_limit();
     return true;
   }
 
@@ -86,11 +87,6 @@ class SqliteQueue final : public Queue {
   }
 
   bool push_all(std::span<const Record> records, std::string* error) override {
-    struct Row {
-      std::int64_t ts_ms;
-      std::string values;
-      std::size_t readings;
-    };
     std::vector<Row> rows;
     rows.reserve(records.size());
     for (const auto& record : records) {
@@ -101,42 +97,27 @@ class SqliteQueue final : public Queue {
     }
     if (rows.empty()) return true;
     if (!ready(error)) return false;
-    // One record is one statement (its own implicit transaction); several share one commit.
-    const bool transaction = rows.size() > 1;
-    int rc = SQLITE_DONE;
-    if (transaction && (rc = step_simple(begin_)) != SQLITE_DONE)
-      return fail(rc, "cannot store readings in", error);
-    std::int64_t first_id = std::numeric_limits<std::int64_t>::max();
-    std::uint64_t readings = 0, bytes = 0;
-    for (const auto& row : rows) {
-      const auto size = static_cast<std::int64_t>(record_size(row.ts_ms, row.values.size()));
-      sqlite3_stmt* s = insert_;
-      sqlite3_bind_int64(s, 1, row.ts_ms);
-      sqlite3_bind_text(s, 2, row.values.data(), static_cast<int>(row.values.size()),
-                        SQLITE_STATIC);
-      sqlite3_bind_int64(s, 3, static_cast<std::int64_t>(row.readings));
-      sqlite3_bind_int64(s, 4, size);
-      rc = sqlite3_step(s);
-      sqlite3_reset(s);
-      sqlite3_clear_bindings(s);
-      if (rc != SQLITE_DONE) break;
-      first_id = std::min<std::int64_t>(first_id, sqlite3_last_insert_rowid(db_));
-      readings += row.readings;
-      bytes += static_cast<std::uint64_t>(size);
+    Stored stored;
+    int rc = insert(rows, &stored, error);
+    if ((rc & 0xff) == SQLITE_FULL && at_size_limit(stored.bytes)) {
+      // queue.max_size, not the disk (PRAGMA max_page_count, set_page_limit): make room by
+      // dropping the oldest records, then store the push. Its own records are never dropped, and
+      // nothing is dropped for a push that could not fit even in an empty queue.
+      if (2 * stored.bytes > db_budget()) {
+        if (error)
+          *error = "cannot store readings in " + path_.string() + ": " +
+                   std::to_string(stored.bytes) + " bytes of records cannot fit in queue.max_size";
+        return false;
+      }
+      dropped_ += enforce_size(std::min(room_for(stored.bytes), db_budget()), 0);
+      rc = insert(rows, &stored, error);
     }
-    if (transaction && rc == SQLITE_DONE) rc = step_simple(commit_);
-    if (rc != SQLITE_DONE) {
-      fail(rc, "cannot store readings in", error);  // before the rollback replaces the message
-      if (transaction) step_simple(rollback_);
-      return false;
-    }
+    if (rc != SQLITE_DONE) return false;
     // SQLite may reuse the id of a deleted last row: the scan must see it.
-    scan_from_ = std::min(scan_from_, first_id);
+    scan_from_ = std::min(scan_from_, stored.first_id);
     queued_records_ += rows.size();
-    queued_readings_ += readings;
-    stored_bytes_ += bytes;
-    // Never grow past queue.max_size between two enforce_limits() calls of the daemon.
-    if (page_bytes() > db_budget()) dropped_ += enforce_size();
+    queued_readings_ += stored.readings;
+    stored_bytes_ += stored.bytes;
     // Durable before it returns (Sync::Full): the committed frames reach the disk now. The
     // records are queued either way; a failed sync is still reported, as the disk's failure.
     return options_.sync != Sync::Full || sync_wal(error);
@@ -216,14 +197,20 @@ class SqliteQueue final : public Queue {
       sqlite3_bind_int64(delete_older_, 1, now_ms - age);
       n += delete_returning(delete_older_);
     }
-    n += enforce_size();
     dropped_ += n;
+    // The size is held by SQLite's page limit between pushes and measured only when the limit is
+    // set (open, set_limits), not here every minute: that would compile PRAGMA page_count in the
+    // loop. What those measurements dropped is reported here.
+    n += std::exchange(dropped_by_new_limit_, 0);
     return n;
   }
 
   void set_limits(const config::QueueConfig& limits) override {
     limits_ = limits;
-    if (db_) apply_wal_limit();
+    if (db_) {
+      apply_wal_limit();
+      hold_size_limit();
+    }
   }
 
   std::int64_t last_id() override {
@@ -298,6 +285,7 @@ COMMIT;
   std::uint64_t dropped_readings() const override { return dropped_; }
   std::uint64_t size_on_disk() override { return db_ ? page_bytes() + wal_allowance() : 0; }
   fs::path path() const override { return path_; }
+  std::uint64_t sql_compilations() const override { return compilations_; }
 
  private:
   // --- connection -------------------------------------------------------------------------
@@ -314,6 +302,16 @@ COMMIT;
                         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
     if (rc != SQLITE_OK) return failed(rc, "cannot open", error);
     sqlite3_extended_result_codes(db_, 1);
+    // Called while a statement is compiled, never while one runs: a count of compilations
+    // (a statement's own action, not the columns and functions it reads).
+    sqlite3_set_authorizer(
+        db_,
+        [](void* count, int action, const char*, const char*, const char*, const char*) noexcept {
+          if (action != SQLITE_READ && action != SQLITE_FUNCTION)
+            ++*static_cast<std::uint64_t*>(count);
+          return SQLITE_OK;
+        },
+        &compilations_);
     // A brief wait rather than an instant SQLITE_BUSY if the file is locked by someone else.
     sqlite3_busy_timeout(db_, 2000);
     // One agent owns its queue. Exclusive locking takes the file locks once instead of ~8 fcntl
@@ -585,6 +583,51 @@ COMMIT;
     return static_cast<std::uint64_t>(pages) * page_size_;
   }
 
+  struct Row {
+    std::int64_t ts_ms;
+    std::string values;
+    std::size_t readings;
+  };
+  struct Stored {
+    std::int64_t first_id = std::numeric_limits<std::int64_t>::max();
+    std::uint64_t readings = 0;
+    std::uint64_t bytes = 0;  // record_size() of every row, stored or not
+  };
+
+  // Stores the rows: one statement (its own implicit transaction) for one, one commit for
+  // several; all or nothing. Returns SQLITE_DONE, or the error (in *error) after rolling back.
+  int insert(const std::vector<Row>& rows, Stored* out, std::string* error) {
+    *out = Stored{};
+    for (const auto& row : rows) out->bytes += record_size(row.ts_ms, row.values.size());
+    const bool transaction = rows.size() > 1;
+    int rc = SQLITE_DONE;
+    if (transaction && (rc = step_simple(begin_)) != SQLITE_DONE) {
+      fail(rc, "cannot store readings in", error);
+      return rc;
+    }
+    for (const auto& row : rows) {
+      sqlite3_stmt* s = insert_;
+      sqlite3_bind_int64(s, 1, row.ts_ms);
+      sqlite3_bind_text(s, 2, row.values.data(), static_cast<int>(row.values.size()),
+                        SQLITE_STATIC);
+      sqlite3_bind_int64(s, 3, static_cast<std::int64_t>(row.readings));
+      sqlite3_bind_int64(s, 4,
+                         static_cast<std::int64_t>(record_size(row.ts_ms, row.values.size())));
+      rc = sqlite3_step(s);
+      sqlite3_reset(s);
+      sqlite3_clear_bindings(s);
+      if (rc != SQLITE_DONE) break;
+      out->first_id = std::min<std::int64_t>(out->first_id, sqlite3_last_insert_rowid(db_));
+      out->readings += row.readings;
+    }
+    if (transaction && rc == SQLITE_DONE) rc = step_simple(commit_);
+    if (rc != SQLITE_DONE) {
+      fail(rc, "cannot store readings in", error);  // before the rollback replaces the message
+      if (transaction) step_simple(rollback_);
+    }
+    return rc;
+  }
+
   // A push must reach the disk before it returns; an ack or a limits delete need not: if one is
   // lost to a power cut the records are sent again with the same ts, which ThingsBoard
   // overwrites. Skipping that fsync is what makes draining fast. The connection stays at
@@ -649,39 +692,73 @@ COMMIT;
     stored_bytes_ -= std::min(stored_bytes_, bytes);
   }
 
-  // Oldest records (by id) out until the file fits queue.max_size. Returns readings dropped.
-  std::uint64_t enforce_size() {
+  // A SQLITE_FULL is queue.max_size's when a push of `push_bytes` could have taken the file past
+  // its page limit: records take their bytes and some b-tree overhead (counted twice here), and
+  // splits of the table's and the index's trees a few pages more. Farther from it the disk is full,
+  // and nothing is dropped for that (docs/queue.md, "queue.max_size").
+  bool at_size_limit(std::uint64_t push_bytes) {
+    return page_bytes() + room_for(push_bytes) >= db_budget();
+  }
+  std::uint64_t room_for(std::uint64_t push_bytes) const {
+    return 2 * push_bytes + 4 * (page_size_ ? page_size_ : 4096);
+  }
+
+  // queue.max_size as SQLite's own limit on the file's pages: a write that would grow the file
+  // past it fails with SQLITE_FULL, and push_all() makes room then. Checking the size after every
+  // push instead (PRAGMA page_count) compiled that PRAGMA every time (SQLite runs a PRAGMA's
+  // program once), which kept SQLite's parser in the loop (docs/performance.md). SQLite never
+  // sets the limit below the file's current size; enforce_size() sets it again after shrinking.
+  void set_page_limit() {
+    const std::uint64_t page = page_size_ ? page_size_ : 4096;
+    const std::uint64_t pages = std::max<std::uint64_t>(db_budget() / page, 1);
+    exec(("PRAGMA max_page_count = " + std::to_string(pages)).c_str());
+  }
+
+  // A new queue.max_size (or a file opened with one): the file made to fit it, then held to it.
+  void hold_size_limit() {
+    const std::uint64_t n = enforce_size(0, 1);
+    dropped_ += n;
+    dropped_by_new_limit_ += n;
+  }
+
+  // Oldest records (by id) out until the file fits queue.max_size with `room` bytes to spare,
+  // keeping at least the newest `keep` records. Returns readings dropped.
+  std::uint64_t enforce_size(std::uint64_t room, std::uint64_t keep) {
     const std::uint64_t budget = db_budget();
+    const std::uint64_t limit = budget > room ? budget - room : 0;
     std::uint64_t size = page_bytes();
-    if (size <= budget) return 0;
-    vacuum();  // pages freed by acks count as used until given back
     std::uint64_t dropped = 0;
-    // Once over, go 1/16 below the limit: a queue that stays full through a long outage would
-    // otherwise pay a delete and a vacuum on every push.
-    const std::uint64_t low = budget - budget / 16;
-    while ((size = page_bytes()) > low && queued_records_ > 1) {
-      // Rows and their b-tree overhead fill the pages roughly in proportion, so the excess in
-      // file bytes scales to an excess in stored bytes; loop in case pages free up slower.
-      const auto excess = static_cast<long double>(size - low);
-      const auto target = std::max<std::uint64_t>(
-          1, static_cast<std::uint64_t>(excess * static_cast<long double>(stored_bytes_) /
-                                        static_cast<long double>(size)));
-      std::int64_t cutoff = 0;
-      std::uint64_t sum = 0, rows = 0;
-      while (sqlite3_step(prefix_) == SQLITE_ROW && rows + 1 < queued_records_) {
-        cutoff = sqlite3_column_int64(prefix_, 0);
-        sum += static_cast<std::uint64_t>(sqlite3_column_int64(prefix_, 1));
-        ++rows;
-        if (sum >= target) break;
+    if (size > limit) {
+      vacuum();  // pages freed by acks count as used until given back
+      // Go 1/16 below the limit: a queue that stays full through a long outage would otherwise
+      // pay a delete and a vacuum on every push.
+      const std::uint64_t margin = budget / 16;
+      const std::uint64_t low = limit > margin ? limit - margin : 0;
+      while ((size = page_bytes()) > low && queued_records_ > keep) {
+        // Rows and their b-tree overhead fill the pages roughly in proportion, so the excess in
+        // file bytes scales to an excess in stored bytes; loop in case pages free up slower.
+        const auto excess = static_cast<long double>(size - low);
+        const auto target = std::max<std::uint64_t>(
+            1, static_cast<std::uint64_t>(excess * static_cast<long double>(stored_bytes_) /
+                                          static_cast<long double>(size)));
+        std::int64_t cutoff = 0;
+        std::uint64_t sum = 0, rows = 0;
+        while (rows + keep < queued_records_ && sqlite3_step(prefix_) == SQLITE_ROW) {
+          cutoff = sqlite3_column_int64(prefix_, 0);
+          sum += static_cast<std::uint64_t>(sqlite3_column_int64(prefix_, 1));
+          ++rows;
+          if (sum >= target) break;
+        }
+        sqlite3_reset(prefix_);
+        if (rows == 0) break;
+        const std::uint64_t records_before = queued_records_;
+        sqlite3_bind_int64(delete_upto_, 1, cutoff);
+        dropped += delete_returning(delete_upto_);
+        if (queued_records_ == records_before) break;  // the delete failed; do not spin
+        vacuum();
       }
-      sqlite3_reset(prefix_);
-      if (rows == 0) break;
-      const std::uint64_t records_before = queued_records_;
-      sqlite3_bind_int64(delete_upto_, 1, cutoff);
-      dropped += delete_returning(delete_upto_);
-      if (queued_records_ == records_before) break;  // the delete failed; do not spin
-      vacuum();
     }
+    set_page_limit();
     return dropped;
   }
 
@@ -766,6 +843,8 @@ COMMIT;
   sqlite3_stmt* rollback_ = nullptr;
   sqlite3_stmt* page_count_ = nullptr;
   sqlite3_stmt* vacuum_ = nullptr;
+  std::uint64_t dropped_by_new_limit_ = 0;  // counted in dropped_, not yet reported
+  std::uint64_t compilations_ = 0;          // sql_compilations()
 
   // In memory only: after a restart every record is available again (at-least-once).
   std::unordered_set<std::int64_t> in_flight_;

@@ -110,6 +110,10 @@ class Queue {
   // What queue.max_size is compared with: the database file's pages in use (page_count ×
   // page_size) plus the room the WAL may take (docs/queue.md, "Limits").
   virtual std::uint64_t size_on_disk() { return 0; }
+  // How many times SQL was compiled since open (SQLite's authorizer counts it). Pushing, handing
+  // out and acking records reuse prepared statements; a PRAGMA among them would be compiled
+  // again at every step, and the parser's code kept in the loop's memory (docs/performance.md).
+  virtual std::uint64_t sql_compilations() const { return 0; }
   // The database file, for messages and tests.
   virtual std::filesystem::path path() const { return {}; }
 };

@@ -479,6 +479,53 @@ TEST(Queue, MaxSizeDropsExactlyTheOldest) {
   EXPECT_GT(q->size_on_disk(), qc.max_size / 2);
 }
 
+// The loop's work compiles no SQL: pushes, batches, acks and the periodic limits reuse prepared
+// statements. The size limit is SQLite's page limit, not a PRAGMA page_count after every push
+// (a PRAGMA is compiled again at every step). Past the limit, making room may compile.
+TEST(Queue, TheLoopsWorkCompilesNoSql) {
+  TempDir d;
+  tb::config::QueueConfig qc;
+  qc.max_size = 1 << 20;
+  auto q = open_queue(d.path, qc);
+  std::string err;
+  const std::uint64_t compiled = q->sql_compilations();
+  EXPECT_GT(compiled, 0u) << "the counter counts nothing";
+  for (int i = 1; i <= 200; ++i) {
+    ASSERT_TRUE(q->push_all(std::vector<Record>{rec(2 * i), rec(2 * i + 1)}, &err)) << err;
+    if (i % 10 == 0) {
+      ASSERT_TRUE(q->ack(q->next_batch(4096), &err)) << err;
+    }
+    if (i % 50 == 0) {
+      EXPECT_EQ(q->enforce_limits(2 * i), 0u);
+    }
+  }
+  EXPECT_EQ(q->sql_compilations(), compiled);
+  EXPECT_EQ(q->dropped_readings(), 0u);
+}
+
+// A push that cannot fit even in an empty queue is refused, and drops nothing for it; a full
+// file system is not taken for a full queue either (FullDiskFailsCleanlyAndRecovers).
+TEST(Queue, APushLargerThanMaxSizeIsRefusedAndDropsNothing) {
+  TempDir d;
+  tb::config::QueueConfig qc;
+  qc.max_size = 64 << 10;  // the smallest allowed
+  auto q = open_queue(d.path, qc);
+  std::string err;
+  for (int i = 1; i <= 3; ++i) ASSERT_TRUE(q->push(rec(i), &err)) << err;
+  std::vector<Record> big;
+  for (int i = 10; i < 30; ++i) big.push_back(rec(i, 4, 1000));  // ~80 KB
+  EXPECT_FALSE(q->push_all(big, &err));
+  EXPECT_NE(err.find("cannot fit in queue.max_size"), std::string::npos) << err;
+  EXPECT_EQ(all_ts(*q), (std::vector<std::int64_t>{1, 2, 3}));
+  EXPECT_EQ(q->dropped_readings(), 0u);
+  // What fits goes in, the oldest making room as usual.
+  big.resize(4);
+  for (int round = 0; round < 5; ++round) ASSERT_TRUE(q->push_all(big, &err)) << err;
+  EXPECT_LE(q->size_on_disk(), qc.max_size);
+  EXPECT_GT(q->dropped_readings(), 0u);
+  EXPECT_EQ(all_ts(*q).back(), 13);
+}
+
 TEST(Queue, LoweredMaxSizeIsEnforcedByEnforceLimits) {
   TempDir d;
   auto q = open_queue(d.path);
