@@ -642,6 +642,8 @@ std::string Manager::reload() {
   }
   update_status(true);
   notifier_.ready();
+  // The reload ran the configuration parser and built what changed: give that code back too.
+  if (release_timer_) release_timer_->arm_in(kReleaseStartupAfter);
   return problems;
 }
 
