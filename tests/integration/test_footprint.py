@@ -9,6 +9,7 @@ unless it was built without TB_STATIC_CXX or with the sanitizers; and no libsqli
 linked from its archive (TB_SQLITE_IS_STATIC).
 """
 import re
+import signal
 import subprocess
 
 import pytest
@@ -103,4 +104,47 @@ def test_a_delivering_agent_maps_none_of_the_big_libraries(server, agents, tmp_p
     assert any(lib.startswith("libcoap-3-notls") for lib in libs), libs  # loaded, the plain build
     bad = sorted(lib for lib in libs if any(lib.startswith(n) for n in forbidden()))
     assert not bad, f"a running tb-agent maps {bad}; see cmake/Footprint.cmake"
+    assert agent.stop() == 0
+
+
+def resident_kib_of_the_binary(pid):
+    """KiB of tb-agent's own file resident in this process (its mappings in /proc/PID/smaps)."""
+    total, ours = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                ours = len(head) >= 6 and head[5].endswith("/tb-agent")
+            elif ours and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_a_reload_gives_its_code_back_like_start_up(server, agents, tmp_path):
+    # util/memory.hpp: 10 s after start, and again 10 s after each reload, the agent unmaps its
+    # code and read-only data; what the loop runs faults back in. A reload runs the YAML parser
+    # and builds sources: that code must not stay resident for the rest of the process's life.
+    value = tmp_path / "value"
+    value.write_text("21.5\n")
+    agent = agents({
+        "server": server_config(server),
+        "device": {"name": "released"},
+        "provisioning": {"key": PROVISION_KEY, "secret": PROVISION_SECRET},
+        "sources": [{"name": "room", "type": "file", "path": str(value), "key": "t",
+                     "interval": "200ms"}],
+    })
+    agent.start(log_level="info")
+    wait_until(lambda: server.points("released"), what="telemetry from the agent")
+    pid = agent.proc.pid
+    started = resident_kib_of_the_binary(pid)
+    assert started > 0, "no mapping of the tb-agent file found"
+    wait_until(lambda: resident_kib_of_the_binary(pid) < started // 2, timeout=20,
+               what=f"start-up's code given back ({started} KiB resident at start)")
+    released = resident_kib_of_the_binary(pid)
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_log("configuration reloaded")
+    reloaded = resident_kib_of_the_binary(pid)
+    assert reloaded > released + 64, (released, reloaded)  # the reload's code came in
+    wait_until(lambda: resident_kib_of_the_binary(pid) <= released + 64, timeout=20,
+               what=f"the reload's code given back ({released} KiB before it, {reloaded} after)")
     assert agent.stop() == 0
