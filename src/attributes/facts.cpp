@@ -8,21 +8,33 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
+#include <string_view>
+
+#include "util/fs.hpp"
 
 namespace tb::attributes {
 
 namespace {
 
+// Read once a minute (the facts are compared with what was published): plain reads, not an
+// ifstream, whose locale and stream code would be faulted back into the loop's memory each time
+// (docs/performance.md).
 std::string os_pretty_name() {
+  constexpr std::size_t kMaxOsRelease = 64 * 1024;  // os-release(5) is a few hundred bytes
+  constexpr std::string_view kKey = "PRETTY_NAME=";
   for (const char* path : {"/etc/os-release", "/usr/lib/os-release"}) {
-    std::ifstream in(path);
-    std::string line;
-    for (int n = 0; n < 200 && std::getline(in, line); ++n) {
-      if (line.rfind("PRETTY_NAME=", 0) != 0) continue;
-      std::string v = line.substr(12);
+    std::string ignored;
+    const auto text = read_file(path, &ignored, kMaxOsRelease);
+    if (!text) continue;
+    std::string_view rest = *text;
+    while (!rest.empty()) {
+      const std::size_t end = rest.find('\n');
+      std::string_view line = rest.substr(0, end);
+      rest = end == std::string_view::npos ? std::string_view() : rest.substr(end + 1);
+      if (line.substr(0, kKey.size()) != kKey) continue;
+      std::string_view v = line.substr(kKey.size());
       if (v.size() >= 2 && (v.front() == '"' || v.front() == '\'')) v = v.substr(1, v.size() - 2);
-      return v.substr(0, 256);
+      return std::string(v.substr(0, 256));
     }
   }
   return "";

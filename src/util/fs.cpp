@@ -77,7 +77,8 @@ bool write_file_atomic(const std::filesystem::path& path, std::string_view conte
   return true;
 }
 
-std::optional<std::string> read_file(const std::filesystem::path& path, std::string* error) {
+std::optional<std::string> read_file(const std::filesystem::path& path, std::string* error,
+                                     std::size_t max_bytes) {
   if (error) error->clear();
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
@@ -86,8 +87,8 @@ std::optional<std::string> read_file(const std::filesystem::path& path, std::str
   }
   std::string out;
   char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+  while (out.size() < max_bytes) {
+    ssize_t n = ::read(fd.get(), buf, std::min(sizeof buf, max_bytes - out.size()));
     if (n < 0) {
       if (errno == EINTR) continue;
       if (error) *error = errno_text("cannot read", path, errno);

@@ -67,6 +67,20 @@ def observing(srv):
     return o["attributes"] is not None and o["rpc"] is not None
 
 
+def os_pretty_name():
+    """PRETTY_NAME of os-release(5), as the agent reports it."""
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        try:
+            lines = open(path).read().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            if line.startswith("PRETTY_NAME="):
+                v = line[len("PRETTY_NAME="):]
+                return v[1:-1] if len(v) >= 2 and v[0] in "\"'" else v
+    return ""
+
+
 @pytest.fixture
 def running(srv, agents, tmp_path):
     a = agents(config(srv, tmp_path)).start()
@@ -79,6 +93,7 @@ def test_client_attributes_published_on_start(srv, running):
                        what="client attributes")
     assert attrs["site"] == "plant-3" and attrs["floor"] == 2
     assert attrs["agent_version"] and attrs["hostname"] and attrs["kernel"]
+    assert attrs["os"] == os_pretty_name(), attrs["os"]
     assert attrs["sources"] == {"host": "30s"}
     assert isinstance(attrs["ip_addresses"], list)
     def posts():
