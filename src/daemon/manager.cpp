@@ -38,6 +38,12 @@ constexpr int kPrioritySignal = -100;
 
 // When start-up is over: the first deliveries, attribute requests and observations are done.
 constexpr Millis kReleaseStartupAfter = Millis(10000);
+// The once-a-minute housekeeping (queue limits, state directory and clock checks, and beside it
+// the downlink's facts check and its exchange) runs code the loop does not: it is given back a
+// few seconds after, at most once a minute, so that it is resident a few seconds a minute and
+// not all of them. The loop's own code faults back at once (a few minor faults, no I/O).
+constexpr Millis kReleaseAfterHousekeeping = Millis(3000);
+constexpr Millis kReleaseAtMostEvery = Millis(30000);
 
 // Records collected in one loop wake-up that go into the queue with one commit, at most.
 constexpr std::size_t kMaxPendingRecords = 256;
@@ -165,7 +171,12 @@ int Manager::run() {
   // Start-up's code and heap are not needed again (util/memory.hpp). Not at once: the first
   // exchanges with the server (attributes, observations, provisioning) run from the loop.
   release_timer_ = std::make_unique<Timer>(
-      loop_, [] { release_startup_memory(); }, Millis(1000));
+      loop_,
+      [this] {
+        release_startup_memory();
+        last_release_ = std::chrono::steady_clock::now();
+      },
+      Millis(1000));
   release_timer_->arm_in(kReleaseStartupAfter);
 
   const int r = sd_event_loop(loop_);
@@ -324,6 +335,9 @@ int Manager::init() {
           update_status();
         }
         limits_timer_->arm_in(limits_check_interval());
+        if (release_timer_ && !release_timer_->armed() &&
+            std::chrono::steady_clock::now() - last_release_ >= kReleaseAtMostEvery)
+          release_timer_->arm_in(kReleaseAfterHousekeeping);
       },
       Millis(100));
   if (!unconfigured_) limits_timer_->arm_in(limits_check_interval());

@@ -4,6 +4,7 @@
 // stop the sources, one bounded last flush, tear down in reverse.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -121,6 +122,7 @@ class Manager {
   std::unique_ptr<Timer> shutdown_timer_;
   std::unique_ptr<Timer> reap_timer_;
   std::unique_ptr<Timer> release_timer_;  // start-up's memory given back (util/memory.hpp)
+  std::chrono::steady_clock::time_point last_release_{};  // and housekeeping's, since
 
   std::optional<credentials::Credentials> creds_;
   std::string progress_;    // what provisioning is doing

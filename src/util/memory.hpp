@@ -10,6 +10,8 @@ namespace tb {
 // are shared with the other processes that map it: this process then holds only the ones it
 // uses. Clean file pages that no process maps are the first the kernel reclaims; mapped
 // executable pages are the last. Only pages that are neither written nor relocated are touched.
+// The daemon calls it 10 s after start, 10 s after a reload, and a few seconds after its
+// once-a-minute housekeeping (at most once a minute), whose code the loop does not run either.
 void release_startup_memory();
 
 }  // namespace tb
