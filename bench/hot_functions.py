@@ -53,8 +53,22 @@ def functions_of(profile, binary):
             if m.group(3):
                 names[m.group(2)] = m.group(3)
             if not m.group(1) and current == binary:
-                found.setdefault(names.get(m.group(2)), None)
+                # callgrind names a recursion level `name'2`: the same function.
+                name = (names.get(m.group(2)) or "").split("'")[0]
+                found.setdefault(name, None)
     return [n for n in found if n]
+
+
+def section_names(name):
+    """The names a function's sections may carry: GCC emits a constructor or destructor whose
+    complete-object (C1/D1) and base-object (C2/D2) forms are the same code once, in sections
+    named after C2/D2, while callgrind may report the C1/D1 alias."""
+    out = [name]
+    for whole, base in (("C1E", "C2E"), ("D1E", "D2E")):
+        at = name.rfind(whole)
+        if at > 0:
+            out.append(name[:at] + base + name[at + 3:])
+    return out
 
 
 # Runs once, after start-up, and goes on right after it unmapped the code: not in the 70 s
@@ -103,7 +117,8 @@ def write_rodata_script(names, out):
     lines += [f"    *({patterns})" for patterns in RODATA_ALWAYS]
     # A hot function's jump tables, and its string constants where a library was built with
     # one section per function for them too (libstdc++'s `.rodata.<function>.str1.1`).
-    lines += [f"    *(.rodata.{n} .rodata.{n}.str1.1 .rodata.{n}.str1.8)" for n in names]
+    lines += [f"    *(.rodata.{s} .rodata.{s}.str1.1 .rodata.{s}.str1.8)"
+              for n in names for s in section_names(n)]
     hot = set(names)
     objects = set()
     archive = subprocess.run(["cc", "-print-file-name=libsqlite3.a"], capture_output=True,
