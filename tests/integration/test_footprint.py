@@ -124,6 +124,10 @@ def test_a_reload_gives_its_code_back_like_start_up(server, agents, tmp_path):
     # util/memory.hpp: 10 s after start, and again 10 s after each reload, the agent unmaps its
     # code and read-only data; what the loop runs faults back in. A reload runs the YAML parser
     # and builds sources: that code must not stay resident for the rest of the process's life.
+    if on("TB_SANITIZE"):
+        # The instrumented loop's own resident set moves by megabytes from one release to the
+        # next (51 to 58 MB of 110): the test would measure that, not the reload's code.
+        pytest.skip("measured in the build without sanitizers")
     value = tmp_path / "value"
     value.write_text("21.5\n")
     agent = agents({
@@ -138,7 +142,6 @@ def test_a_reload_gives_its_code_back_like_start_up(server, agents, tmp_path):
     pid = agent.proc.pid
     started = resident_kib_of_the_binary(pid)
     assert started > 0, "no mapping of the tb-agent file found"
-    # A quarter at least: under the sanitizers the instrumented loop is half of the binary.
     wait_until(lambda: resident_kib_of_the_binary(pid) < started * 3 // 4, timeout=20,
                what=f"start-up's code given back ({started} KiB resident at start)")
     released = resident_kib_of_the_binary(pid)
