@@ -8,14 +8,16 @@ from pathlib import Path
 
 
 def wait_until(predicate, timeout=15.0, interval=0.05, what="condition"):
-    """Poll predicate() until it returns a truthy value; return it or raise AssertionError."""
+    """Poll predicate() until it returns a truthy value; return it or raise AssertionError.
+    `what` may be a callable: it is called at the timeout, so it can say what is still missing."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {said}")
         time.sleep(interval)
 
 

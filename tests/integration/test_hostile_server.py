@@ -146,8 +146,8 @@ def test_a_final_continue_keeps_the_readings(server, agents, tmp_path, mode):
     server.check("continue off")
     produced = int(state.read_text())
     wait_until(lambda: set(range(1, produced + 1)) <= set(seqs(server)), timeout=30,
-               what="every reading queued during the hostile answers "
-                    f"(missing: {sorted(set(range(1, produced + 1)) - set(seqs(server)))[:20]})")
+               what=lambda: "every reading queued during the hostile answers (missing: "
+               f"{sorted(set(range(1, produced + 1)) - set(seqs(server)))[:20]})")
     assert agent.stop() == 0
     got = seqs(server)
     assert got == list(range(1, got[-1] + 1)), "a reading was deleted after a 2.31"

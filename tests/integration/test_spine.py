@@ -19,9 +19,11 @@ def counter_script(tmp_path, name="counter"):
         "#!/bin/sh\n"
         f"n=$(cat {state} 2>/dev/null || echo 0)\n"
         "n=$((n+1))\n"
+        'printf \'{"seq": %d, "ok": true, "label": "run-%d"}\\n\' $n $n\n'
+        # Counted only once printed: a run the agent kills at its timeout (a loaded machine) gives
+        # its number to the next run instead of leaving a gap the test would call a lost reading.
         # Written aside and renamed: a test reading the count never sees a truncated file.
-        f"echo $n > {state}.tmp && mv {state}.tmp {state}\n"
-        'printf \'{"seq": %d, "ok": true, "label": "run-%d"}\\n\' $n $n\n')
+        f"echo $n > {state}.tmp && mv {state}.tmp {state}\n")
     script.chmod(0o755)
     return script, state
 
