@@ -173,8 +173,12 @@ int Manager::run() {
   release_timer_ = std::make_unique<Timer>(
       loop_,
       [this] {
-        release_startup_memory();
+        // Stamped first, and the release last (a tail call): code that runs after the pages
+        // are dropped faults its 64 KiB window back, so only the hot functions may. This
+        // lambda and steady_clock::now() are not among them; run after the release they kept
+        // two windows of cold code resident (128 KiB, docs/performance.md, sixth round).
         last_release_ = std::chrono::steady_clock::now();
+        release_startup_memory();
       },
       Millis(1000));
   release_timer_->arm_in(kReleaseStartupAfter);
