@@ -100,9 +100,17 @@ endif()
 # and SQLite's, in one output section before .rodata. Strings and jump tables carry no symbol,
 # so the ordering file cannot place them; a linker script can (lld INSERTs it into its default
 # layout). Spread over all of .rodata they brought back six 64 KiB windows, together two.
+# And the PLT, which every call into a shared library goes through, before .text where the hot
+# functions start (cmake/plt-first.ld), not after all of it.
+# The kernel faults a file's pages in around each fault in windows aligned in *virtual* address
+# (64 KiB); a position-independent binary loaded at a random 4 KiB boundary shifts them against
+# the file, so .rodata.hot (~50 KiB) fell into two windows as often as into one. A 64 KiB segment
+# alignment makes the kernel load it at a 64 KiB boundary (as arm64 binaries often are already).
 if(TB_ORDER_HOT_CODE AND TB_LINKS_WITH_LLD AND NOT TB_SANITIZE)
   target_link_options(tb_runtime INTERFACE -fuse-ld=lld
     LINKER:--symbol-ordering-file=${PROJECT_SOURCE_DIR}/cmake/hot-functions.txt
     LINKER:--no-warn-symbol-ordering
-    LINKER:-T,${PROJECT_SOURCE_DIR}/cmake/hot-rodata.ld)
+    LINKER:-T,${PROJECT_SOURCE_DIR}/cmake/hot-rodata.ld
+    LINKER:-T,${PROJECT_SOURCE_DIR}/cmake/plt-first.ld
+    LINKER:-z,max-page-size=0x10000)
 endif()
