@@ -9,6 +9,8 @@ function of the tb-agent binary that ran, mangled, in the order callgrind first 
 cmake/Footprint.cmake hands the list to lld (--symbol-ordering-file).
 
     bench/hot_functions.py --build build-bench     # needs valgrind; then rebuild tb-agent
+    # then the packages' build (scripts/build-packages.sh, -O2 and Debian's hardening flags):
+    bench/hot_functions.py --build build-bench --agent build-pkg/src/tb-agent --add
     bench/hot_functions.py --rodata-only           # only cmake/hot-rodata.ld, from the list
 """
 
@@ -159,6 +161,10 @@ def main():
     ap.add_argument("--rodata-out", default=str(run.SRC / "cmake/hot-rodata.ld"))
     ap.add_argument("--rodata-only", action="store_true",
                     help="write the linker script from the existing function list, no profile")
+    ap.add_argument("--agent", help="the tb-agent binary to profile (default: the build's); "
+                    "the sink is still the build's tb-test-server")
+    ap.add_argument("--add", action="store_true",
+                    help="add the functions found to the existing list instead of replacing it")
     args = ap.parse_args()
     if args.rodata_only:
         names = [n.strip() for n in Path(args.out).read_text().splitlines()
@@ -166,7 +172,7 @@ def main():
         write_rodata_script(names, args.rodata_out)
         return
     build = Path(args.build)
-    binary = str((build / "src/tb-agent").resolve())
+    binary = str(Path(args.agent or build / "src/tb-agent").resolve())
     with tempfile.TemporaryDirectory(prefix="tb-hot-") as work:
         sink = run.Sink(build, work)
         try:
@@ -191,6 +197,13 @@ def main():
     if not names:
         sys.exit("no function of tb-agent in the profile")
     names += [n for n in RELEASE if n not in names]
+    if args.add:
+        # The list serves every build of the agent: one built with other flags (the packages'
+        # -O2 against Release's -O3) inlines and clones differently, and runs functions of other
+        # names (`.isra.0`, `.part.0`, `.constprop.0`). lld ignores names a binary lacks.
+        old = [n.strip() for n in Path(args.out).read_text().splitlines()
+               if n.strip() and not n.startswith("#")]
+        names = old + [n for n in names if n not in set(old)]
     Path(args.out).write_text(HEADER + "\n".join(names) + "\n")
     print(f"{len(names)} functions written to {args.out}")
     write_rodata_script(names, args.rodata_out)
