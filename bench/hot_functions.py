@@ -203,7 +203,8 @@ def main():
         # names (`.isra.0`, `.part.0`, `.constprop.0`). lld ignores names a binary lacks.
         old = [n.strip() for n in Path(args.out).read_text().splitlines()
                if n.strip() and not n.startswith("#")]
-        names = old + [n for n in names if n not in set(old)]
+        known = set(old)
+        names = old + [n for n in names if n not in known]
     Path(args.out).write_text(HEADER + "\n".join(names) + "\n")
     print(f"{len(names)} functions written to {args.out}")
     write_rodata_script(names, args.rodata_out)
